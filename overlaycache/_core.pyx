@@ -1,0 +1,814 @@
+# cython: language_level=3
+"""Compiled kernels of overlaycache: bitmaps, batch resolve, guarded region copies and checksums.
+
+The Python layer checks arguments before calling into the kernels; the ``cdef`` helpers below do no
+checking of their own. ``_core_py`` is the pure-Python reference with the same API and exceptions.
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
+from libc.stdint cimport uint8_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.errno cimport errno
+from libc.string cimport memcmp, memset
+
+import os
+
+from overlaycache.errors import (
+    InvalidArgumentError,
+    InvalidBufferError,
+    MediaError,
+    OutOfRangeError,
+    RegionUnavailableError,
+    StaleStackError,
+)
+
+IMPLEMENTATION = "cython"
+
+cdef extern from "_oc.h" nogil:
+    int oc_install_sigbus_handler()
+    int oc_guarded_copy(void *dst, const void *src, size_t n)
+    int oc_guarded_hash(const void *key, size_t length, unsigned char *out)
+    void oc_mmh3_x64_128(const void *key, size_t length, unsigned char *out)
+    void oc_init_tables()
+    uint64_t oc_expand8[256]
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    int msync(void *addr, size_t length, int flags)
+    int madvise(void *addr, size_t length, int advice)
+    int PROT_READ, PROT_WRITE, MAP_SHARED, MS_SYNC, MADV_DONTNEED
+    void *MAP_FAILED
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_rwlock_t:
+        pass
+    int pthread_rwlock_init(pthread_rwlock_t *lock, const void *attr)
+    int pthread_rwlock_destroy(pthread_rwlock_t *lock)
+    int pthread_rwlock_rdlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_wrlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_unlock(pthread_rwlock_t *lock)
+
+cdef extern from *:
+    """
+    static inline int oc_ctz64(unsigned long long x) { return __builtin_ctzll(x); }
+    static inline int oc_popcount64(unsigned long long x) { return __builtin_popcountll(x); }
+    static inline void oc_atomic_or64(unsigned long long *p, unsigned long long v) {
+        __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
+    }
+    static inline int oc_little_endian(void) { const unsigned short one = 1; return *(const unsigned char *)&one; }
+    """
+    int oc_ctz64(unsigned long long x) nogil
+    int oc_popcount64(unsigned long long x) nogil
+    void oc_atomic_or64(unsigned long long *p, unsigned long long v) nogil
+    int oc_little_endian() nogil
+
+if not oc_little_endian():  # pragma: no cover - the formats are little-endian
+    raise ImportError("overlaycache._core supports little-endian machines only")
+if oc_install_sigbus_handler() != 0:  # pragma: no cover
+    raise ImportError("overlaycache._core: cannot install the SIGBUS handler")
+oc_init_tables()
+
+cdef inline bint _bit(const uint64_t *words, Py_ssize_t i) noexcept nogil:
+    return (words[i >> 6] >> (i & 63)) & 1
+
+
+cdef class _Buffer:
+    """A held buffer export: keeps the exporter pinned and its pointer valid until released."""
+
+    cdef Py_buffer view
+    cdef bint held
+
+    def __cinit__(self, object obj, bint writable):
+        flags = PyBUF_WRITABLE if writable else PyBUF_SIMPLE
+        try:
+            PyObject_GetBuffer(obj, &self.view, flags)
+        except BufferError as exc:
+            raise InvalidBufferError("a writable buffer is required" if writable else str(exc)) from exc
+        except TypeError as exc:
+            raise InvalidBufferError(
+                f"expected a bytes-like object, got {type(obj).__name__}") from exc
+        self.held = True
+        if not PyBuffer_IsContiguous_C(&self.view):
+            PyBuffer_Release(&self.view)
+            self.held = False
+            raise InvalidBufferError("buffer must be C-contiguous")
+
+    cdef void release(self):
+        if self.held:
+            PyBuffer_Release(&self.view)
+            self.held = False
+
+    def __dealloc__(self):
+        if self.held:
+            PyBuffer_Release(&self.view)
+
+cdef extern from "Python.h":
+    int _PyBuffer_IsContiguous "PyBuffer_IsContiguous" (Py_buffer *view, char order)
+
+cdef inline bint PyBuffer_IsContiguous_C(Py_buffer *view) noexcept:
+    return _PyBuffer_IsContiguous(view, b'C')
+
+
+cdef class Bitmap:
+    """A fixed-size bitmap of ``nbits`` bits in 64-bit little-endian words.
+
+    Parameters
+    ----------
+    nbits : int
+        Number of bits.
+    buffer : writable buffer, optional
+        Memory to use (for example an mmap'd file); at least ``8 * ceil(nbits / 64)`` bytes. By
+        default the bitmap owns zeroed memory.
+    """
+
+    cdef uint64_t *words
+    cdef readonly Py_ssize_t nbits
+    cdef readonly Py_ssize_t nwords
+    cdef object _owner
+    cdef _Buffer _buf
+
+    def __cinit__(self, Py_ssize_t nbits, object buffer=None):
+        if nbits < 0:
+            raise InvalidArgumentError(f"nbits must be >= 0, got {nbits}")
+        self.nbits = nbits
+        self.nwords = (nbits + 63) >> 6
+        if buffer is None:
+            buffer = bytearray(max(self.nwords, 1) * 8)
+        self._buf = _Buffer(buffer, True)
+        if self._buf.view.len < self.nwords * 8:
+            raise InvalidBufferError(
+                f"buffer of {self._buf.view.len} bytes is too small for {nbits} bits")
+        self._owner = buffer
+        self.words = <uint64_t *>self._buf.view.buf
+
+    def __len__(self):
+        return self.nbits
+
+    cdef inline void _check(self, Py_ssize_t i) except *:
+        if i < 0 or i >= self.nbits:
+            raise OutOfRangeError(f"bit {i} out of range [0, {self.nbits})")
+
+    cdef inline void _check_range(self, Py_ssize_t start, Py_ssize_t stop) except *:
+        if start < 0 or stop > self.nbits or start > stop:
+            raise OutOfRangeError(f"range [{start}, {stop}) out of [0, {self.nbits})")
+
+    def test(self, Py_ssize_t i):
+        """Return whether bit ``i`` is set."""
+        self._check(i)
+        return bool(_bit(self.words, i))
+
+    def set(self, Py_ssize_t i):
+        """Set bit ``i``."""
+        self._check(i)
+        self.words[i >> 6] |= (<uint64_t>1) << (i & 63)
+
+    def clear(self, Py_ssize_t i):
+        """Clear bit ``i``."""
+        self._check(i)
+        self.words[i >> 6] &= ~((<uint64_t>1) << (i & 63))
+
+    cdef void _fill(self, Py_ssize_t start, Py_ssize_t stop, bint value) noexcept nogil:
+        cdef Py_ssize_t w0, w1, w
+        cdef uint64_t m0, m1
+        if start >= stop:
+            return
+        w0 = start >> 6
+        w1 = (stop - 1) >> 6
+        m0 = (~(<uint64_t>0)) << (start & 63)
+        m1 = (~(<uint64_t>0)) >> (63 - ((stop - 1) & 63))
+        if w0 == w1:
+            m0 &= m1
+            if value:
+                self.words[w0] |= m0
+            else:
+                self.words[w0] &= ~m0
+            return
+        if value:
+            self.words[w0] |= m0
+            for w in range(w0 + 1, w1):
+                self.words[w] = ~(<uint64_t>0)
+            self.words[w1] |= m1
+        else:
+            self.words[w0] &= ~m0
+            for w in range(w0 + 1, w1):
+                self.words[w] = 0
+            self.words[w1] &= ~m1
+
+    def set_range(self, Py_ssize_t start, Py_ssize_t stop):
+        """Set bits ``start`` to ``stop - 1``."""
+        self._check_range(start, stop)
+        self._fill(start, stop, True)
+
+    def clear_range(self, Py_ssize_t start, Py_ssize_t stop):
+        """Clear bits ``start`` to ``stop - 1``."""
+        self._check_range(start, stop)
+        self._fill(start, stop, False)
+
+    def count(self, Py_ssize_t start=0, object stop=None):
+        """Number of set bits in ``[start, stop)``."""
+        cdef Py_ssize_t end = self.nbits if stop is None else stop
+        cdef Py_ssize_t w, w0, w1, total = 0
+        cdef uint64_t m0, m1
+        self._check_range(start, end)
+        if start == end:
+            return 0
+        w0 = start >> 6
+        w1 = (end - 1) >> 6
+        m0 = (~(<uint64_t>0)) << (start & 63)
+        m1 = (~(<uint64_t>0)) >> (63 - ((end - 1) & 63))
+        with nogil:
+            if w0 == w1:
+                total = oc_popcount64(self.words[w0] & m0 & m1)
+            else:
+                total = oc_popcount64(self.words[w0] & m0) + oc_popcount64(self.words[w1] & m1)
+                for w in range(w0 + 1, w1):
+                    total += oc_popcount64(self.words[w])
+        return total
+
+    cdef Py_ssize_t _next(self, Py_ssize_t pos, Py_ssize_t stop, bint value) noexcept nogil:
+        """First index >= pos with the given value, or ``stop``."""
+        cdef Py_ssize_t w
+        cdef uint64_t word
+        if pos >= stop:
+            return stop
+        w = pos >> 6
+        word = self.words[w] if value else ~self.words[w]
+        word &= (~(<uint64_t>0)) << (pos & 63)
+        while word == 0:
+            w += 1
+            if (w << 6) >= stop:
+                return stop
+            word = self.words[w] if value else ~self.words[w]
+        pos = (w << 6) + oc_ctz64(word)
+        return pos if pos < stop else stop
+
+    def runs(self, Py_ssize_t start=0, object stop=None, bint value=True):
+        """Runs of bits equal to ``value`` in ``[start, stop)`` as a list of ``(first, stop)``."""
+        cdef Py_ssize_t end = self.nbits if stop is None else stop
+        cdef Py_ssize_t a, b
+        self._check_range(start, end)
+        out = []
+        a = self._next(start, end, value)
+        while a < end:
+            b = self._next(a, end, not value)
+            out.append((a, b))
+            a = self._next(b, end, value)
+        return out
+
+    def test_many(self, indices):
+        """Test many bits at once; returns a bytearray of 0/1, one per index."""
+        cdef const uint64_t[::1] idx
+        cdef Py_ssize_t k, n
+        cdef uint64_t i
+        cdef bytearray out
+        cdef unsigned char *o
+        try:
+            idx = indices
+        except (TypeError, ValueError, BufferError):
+            from array import array
+            try:
+                idx = array("Q", indices)
+            except (TypeError, OverflowError) as exc:
+                raise InvalidArgumentError(f"indices must be non-negative integers: {exc}") from exc
+        n = idx.shape[0]
+        out = bytearray(n)
+        o = out
+        for k in range(n):
+            if idx[k] >= <uint64_t>self.nbits:
+                raise OutOfRangeError(f"bit {idx[k]} out of range [0, {self.nbits})")
+        with nogil:
+            for k in range(n):
+                i = idx[k]
+                o[k] = (self.words[i >> 6] >> (i & 63)) & 1
+        return out
+
+    def any(self):
+        """Whether any bit is set."""
+        return self._next(0, self.nbits, True) < self.nbits
+
+    def to_bytes(self):
+        """The words as little-endian bytes (``8 * nwords`` bytes)."""
+        return (<char *>self.words)[:self.nwords * 8]
+
+    def load(self, data):
+        """Replace the contents with ``data`` as produced by :meth:`to_bytes`."""
+        cdef const unsigned char[::1] src = data
+        cdef Py_ssize_t i
+        cdef unsigned char *dst = <unsigned char *>self.words
+        if src.shape[0] != self.nwords * 8:
+            raise InvalidArgumentError(
+                f"expected {self.nwords * 8} bytes of bitmap, got {src.shape[0]}")
+        for i in range(src.shape[0]):
+            dst[i] = src[i]
+
+    def copy(self):
+        """An independent copy that owns its memory."""
+        b = Bitmap(self.nbits)
+        if self.nwords:
+            b.load(self.to_bytes())
+        return b
+
+
+cdef void _resolve_into(uint64_t **maps, int nmaps, Py_ssize_t first, Py_ssize_t count,
+                        unsigned char *out) noexcept nogil:
+    """out[i] = index of the newest map (0 = newest) holding region first+i, else nmaps."""
+    cdef Py_ssize_t done = 0, take, shift, k, pos
+    cdef uint64_t assigned, mask, word, e, lval
+    cdef int l, c
+    memset(out, nmaps, count)
+    while done < count:
+        pos = first + done
+        shift = pos & 63
+        take = 64 - shift
+        if take > count - done:
+            take = count - done
+        assigned = 0
+        for l in range(nmaps):
+            word = maps[l][pos >> 6] >> shift
+            if take < 64:
+                word &= ((<uint64_t>1) << take) - 1
+            mask = word & ~assigned
+            if mask == 0:
+                continue
+            assigned |= mask
+            lval = (<uint64_t>l) * <uint64_t>0x0101010101010101
+            for c in range(0, <int>take, 8):
+                e = oc_expand8[(mask >> c) & 0xff]
+                if e == 0:
+                    continue
+                k = done + c
+                if k + 8 <= count:
+                    _store8(out + k, e, lval)
+                else:
+                    _store_tail(out + k, e, lval, count - k)
+        done += take
+
+
+cdef extern from *:
+    """
+    static inline void _store8(unsigned char *p, unsigned long long e, unsigned long long v) {
+        unsigned long long cur;
+        memcpy(&cur, p, 8);
+        cur = (cur & ~e) | (v & e);
+        memcpy(p, &cur, 8);
+    }
+    static inline void _store_tail(unsigned char *p, unsigned long long e, unsigned long long v,
+                                   long long n) {
+        long long i;
+        for (i = 0; i < n; i++)
+            if ((e >> (8 * i)) & 0xff)
+                p[i] = (unsigned char)(v & 0xff);
+    }
+    """
+    void _store8(unsigned char *p, uint64_t e, uint64_t v) noexcept nogil
+    void _store_tail(unsigned char *p, uint64_t e, uint64_t v, Py_ssize_t n) noexcept nogil
+
+
+def resolve(bitmaps, Py_ssize_t first, Py_ssize_t count):
+    """Index of the newest layer holding each region of ``[first, first + count)``.
+
+    Parameters
+    ----------
+    bitmaps : sequence of Bitmap
+        Layer bitmaps, newest first, all of the same length; at most 254.
+    first, count : int
+        The range of regions.
+
+    Returns
+    -------
+    bytearray
+        One byte per region: the index into ``bitmaps`` of the newest layer that holds it, or
+        ``len(bitmaps)`` when none does (the region comes from the base).
+    """
+    cdef int nmaps = len(bitmaps), l
+    cdef uint64_t **maps
+    cdef bytearray out
+    cdef Bitmap b
+    cdef unsigned char *optr
+    if nmaps > 254:
+        raise InvalidArgumentError(f"at most 254 layers, got {nmaps}")
+    for obj in bitmaps:
+        if not isinstance(obj, Bitmap):
+            raise InvalidArgumentError(f"expected Bitmap, got {type(obj).__name__}")
+        b = obj
+        if first < 0 or count < 0 or first + count > b.nbits:
+            raise OutOfRangeError(f"regions [{first}, {first + count}) out of [0, {b.nbits})")
+    if first < 0 or count < 0:
+        raise OutOfRangeError(f"regions [{first}, {first + count}) out of range")
+    out = bytearray(count)
+    if count == 0:
+        return out
+    maps = <uint64_t **>malloc(max(nmaps, 1) * sizeof(uint64_t *))
+    if maps == NULL:
+        raise MemoryError()
+    try:
+        for l in range(nmaps):
+            b = bitmaps[l]
+            maps[l] = b.words
+        optr = <unsigned char *>(<char *>out)
+        with nogil:
+            _resolve_into(maps, nmaps, first, count, optr)
+    finally:
+        free(maps)
+    return out
+
+
+def checksum(data):
+    """MurmurHash3 x64-128 (seed 0) of a buffer, as 16 bytes; equal to ``mmh3.mmh3_x64_128_digest``."""
+    cdef _Buffer buf = _Buffer(data, False)
+    cdef unsigned char out[16]
+    with nogil:
+        oc_mmh3_x64_128(buf.view.buf, <size_t>buf.view.len, out)
+    buf.release()
+    return (<char *>out)[:16]
+
+
+cdef class RWLock:
+    """A readers-writer lock whose waits release the GIL."""
+
+    cdef pthread_rwlock_t lock
+
+    def __cinit__(self):
+        if pthread_rwlock_init(&self.lock, NULL) != 0:
+            raise MemoryError("cannot initialise a rwlock")
+
+    def __dealloc__(self):
+        pthread_rwlock_destroy(&self.lock)
+
+    cdef inline void rdlock(self) noexcept nogil:
+        pthread_rwlock_rdlock(&self.lock)
+
+    cdef inline void unlock(self) noexcept nogil:
+        pthread_rwlock_unlock(&self.lock)
+
+    def acquire_read(self):
+        with nogil:
+            pthread_rwlock_rdlock(&self.lock)
+
+    def release_read(self):
+        pthread_rwlock_unlock(&self.lock)
+
+    def acquire_write(self):
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+
+    def release_write(self):
+        pthread_rwlock_unlock(&self.lock)
+
+
+cdef class DataFile:
+    """A file mapped into memory, accessed only through guarded copies.
+
+    A page that cannot be read (file truncated under the map, failed device) raises
+    :class:`MediaError` instead of killing the process.
+
+    Parameters
+    ----------
+    fd : int
+        Open file descriptor; the file must be at least ``length`` bytes long. Not closed here.
+    length : int
+        Bytes to map.
+    writable : bool
+        Map for writing.
+    path : str
+        Name used in error messages.
+    """
+
+    cdef unsigned char *base
+    cdef readonly Py_ssize_t length
+    cdef readonly bint writable
+    cdef readonly object path
+    cdef int pins
+    cdef bint _closed
+
+    def __cinit__(self, int fd, Py_ssize_t length, bint writable, str path=""):
+        cdef void *p
+        cdef int prot = PROT_READ | (PROT_WRITE if writable else 0)
+        self.path = path
+        self.writable = writable
+        self.length = length
+        self.base = NULL
+        if length < 0:
+            raise InvalidArgumentError(f"length must be >= 0, got {length}")
+        if length == 0:
+            return
+        p = mmap(NULL, length, prot, MAP_SHARED, fd, 0)
+        if p == MAP_FAILED:
+            raise MediaError(f"cannot map {path}: {os.strerror(errno)}", path=path, offset=0)
+        self.base = <unsigned char *>p
+
+    def __dealloc__(self):
+        if self.base != NULL:
+            munmap(self.base, self.length)
+            self.base = NULL
+
+    @property
+    def closed(self):
+        return self._closed
+
+    cdef inline void _check(self, Py_ssize_t offset, Py_ssize_t n) except *:
+        if self._closed:
+            raise InvalidArgumentError(f"{self.path}: mapping is closed")
+        if offset < 0 or n < 0 or offset + n > self.length:
+            raise OutOfRangeError(
+                f"{self.path}: bytes [{offset}, {offset + n}) out of [0, {self.length})")
+
+    cdef inline _fault(self, Py_ssize_t offset):
+        raise MediaError(
+            f"{self.path}: cannot access bytes at offset {offset} "
+            "(file truncated or device failed)", path=self.path, offset=offset)
+
+    def readinto(self, Py_ssize_t offset, buffer):
+        """Copy ``len(buffer)`` bytes at ``offset`` into ``buffer``; returns the count."""
+        cdef _Buffer out = _Buffer(buffer, True)
+        cdef Py_ssize_t n = out.view.len
+        cdef int rc
+        try:
+            self._check(offset, n)
+            with nogil:
+                rc = oc_guarded_copy(out.view.buf, self.base + offset, n)
+            if rc != 0:
+                self._fault(offset)
+        finally:
+            out.release()
+        return n
+
+    def write(self, Py_ssize_t offset, data):
+        """Copy ``data`` into the file at ``offset``; returns the count."""
+        cdef _Buffer src = _Buffer(data, False)
+        cdef Py_ssize_t n = src.view.len
+        cdef int rc
+        try:
+            if not self.writable:
+                raise InvalidArgumentError(f"{self.path}: mapped read-only")
+            self._check(offset, n)
+            with nogil:
+                rc = oc_guarded_copy(self.base + offset, src.view.buf, n)
+            if rc != 0:
+                self._fault(offset)
+        finally:
+            src.release()
+        return n
+
+    def copy_to(self, Py_ssize_t offset, DataFile dst, Py_ssize_t dst_offset, Py_ssize_t length):
+        """Copy ``length`` bytes at ``offset`` into ``dst`` at ``dst_offset``."""
+        cdef int rc
+        if not dst.writable:
+            raise InvalidArgumentError(f"{dst.path}: mapped read-only")
+        self._check(offset, length)
+        dst._check(dst_offset, length)
+        with nogil:
+            rc = oc_guarded_copy(dst.base + dst_offset, self.base + offset, length)
+        if rc != 0:
+            raise MediaError(
+                f"cannot copy {self.path}@{offset} to {dst.path}@{dst_offset} "
+                "(file truncated or device failed)", path=self.path, offset=offset)
+
+    def checksum(self, Py_ssize_t offset, Py_ssize_t length):
+        """MurmurHash3 x64-128 of ``length`` bytes at ``offset``."""
+        cdef unsigned char out[16]
+        cdef int rc
+        self._check(offset, length)
+        with nogil:
+            rc = oc_guarded_hash(self.base + offset, length, out)
+        if rc != 0:
+            self._fault(offset)
+        return (<char *>out)[:16]
+
+    def sync(self):
+        """Write dirty pages back to the file and wait for them (msync MS_SYNC)."""
+        cdef int rc = 0
+        if self.base != NULL and self.writable:
+            with nogil:
+                rc = msync(self.base, self.length, MS_SYNC)
+            if rc != 0:
+                raise MediaError(f"{self.path}: msync failed", path=self.path, offset=0)
+
+    def close(self):
+        """Unmap; fails while a Stack still uses this file."""
+        if self.pins:
+            raise InvalidArgumentError(f"{self.path}: still in use by {self.pins} reader(s)")
+        self._closed = True
+        if self.base != NULL:
+            munmap(self.base, self.length)
+            self.base = NULL
+
+
+cdef struct _Layer:
+    const unsigned char *data
+    uint64_t *present     # NULL: holds every region (the base)
+    uint64_t *which       # NULL: region r lives at r * region_size
+    uint64_t *verified    # NULL: never verify
+    const unsigned char *sums
+
+
+cdef class Stack:
+    """The read path of one virtual image: layers newest first, the last one the base.
+
+    Parameters
+    ----------
+    lock : RWLock
+        Shared with the writer of the layers; reads hold it for reading.
+    region_size, size : int
+        Geometry of the volume.
+    layers : list of tuple
+        ``(datafile, present, which, sums, verified)`` newest first. ``present`` and ``which`` are
+        Bitmaps or None (the base holds every region at ``r * region_size``); an overlay holds
+        region ``r`` at slot ``r + which[r] * num_regions``. ``sums`` is a buffer of 16 bytes per
+        region; ``verified`` a Bitmap of regions already checked against ``sums``, or None.
+    """
+
+    cdef RWLock lock
+    cdef readonly Py_ssize_t region_size
+    cdef readonly Py_ssize_t size
+    cdef readonly Py_ssize_t num_regions
+    cdef int shift
+    cdef int nlayers
+    cdef _Layer *layers
+    cdef list _keep
+    cdef bint released
+
+    def __cinit__(self, RWLock lock, Py_ssize_t region_size, Py_ssize_t size, list layers):
+        cdef int i
+        cdef DataFile f
+        cdef Bitmap bm
+        cdef _Buffer sums
+        self.lock = lock
+        self.region_size = region_size
+        self.size = size
+        self.num_regions = (size + region_size - 1) // region_size
+        self.shift = 0
+        while ((<Py_ssize_t>1) << self.shift) < region_size:
+            self.shift += 1
+        if ((<Py_ssize_t>1) << self.shift) != region_size:
+            raise InvalidArgumentError(f"region_size {region_size} is not a power of two")
+        self.nlayers = len(layers)
+        if self.nlayers < 1:
+            raise InvalidArgumentError("a stack needs at least a base layer")
+        self._keep = []
+        self.layers = <_Layer *>malloc(self.nlayers * sizeof(_Layer))
+        if self.layers == NULL:
+            raise MemoryError()
+        memset(self.layers, 0, self.nlayers * sizeof(_Layer))
+        self.released = True
+        for i, (datafile, present, which, sumbuf, verified) in enumerate(layers):
+            f = datafile
+            self.layers[i].data = f.base
+            if present is not None:
+                bm = present
+                self.layers[i].present = bm.words
+                self._keep.append(bm)
+            if which is not None:
+                bm = which
+                self.layers[i].which = bm.words
+                self._keep.append(bm)
+            if verified is not None:
+                bm = verified
+                self.layers[i].verified = bm.words
+                self._keep.append(bm)
+            sums = _Buffer(sumbuf, False)
+            if sums.view.len < self.num_regions * 16:
+                raise InvalidArgumentError("checksum table too small")
+            self.layers[i].sums = <const unsigned char *>sums.view.buf
+            self._keep.append(sums)
+            self._keep.append(f)
+        if self.layers[self.nlayers - 1].present != NULL:
+            raise InvalidArgumentError("the last layer must be the base (present=None)")
+        for i in range(self.nlayers):
+            f = layers[i][0]
+            f.pins += 1
+        self.released = False
+
+    def release(self):
+        """Unpin the layer files; the stack cannot be used afterwards."""
+        cdef int i
+        cdef DataFile f
+        if self.released:
+            return
+        self.released = True
+        for obj in self._keep:
+            if isinstance(obj, DataFile):
+                f = obj
+                f.pins -= 1
+            elif isinstance(obj, _Buffer):
+                (<_Buffer>obj).release()
+        self._keep = []
+
+    def __dealloc__(self):
+        if not self.released:
+            self.release()
+        if self.layers != NULL:
+            free(self.layers)
+
+    cdef inline int _find(self, Py_ssize_t r) noexcept nogil:
+        cdef int l
+        for l in range(self.nlayers - 1):
+            if _bit(self.layers[l].present, r):
+                return l
+        return self.nlayers - 1
+
+    cdef int _read(self, Py_ssize_t offset, unsigned char *out, Py_ssize_t length,
+                   Py_ssize_t *bad) noexcept nogil:
+        cdef Py_ssize_t pos = offset, end = offset + length, r, intra, n, rlen, slot
+        cdef int l
+        cdef const unsigned char *src
+        cdef unsigned char digest[16]
+        cdef _Layer *layer
+        while pos < end:
+            r = pos >> self.shift
+            intra = pos - (r << self.shift)
+            n = self.region_size - intra
+            if n > end - pos:
+                n = end - pos
+            l = self._find(r)
+            layer = &self.layers[l]
+            slot = r
+            if layer.which != NULL and _bit(layer.which, r):
+                slot += self.num_regions
+            src = layer.data + (slot << self.shift)
+            if layer.verified != NULL and not _bit(layer.verified, r):
+                rlen = self.size - (r << self.shift)
+                if rlen > self.region_size:
+                    rlen = self.region_size
+                if oc_guarded_hash(src, rlen, digest) != 0:
+                    bad[0] = r
+                    return 1
+                if memcmp(digest, layer.sums + 16 * r, 16) != 0:
+                    bad[0] = r
+                    return 2
+                oc_atomic_or64(<unsigned long long *>&layer.verified[r >> 6],
+                               (<uint64_t>1) << (r & 63))
+            if oc_guarded_copy(out + (pos - offset), src + intra, n) != 0:
+                bad[0] = r
+                return 1
+            pos += n
+        return 0
+
+    cdef _raise(self, int rc, Py_ssize_t bad):
+        if rc == 1:
+            raise RegionUnavailableError(
+                f"region {bad} cannot be read (I/O error or file truncated)",
+                regions=(bad,), reason="io")
+        raise RegionUnavailableError(
+            f"region {bad} does not match its checksum", regions=(bad,), reason="checksum")
+
+    cdef int _read_raw(self, Py_ssize_t offset, unsigned char *out, Py_ssize_t n,
+                       bint lock) except -1:
+        cdef Py_ssize_t bad = -1
+        cdef int rc
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise OutOfRangeError(
+                f"bytes [{offset}, {offset + n}) out of the volume [0, {self.size})")
+        with nogil:
+            if lock:
+                self.lock.rdlock()
+            # Checked under the lock: the writer releases a stack only while holding it.
+            if self.released:
+                rc = 3
+            else:
+                rc = self._read(offset, out, n, &bad)
+            if lock:
+                self.lock.unlock()
+        if rc == 3:
+            raise StaleStackError("the layers of this image changed; retry with the new stack")
+        if rc:
+            self._raise(rc, bad)
+        return 0
+
+    cdef Py_ssize_t _readinto(self, Py_ssize_t offset, object buffer, bint lock) except -1:
+        cdef _Buffer out = _Buffer(buffer, True)
+        cdef Py_ssize_t n = out.view.len
+        try:
+            self._read_raw(offset, <unsigned char *>out.view.buf, n, lock)
+        finally:
+            out.release()
+        return n
+
+    def readinto(self, Py_ssize_t offset, buffer):
+        """Read ``len(buffer)`` bytes at ``offset`` into ``buffer`` holding the read lock."""
+        return self._readinto(offset, buffer, True)
+
+    def readinto_locked(self, Py_ssize_t offset, buffer):
+        """As :meth:`readinto`, for a caller that already holds the lock."""
+        return self._readinto(offset, buffer, False)
+
+    def read(self, Py_ssize_t offset, Py_ssize_t length):
+        """Read ``length`` bytes at ``offset`` as a new bytes object."""
+        cdef bytes out
+        if length < 0:
+            raise OutOfRangeError(f"length must be >= 0, got {length}")
+        out = PyBytes_FromStringAndSize(NULL, length)
+        self._read_raw(offset, <unsigned char *>PyBytes_AS_STRING(out), length, True)
+        return out
+
+    def locate(self, Py_ssize_t region):
+        """``(layer_index, byte offset in that layer's file)`` of ``region``."""
+        cdef int l
+        cdef Py_ssize_t slot = region
+        if region < 0 or region >= self.num_regions:
+            raise OutOfRangeError(f"region {region} out of [0, {self.num_regions})")
+        l = self._find(region)
+        if self.layers[l].which != NULL and _bit(self.layers[l].which, region):
+            slot += self.num_regions
+        return l, slot << self.shift

@@ -1,0 +1,130 @@
+"""Exceptions of overlaycache.
+
+Every exception the package raises on purpose derives from :class:`OverlayCacheError`, and also from
+the builtin that fits, so ``except ValueError`` or ``except OSError`` keep working. Fields that say
+*what* failed (regions, path, snapshot id) are kept on the exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "OverlayCacheError",
+    "InvalidArgumentError",
+    "InvalidBufferError",
+    "OutOfRangeError",
+    "FormatError",
+    "VolumeLockedError",
+    "VolumeClosedError",
+    "SnapshotNotFoundError",
+    "RegionUnavailableError",
+    "MediaError",
+    "CorruptionError",
+    "SecondaryUnavailableError",
+    "StaleStackError",
+]
+
+
+class OverlayCacheError(Exception):
+    """Base class of every error raised by overlaycache."""
+
+
+class InvalidArgumentError(OverlayCacheError, ValueError):
+    """An argument has a wrong value (size, region size, label, ...)."""
+
+
+class InvalidBufferError(OverlayCacheError, TypeError):
+    """Data is not a bytes-like object, or a buffer is read-only where it must be written."""
+
+
+class OutOfRangeError(InvalidArgumentError):
+    """An offset, length or region lies outside the volume."""
+
+
+class FormatError(OverlayCacheError):
+    """A file is not an overlaycache file, is truncated or corrupted, or has a newer format.
+
+    Attributes
+    ----------
+    path : str or None
+        The file at fault.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class VolumeLockedError(OverlayCacheError, BlockingIOError):
+    """Another process has the volume open for writing."""
+
+
+class VolumeClosedError(OverlayCacheError, ValueError):
+    """An operation on a closed volume or image."""
+
+
+class SnapshotNotFoundError(OverlayCacheError, KeyError):
+    """No snapshot with this id or label.
+
+    Attributes
+    ----------
+    snapshot : object
+        What was looked up.
+    """
+
+    def __init__(self, message: str, snapshot: object = None) -> None:
+        super().__init__(message)
+        self.snapshot = snapshot
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class RegionUnavailableError(OverlayCacheError, OSError):
+    """Regions that cannot be read locally: I/O error, truncated file, or checksum mismatch.
+
+    Attributes
+    ----------
+    regions : tuple of int
+        The regions that failed, in increasing order (may be empty when not known).
+    reason : str
+        ``"io"`` or ``"checksum"`` (or a free-form reason).
+    """
+
+    def __init__(self, message: str, regions: Iterable[int] = (), reason: str = "io") -> None:
+        super().__init__(message)
+        self.regions = tuple(sorted(regions))
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class MediaError(RegionUnavailableError):
+    """Bytes of a file cannot be accessed (SIGBUS on a truncated file, EIO from a failed device).
+
+    Attributes
+    ----------
+    path : str or None
+        The file.
+    offset : int or None
+        The byte offset where access failed.
+    """
+
+    def __init__(self, message: str, path: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message, (), "io")
+        self.path = path
+        self.offset = offset
+
+
+class CorruptionError(OverlayCacheError):
+    """Data or metadata does not match its checksum."""
+
+
+class SecondaryUnavailableError(OverlayCacheError, ConnectionError):
+    """The secondary object store cannot be reached."""
+
+
+class StaleStackError(OverlayCacheError):
+    """Internal: the layers under a read changed while it waited; the caller retries."""

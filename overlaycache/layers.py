@@ -1,0 +1,383 @@
+"""Local layers of a volume: the base file and overlay files, with their bitmaps and checksums.
+
+On-disk format (all little-endian; pinned by golden files in ``tests/golden``):
+
+``base.data``
+    The base image, ``size`` bytes, region ``r`` at ``r * region_size``.
+``base.sums``
+    A 64-byte header, then 16 bytes (mmh3 x64-128) per region.
+``overlay-<id>.data``
+    Two slots per region: region ``r`` lives at slot ``r`` or slot ``r + num_regions`` (bit ``r`` of
+    the *which* bitmap). Sparse: only written slots take space.
+``overlay-<id>.table``
+    A 64-byte header, the *present* bitmap, the *which* bitmap (8-byte words each), and 16 bytes of
+    checksum per region. Written only with entries already committed in the journal.
+``overlay-<id>.journal``
+    Committed batches since the last checkpoint: a 16-byte header (``OCJB``, count, batch number),
+    ``count`` 32-byte records (region, slot, checksum), and a 16-byte checksum of the batch.
+
+Crash safety (shadow paging): a region whose current version is durable is never overwritten in
+place; its next version goes to its other slot. ``commit()`` makes the data durable first and only
+then appends the journal batch that points at it, so a crash at any point leaves every region at its
+last committed version, whole. A torn journal tail fails its checksum and is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+from overlaycache._impl import core
+from overlaycache.errors import FormatError, MediaError, OverlayCacheError
+
+_log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SUM_SIZE = 16
+_HEADER = struct.Struct("<8sIIQQ")  # magic, version, region_size, num_regions, size
+_HEADER_SIZE = 64
+_BASE_MAGIC = b"OCBASE01"
+_TABLE_MAGIC = b"OCTABL01"
+_BATCH = struct.Struct("<4sIQ")  # magic, count, batch number
+_BATCH_MAGIC = b"OCJB"
+_RECORD = struct.Struct("<QB7x16s")  # region, slot (0 or 1), checksum
+# Checkpoint the journal into the table once it is this large.
+JOURNAL_CHECKPOINT_BYTES = 8 << 20
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so that renames and creations in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def zero_checksums(size: int, region_size: int) -> bytearray:
+    """The checksum table of an all-zero image."""
+    n = (size + region_size - 1) // region_size
+    full = core.checksum(bytes(region_size))
+    table = bytearray(full * n)
+    tail = size - (n - 1) * region_size
+    if n and tail != region_size:
+        table[16 * (n - 1) :] = core.checksum(bytes(tail))
+    return table
+
+
+def _pack_header(magic: bytes, region_size: int, num_regions: int, size: int) -> bytes:
+    head = _HEADER.pack(magic, FORMAT_VERSION, region_size, num_regions, size)
+    head += core.checksum(head)
+    return head.ljust(_HEADER_SIZE, b"\0")
+
+
+def _check_header(raw: bytes, magic: bytes, path: str, region_size: int, num_regions: int, size: int) -> None:
+    if len(raw) < _HEADER_SIZE:
+        raise FormatError(f"{path}: truncated header", path)
+    fields = raw[: _HEADER.size]
+    got_magic, version, rs, n, sz = _HEADER.unpack(fields)
+    if got_magic != magic:
+        raise FormatError(f"{path}: not an overlaycache {magic[2:6].decode().lower()} file", path)
+    if raw[_HEADER.size : _HEADER.size + 16] != core.checksum(fields):
+        raise FormatError(f"{path}: header checksum mismatch (file corrupted)", path)
+    if version > FORMAT_VERSION:
+        raise FormatError(f"{path}: format version {version} is newer than this overlaycache ({FORMAT_VERSION})", path)
+    if (rs, n, sz) != (region_size, num_regions, size):
+        raise FormatError(f"{path}: geometry {sz}/{rs} does not match the volume's {size}/{region_size}", path)
+
+
+def _read_exact(fd: int, n: int, offset: int, path: str) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise FormatError(f"{path}: truncated (expected {n} bytes at offset {offset}, got {len(data)})", path)
+    return data
+
+
+def _open_data(path: str, length: int, writable: bool) -> tuple[int, Any]:
+    try:
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise FormatError(f"{path}: missing", path) from exc
+    try:
+        actual = os.fstat(fd).st_size
+        if actual < length:
+            raise FormatError(f"{path}: truncated ({actual} bytes, expected {length})", path)
+        return fd, core.DataFile(fd, length, writable, path)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Geometry:
+    """Size and region size of a volume, and the derived region count."""
+
+    __slots__ = ("size", "region_size", "num_regions")
+
+    def __init__(self, size: int, region_size: int) -> None:
+        self.size = size
+        self.region_size = region_size
+        self.num_regions = (size + region_size - 1) // region_size
+
+    def region_length(self, r: int) -> int:
+        """Bytes in region ``r`` (the last one may be partial)."""
+        return min(self.region_size, self.size - r * self.region_size)
+
+
+class Layer:
+    """What every layer has: a data file, a checksum table, and a verified-regions bitmap."""
+
+    name: str
+    data: Any
+    sums: bytearray
+    verified: Any
+
+    def stack_entry(self) -> tuple[Any, Any, Any, bytearray, Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class BaseLayer(Layer):
+    """The base image: region ``r`` at ``r * region_size``, checksums in ``base.sums``."""
+
+    def __init__(self, directory: str, geo: Geometry, writable: bool) -> None:
+        self.name = "base"
+        self.geo = geo
+        self.data_path = os.path.join(directory, "base.data")
+        self.sums_path = os.path.join(directory, "base.sums")
+        self.writable = writable
+        self._fd, self.data = _open_data(self.data_path, geo.size, writable)
+        try:
+            self.sums = self._load_sums()
+        except BaseException:
+            self.data.close()
+            os.close(self._fd)
+            raise
+        self.verified = core.Bitmap(geo.num_regions)
+
+    @staticmethod
+    def create(directory: str, geo: Geometry) -> None:
+        """Create an all-zero base (sparse) with its checksum table."""
+        fd = os.open(os.path.join(directory, "base.data"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.ftruncate(fd, geo.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        head = _pack_header(_BASE_MAGIC, geo.region_size, geo.num_regions, geo.size)
+        _write_file(os.path.join(directory, "base.sums"), head + bytes(zero_checksums(geo.size, geo.region_size)))
+
+    def _load_sums(self) -> bytearray:
+        try:
+            fd = os.open(self.sums_path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise FormatError(f"{self.sums_path}: missing", self.sums_path) from exc
+        try:
+            g = self.geo
+            _check_header(_read_exact(fd, _HEADER_SIZE, 0, self.sums_path), _BASE_MAGIC, self.sums_path,
+                          g.region_size, g.num_regions, g.size)
+            return bytearray(_read_exact(fd, 16 * g.num_regions, _HEADER_SIZE, self.sums_path))
+        finally:
+            os.close(fd)
+
+    def store_sums(self, regions: Iterable[int]) -> None:
+        """Write the checksums of ``regions`` to ``base.sums`` and fsync it."""
+        fd = os.open(self.sums_path, os.O_WRONLY)
+        try:
+            for r in regions:
+                os.pwrite(fd, self.sums[16 * r : 16 * r + 16], _HEADER_SIZE + 16 * r)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def stack_entry(self) -> tuple[Any, Any, Any, bytearray, Any]:
+        return (self.data, None, None, self.sums, self.verified)
+
+    def close(self) -> None:
+        self.data.close()
+        os.close(self._fd)
+
+
+class Overlay(Layer):
+    """An overlay: two slots per region, present/which bitmaps, checksums, and a journal."""
+
+    def __init__(self, directory: str, layer_id: int, geo: Geometry, writable: bool) -> None:
+        self.id = layer_id
+        self.name = f"overlay-{layer_id}"
+        self.geo = geo
+        self.writable = writable
+        prefix = os.path.join(directory, self.name)
+        self.data_path = prefix + ".data"
+        self.table_path = prefix + ".table"
+        self.journal_path = prefix + ".journal"
+        n = geo.num_regions
+        self.present = core.Bitmap(n)
+        self.which = core.Bitmap(n)
+        self.dirty = core.Bitmap(n)  # written since the last commit (in memory only)
+        self.verified = core.Bitmap(n)
+        self.sums = bytearray(16 * n)
+        self._batch = 0
+        self._journal_bytes = 0
+        self._fd, self.data = _open_data(self.data_path, 2 * n * geo.region_size, writable)
+        try:
+            self._load_table()
+            self._replay_journal()
+        except BaseException:
+            self.data.close()
+            os.close(self._fd)
+            raise
+
+    # -- files ----------------------------------------------------------------------------------
+    @staticmethod
+    def create(directory: str, layer_id: int, geo: Geometry) -> None:
+        """Create the empty files of an overlay (durably)."""
+        prefix = os.path.join(directory, f"overlay-{layer_id}")
+        fd = os.open(prefix + ".data", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, 2 * geo.num_regions * geo.region_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        nw = 8 * ((geo.num_regions + 63) // 64)
+        head = _pack_header(_TABLE_MAGIC, geo.region_size, geo.num_regions, geo.size)
+        _write_file(prefix + ".table", head + bytes(2 * nw + 16 * geo.num_regions))
+        _write_file(prefix + ".journal", b"")
+
+    @staticmethod
+    def remove_files(directory: str, layer_id: int) -> None:
+        """Delete the files of an overlay (missing ones are fine)."""
+        for ext in (".data", ".table", ".journal"):
+            try:
+                os.unlink(os.path.join(directory, f"overlay-{layer_id}{ext}"))
+            except FileNotFoundError:
+                pass
+
+    def _table_offsets(self) -> tuple[int, int, int]:
+        nw = 8 * self.present.nwords
+        return _HEADER_SIZE, _HEADER_SIZE + nw, _HEADER_SIZE + 2 * nw
+
+    def _load_table(self) -> None:
+        try:
+            fd = os.open(self.table_path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise FormatError(f"{self.table_path}: missing", self.table_path) from exc
+        try:
+            g = self.geo
+            _check_header(_read_exact(fd, _HEADER_SIZE, 0, self.table_path), _TABLE_MAGIC, self.table_path,
+                          g.region_size, g.num_regions, g.size)
+            p_off, w_off, s_off = self._table_offsets()
+            nw = 8 * self.present.nwords
+            self.present.load(_read_exact(fd, nw, p_off, self.table_path))
+            self.which.load(_read_exact(fd, nw, w_off, self.table_path))
+            self.sums[:] = _read_exact(fd, 16 * g.num_regions, s_off, self.table_path)
+        finally:
+            os.close(fd)
+
+    def _replay_journal(self) -> None:
+        try:
+            with open(self.journal_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError as exc:
+            raise FormatError(f"{self.journal_path}: missing", self.journal_path) from exc
+        pos = 0
+        applied = 0
+        while pos + _BATCH.size <= len(raw):
+            magic, count, batch = _BATCH.unpack_from(raw, pos)
+            end = pos + _BATCH.size + count * _RECORD.size
+            if magic != _BATCH_MAGIC or end + 16 > len(raw) or core.checksum(raw[pos:end]) != raw[end : end + 16]:
+                break  # torn or garbage tail: everything before it was committed
+            for k in range(count):
+                r, slot, csum = _RECORD.unpack_from(raw, pos + _BATCH.size + k * _RECORD.size)
+                if r >= self.geo.num_regions or slot > 1:
+                    raise FormatError(f"{self.journal_path}: record for region {r} out of range", self.journal_path)
+                self._apply(r, slot, csum)
+            self._batch = batch + 1
+            applied += 1
+            pos = end + 16
+        if pos != len(raw):
+            _log.warning("%s: ignoring %d bytes of uncommitted journal tail", self.journal_path, len(raw) - pos)
+            if self.writable:
+                os.truncate(self.journal_path, pos)
+        self._journal_bytes = pos
+
+    def _apply(self, r: int, slot: int, csum: bytes) -> None:
+        self.present.set(r)
+        if slot:
+            self.which.set(r)
+        else:
+            self.which.clear(r)
+        self.sums[16 * r : 16 * r + 16] = csum
+
+    # -- commit protocol ------------------------------------------------------------------------
+    def slot_offset(self, r: int, slot: int) -> int:
+        """Byte offset of region ``r``'s slot ``slot`` (0 or 1) in the data file."""
+        return (r + slot * self.geo.num_regions) * self.geo.region_size
+
+    def commit(self) -> int:
+        """Make every region written since the last commit durable; returns how many."""
+        regions = [r for a, b in self.dirty.runs() for r in range(a, b)]
+        if not regions:
+            return 0
+        self.data.sync()
+        os.fsync(self._fd)
+        out = bytearray(_BATCH.pack(_BATCH_MAGIC, len(regions), self._batch))
+        for r in regions:
+            out += _RECORD.pack(r, int(self.which.test(r)), bytes(self.sums[16 * r : 16 * r + 16]))
+        out += core.checksum(out)
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
+        try:
+            written = os.write(fd, out)
+            if written != len(out):
+                raise MediaError(f"{self.journal_path}: short write", path=self.journal_path)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._batch += 1
+        self._journal_bytes += len(out)
+        self.dirty.clear_range(0, self.geo.num_regions)
+        if self._journal_bytes >= JOURNAL_CHECKPOINT_BYTES:
+            self.checkpoint()
+        return len(regions)
+
+    def checkpoint(self) -> None:
+        """Fold the journal into the table (committed entries only), then empty the journal."""
+        if self.dirty.any():
+            raise OverlayCacheError("checkpoint with uncommitted regions")  # internal misuse
+        if not self._journal_bytes:
+            return
+        p_off, w_off, s_off = self._table_offsets()
+        fd = os.open(self.table_path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, self.present.to_bytes(), p_off)
+            os.pwrite(fd, self.which.to_bytes(), w_off)
+            os.pwrite(fd, self.sums, s_off)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.truncate(self.journal_path, 0)
+        fd = os.open(self.journal_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._journal_bytes = 0
+
+    def stack_entry(self) -> tuple[Any, Any, Any, bytearray, Any]:
+        return (self.data, self.present, self.which, self.sums, self.verified)
+
+    def close(self) -> None:
+        self.data.close()
+        os.close(self._fd)

@@ -1,0 +1,637 @@
+"""A volume: a local base file plus a stack of overlays, read as one virtual image.
+
+Contract
+--------
+* A read of a region returns exactly the bytes of the newest layer holding it, never a mix of
+  versions: reads hold the volume's read lock, writes its write lock.
+* Writes go to the top overlay. A region whose current version is durable is never overwritten in
+  place (see :mod:`overlaycache.layers`), so after :meth:`Volume.flush` returns, a crash at any
+  later moment reopens with every flushed byte and each region whole.
+* Metadata (``volume.json``) is replaced atomically: temp file, fsync, rename, fsync of the directory.
+* One writer process at a time (``flock`` on ``lock``); read-only opens share the lock.
+* Local data that cannot be read raises :class:`RegionUnavailableError` naming the regions; the
+  process never dies of it (SIGBUS on a truncated file is caught by the core).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+from overlaycache._impl import core
+from overlaycache.errors import (
+    FormatError,
+    InvalidArgumentError,
+    InvalidBufferError,
+    MediaError,
+    OutOfRangeError,
+    OverlayCacheError,
+    RegionUnavailableError,
+    SnapshotNotFoundError,
+    StaleStackError,
+    VolumeClosedError,
+    VolumeLockedError,
+)
+from overlaycache.images import VirtualImage
+from overlaycache.layers import BaseLayer, Geometry, Overlay, fsync_dir
+from overlaycache.snapshots import LocalSnapshot
+
+_log = logging.getLogger(__name__)
+
+META_NAME = "volume.json"
+META_KIND = "overlaycache-volume"
+META_VERSION = 1
+MIN_REGION_SIZE = 4 << 10
+MAX_REGION_SIZE = 64 << 20
+MAX_OVERLAYS = 250
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def _check_geometry(size: Any, region_size: Any) -> Geometry:
+    size = _check_int("size", size)
+    region_size = _check_int("region_size", region_size)
+    if size <= 0:
+        raise InvalidArgumentError(f"size must be > 0, got {size}")
+    if region_size & (region_size - 1) or not MIN_REGION_SIZE <= region_size <= MAX_REGION_SIZE:
+        raise InvalidArgumentError(
+            f"region_size must be a power of two in [{MIN_REGION_SIZE}, {MAX_REGION_SIZE}], got {region_size}"
+        )
+    return Geometry(size, region_size)
+
+
+def _meta_checksum(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return bytes(core.checksum(json.dumps(body, sort_keys=True).encode())).hex()
+
+
+def _write_meta(directory: str, meta: dict[str, Any]) -> None:
+    meta = dict(meta)
+    meta["checksum"] = _meta_checksum(meta)
+    data = json.dumps(meta, indent=1, sort_keys=True).encode() + b"\n"
+    final = os.path.join(directory, META_NAME)
+    tmp = final + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(directory)
+
+
+def _read_meta(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, META_NAME)
+    if not os.path.isdir(directory):
+        raise FormatError(f"{directory}: not an overlaycache volume (not a directory)", directory)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError as exc:
+        raise FormatError(f"{directory}: not an overlaycache volume (no {META_NAME})", path) from exc
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: truncated or corrupted ({exc})", path) from exc
+    if not isinstance(meta, dict) or meta.get("kind") != META_KIND:
+        raise FormatError(f"{path}: not an overlaycache volume description", path)
+    version = meta.get("version")
+    if not isinstance(version, int):
+        raise FormatError(f"{path}: missing format version", path)
+    if version > META_VERSION:
+        raise FormatError(f"{path}: format version {version} is newer than this overlaycache ({META_VERSION})", path)
+    if meta.get("checksum") != _meta_checksum(meta):
+        raise FormatError(f"{path}: checksum mismatch (file corrupted)", path)
+    try:
+        _check_geometry(meta["size"], meta["region_size"])
+        for key in ("id", "layers", "next_layer", "snapshots", "next_snapshot"):
+            meta[key]
+        if not meta["layers"] or not all(isinstance(i, int) and i > 0 for i in meta["layers"]):
+            raise ValueError("bad layer list")
+        [LocalSnapshot.from_json(s) for s in meta["snapshots"]]
+    except (KeyError, TypeError, ValueError, OverlayCacheError) as exc:
+        raise FormatError(f"{path}: invalid contents ({exc})", path) from exc
+    return meta
+
+
+def _buffer(data: Any) -> memoryview:
+    try:
+        view = memoryview(data)
+    except TypeError as exc:
+        raise InvalidBufferError(f"expected a bytes-like object, got {type(data).__name__}") from exc
+    if not view.c_contiguous:
+        raise InvalidBufferError("buffer must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class Volume:
+    """A block volume made of a base file and a stack of overlays.
+
+    Use :meth:`create` or :meth:`open`; a volume is also a context manager that closes on exit.
+
+    Attributes
+    ----------
+    path : str
+        The volume's directory.
+    id : str
+        Unique id of the volume (its key in a secondary store).
+    size, region_size, num_regions : int
+        Geometry.
+    readonly : bool
+        Opened without write access.
+    """
+
+    def __init__(self, path: str, meta: dict[str, Any], readonly: bool, lock_fd: int) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._lock_fd = lock_fd
+        self._meta = meta
+        self.id: str = meta["id"]
+        self._geo = _check_geometry(meta["size"], meta["region_size"])
+        self._wlock = threading.RLock()
+        self._rw = core.RWLock()
+        self._images: set[VirtualImage] = set()
+        self._base: BaseLayer | None = None
+        self._overlays: list[Overlay] = []
+        self._stack: Any = None
+        self._scratch = bytearray(self._geo.region_size)
+        try:
+            self._base = BaseLayer(path, self._geo, not readonly)
+            for layer_id in meta["layers"]:
+                self._overlays.append(Overlay(path, layer_id, self._geo, not readonly))
+            self._stack = self._build_stack(self._overlays[-1].id)
+            if meta.get("merging") is not None and not readonly:
+                _log.info("%s: finishing an interrupted merge of overlay %s", path, meta["merging"])
+                with self._wlock:
+                    self._merge_oldest()
+        except BaseException:
+            self._teardown()
+            raise
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], size: int, region_size: int = 65536) -> Volume:
+        """Create a volume of ``size`` zero bytes in the directory ``path`` and open it.
+
+        Parameters
+        ----------
+        path : str or PathLike
+            A directory that does not exist yet, or is empty.
+        size : int
+            Bytes in the volume, > 0.
+        region_size : int
+            Unit of tracking and copying: a power of two from 4 KiB to 64 MiB.
+
+        Raises
+        ------
+        InvalidArgumentError
+            Bad size or region size, or ``path`` is not empty.
+        """
+        geo = _check_geometry(size, region_size)
+        path = os.fspath(path)
+        if os.path.exists(path):
+            if not os.path.isdir(path) or os.listdir(path):
+                raise InvalidArgumentError(f"{path}: exists and is not an empty directory")
+        else:
+            os.makedirs(path)
+        BaseLayer.create(path, geo)
+        Overlay.create(path, 1, geo)
+        meta = {
+            "kind": META_KIND,
+            "version": META_VERSION,
+            "id": uuid.uuid4().hex,
+            "size": geo.size,
+            "region_size": geo.region_size,
+            "created_at": time.time(),
+            "layers": [1],
+            "next_layer": 2,
+            "snapshots": [],
+            "next_snapshot": 1,
+            "merging": None,
+        }
+        _write_meta(path, meta)
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], readonly: bool = False) -> Volume:
+        """Open an existing volume.
+
+        Raises
+        ------
+        FormatError
+            ``path`` is not a volume, or its files are truncated, corrupted or of a newer format.
+        VolumeLockedError
+            Another process (or another open in this one) has it open for writing.
+        """
+        path = os.fspath(path)
+        meta = _read_meta(path)
+        lock_path = os.path.join(path, "lock")
+        try:
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise FormatError(f"{lock_path}: cannot open lock file: {exc.strerror}", lock_path) from exc
+        try:
+            fcntl.flock(lock_fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(lock_fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise VolumeLockedError(f"{path}: volume is open for writing elsewhere") from exc
+            raise
+        try:
+            meta = _read_meta(path)  # re-read under the lock
+            if not readonly:
+                cls._remove_orphans(path, meta)
+            return cls(path, meta, readonly, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @staticmethod
+    def _remove_orphans(path: str, meta: dict[str, Any]) -> None:
+        """Delete overlay files a crash left behind that no layer list names."""
+        keep = {f"overlay-{i}" for i in meta["layers"]}
+        for name in os.listdir(path):
+            stem = name.rsplit(".", 1)[0]
+            if stem.startswith("overlay-") and stem not in keep:
+                _log.info("%s: removing orphan %s", path, name)
+                os.unlink(os.path.join(path, name))
+        tmp = os.path.join(path, META_NAME + ".tmp")
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the volume is closed."""
+        return self._stack is None
+
+    def close(self) -> None:
+        """Flush, release every image and file, and drop the lock (idempotent)."""
+        if self._stack is None:
+            return
+        with self._wlock:
+            try:
+                if not self.readonly:
+                    top = self._overlays[-1]
+                    top.commit()
+                    top.checkpoint()
+            finally:
+                self._teardown()
+
+    def _teardown(self) -> None:
+        for img in list(self._images):
+            stack = img._invalidate("volume closed")
+            if stack is not None:
+                stack.release()
+        self._images.clear()
+        if self._stack is not None:
+            self._stack.release()
+            self._stack = None
+        for layer in [*self._overlays, *([self._base] if self._base else [])]:
+            try:
+                layer.close()
+            except OverlayCacheError:  # pragma: no cover - only after a failed open
+                _log.exception("%s: closing %s", self.path, layer.name)
+        self._overlays = []
+        self._base = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # -- geometry ---------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Bytes in the volume."""
+        return self._geo.size
+
+    @property
+    def region_size(self) -> int:
+        """Bytes per region."""
+        return self._geo.region_size
+
+    @property
+    def num_regions(self) -> int:
+        """Number of regions (the last may be partial)."""
+        return self._geo.num_regions
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("read-only" if self.readonly else "open")
+        return f"Volume({self.path!r}, size={self.size}, region_size={self.region_size}, {state})"
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _live(self) -> Any:
+        stack = self._stack
+        if stack is None:
+            raise VolumeClosedError(f"{self.path}: volume is closed")
+        return stack
+
+    def _layers_up_to(self, layer_id: int) -> list[Any]:
+        """Layers newest first, from ``layer_id`` (0 = base) down to the base."""
+        assert self._base is not None
+        chosen = [ov for ov in self._overlays if ov.id <= layer_id]
+        return [*reversed(chosen), self._base]
+
+    def _build_stack(self, layer_id: int) -> Any:
+        entries = [layer.stack_entry() for layer in self._layers_up_to(layer_id)]
+        return core.Stack(self._rw, self._geo.region_size, self._geo.size, entries)
+
+    def _check_range(self, offset: Any, length: Any) -> None:
+        _check_int("offset", offset)
+        _check_int("length", length)
+        if offset < 0 or length < 0 or offset + length > self._geo.size:
+            raise OutOfRangeError(f"bytes [{offset}, {offset + length}) out of the volume [0, {self._geo.size})")
+
+    def _check_writable(self) -> None:
+        self._live()
+        if self.readonly:
+            raise InvalidArgumentError(f"{self.path}: volume is open read-only")
+
+    def _store_meta(self) -> None:
+        self._meta["layers"] = [ov.id for ov in self._overlays]
+        _write_meta(self.path, self._meta)
+
+    # -- data path ---------------------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` of the virtual image.
+
+        Raises
+        ------
+        OutOfRangeError
+            The range is not inside the volume.
+        RegionUnavailableError
+            A region cannot be read locally (I/O error, truncated file, checksum mismatch).
+        """
+        self._check_range(offset, length)
+        while True:
+            try:
+                return bytes(self._live().read(offset, length))
+            except StaleStackError:
+                continue
+
+    def readinto(self, offset: int, buffer: Any) -> int:
+        """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer, without a copy."""
+        _check_int("offset", offset)
+        while True:
+            try:
+                return int(self._live().readinto(offset, buffer))
+            except StaleStackError:
+                continue
+
+    def write(self, offset: int, data: Any) -> int:
+        """Write ``data`` (any bytes-like object) at ``offset``; returns the count.
+
+        The write goes to the top overlay; it is durable once :meth:`flush` returns.
+
+        Raises
+        ------
+        OutOfRangeError
+            The range is not inside the volume.
+        InvalidBufferError
+            ``data`` is not a bytes-like object.
+        RegionUnavailableError
+            A partial write needs the rest of a region that cannot be read.
+        """
+        view = _buffer(data)
+        self._check_range(offset, len(view))
+        self._check_writable()
+        geo = self._geo
+        rs = geo.region_size
+        with self._wlock:
+            self._live()
+            top = self._overlays[-1]
+            self._rw.acquire_write()
+            try:
+                pos, end = offset, offset + len(view)
+                while pos < end:
+                    r = pos // rs
+                    intra = pos - r * rs
+                    take = min(rs - intra, end - pos)
+                    self._write_region(top, r, intra, view[pos - offset : pos - offset + take])
+                    pos += take
+            finally:
+                self._rw.release_write()
+        return len(view)
+
+    def _write_region(self, top: Overlay, r: int, intra: int, piece: memoryview) -> None:
+        """Write ``piece`` at ``intra`` in region ``r``; the caller holds both locks."""
+        rlen = self._geo.region_length(r)
+        full = intra == 0 and len(piece) == rlen
+        if top.dirty.test(r):
+            # The current slot holds no durable version: patch it in place.
+            off = top.slot_offset(r, int(top.which.test(r)))
+            top.data.write(off + intra, piece)
+            csum = core.checksum(piece) if full else top.data.checksum(off, rlen)
+        else:
+            # Shadow write: the durable version (if any) stays untouched in the other slot.
+            slot = int(not top.which.test(r)) if top.present.test(r) else 0
+            off = top.slot_offset(r, slot)
+            if full:
+                top.data.write(off, piece)
+                csum = core.checksum(piece)
+            else:
+                region = memoryview(self._scratch)[:rlen]
+                self._stack.readinto_locked(r * self._geo.region_size, region)
+                region[intra : intra + len(piece)] = piece
+                top.data.write(off, region)
+                csum = core.checksum(region)
+            if slot:
+                top.which.set(r)
+            else:
+                top.which.clear(r)
+            top.present.set(r)
+            top.dirty.set(r)
+        top.sums[16 * r : 16 * r + 16] = csum
+        top.verified.set(r)
+
+    def flush(self) -> None:
+        """Make every write so far durable (data first, then the journal that points at it)."""
+        if self.readonly:
+            self._live()
+            return
+        with self._wlock:
+            self._live()
+            self._overlays[-1].commit()
+
+    # -- local snapshots ---------------------------------------------------------------------------
+    def local_snapshots(self) -> list[LocalSnapshot]:
+        """The local snapshots, oldest first."""
+        self._live()
+        return [LocalSnapshot.from_json(s) for s in self._meta["snapshots"]]
+
+    def _find_snapshot(self, snapshot: Any) -> LocalSnapshot:
+        snaps = self.local_snapshots()
+        if isinstance(snapshot, LocalSnapshot):
+            key = snapshot.id
+        elif isinstance(snapshot, str):
+            key = snapshot
+        else:
+            raise InvalidArgumentError(f"expected a snapshot, its id or label, got {type(snapshot).__name__}")
+        for s in snaps:
+            if s.id == key:
+                return s
+        for s in snaps:
+            if s.label is not None and s.label == key:
+                return s
+        raise SnapshotNotFoundError(f"{self.path}: no local snapshot {key!r}", snapshot)
+
+    def local_snapshot(self, label: str | None = None) -> LocalSnapshot:
+        """Freeze the top overlay as a snapshot and push an empty writable overlay (Fig. 2).
+
+        Parameters
+        ----------
+        label : str, optional
+            A unique name for the snapshot.
+        """
+        self._check_writable()
+        if label is not None:
+            if not isinstance(label, str) or not label:
+                raise InvalidArgumentError("label must be a non-empty string")
+            if any(s.label == label for s in self.local_snapshots()):
+                raise InvalidArgumentError(f"a snapshot labelled {label!r} exists")
+        with self._wlock:
+            self._live()
+            top = self._overlays[-1]
+            snap = LocalSnapshot(str(self._meta["next_snapshot"]), label, time.time(), top.id)
+            self._meta["next_snapshot"] += 1
+            self._meta["snapshots"].append(snap.to_json())
+            self._push_overlay()
+        _log.info("%s: local snapshot %s (%s) at layer %d", self.path, snap.id, label, top.id)
+        return snap
+
+    def _push_overlay(self) -> None:
+        """Freeze the top overlay and push a new empty one; the caller holds ``_wlock``."""
+        if len(self._overlays) >= MAX_OVERLAYS:
+            raise InvalidArgumentError(f"at most {MAX_OVERLAYS} overlays: merge_down() first")
+        top = self._overlays[-1]
+        top.commit()
+        top.checkpoint()
+        new_id = self._meta["next_layer"]
+        Overlay.create(self.path, new_id, self._geo)
+        fsync_dir(self.path)
+        self._meta["next_layer"] = new_id + 1
+        overlay = Overlay(self.path, new_id, self._geo, True)
+        self._rw.acquire_write()
+        try:
+            self._overlays.append(overlay)
+            try:
+                self._store_meta()
+            except BaseException:
+                self._overlays.pop()
+                overlay.close()
+                raise
+            old, self._stack = self._stack, self._build_stack(new_id)
+            old.release()
+        finally:
+            self._rw.release_write()
+
+    def image(self, snapshot: LocalSnapshot | str) -> VirtualImage:
+        """A read-only virtual image of a local snapshot (by object, id or unique label)."""
+        snap = self._find_snapshot(snapshot)
+        with self._wlock:
+            self._live()
+            img = VirtualImage(snap, self._geo.size, self._build_stack(snap.layer), self._close_image)
+            self._images.add(img)
+        return img
+
+    def _close_image(self, img: VirtualImage) -> None:
+        with self._wlock:
+            self._rw.acquire_write()
+            try:
+                stack = img._invalidate("closed")
+            finally:
+                self._rw.release_write()
+            if stack is not None:
+                stack.release()
+            self._images.discard(img)
+
+    def merge_down(self) -> int:
+        """Fold the oldest overlay into the base; returns the number of regions copied.
+
+        The snapshot whose image was the base alone (if any) is released, as its image changes;
+        every other snapshot keeps its image. Crash-safe: until the overlay is dropped from the
+        layer list it still shadows the base regions being rewritten, and an interrupted merge is
+        finished on the next open.
+        """
+        self._check_writable()
+        with self._wlock:
+            self._live()
+            if len(self._overlays) == 1:
+                self._push_overlay()
+            return self._merge_oldest()
+
+    def _merge_oldest(self) -> int:
+        assert self._base is not None
+        base, ov = self._base, self._overlays[0]
+        dropped = [s for s in self._meta["snapshots"] if s["layer"] == 0]
+        if dropped or self._meta.get("merging") != ov.id:
+            self._meta["snapshots"] = [s for s in self._meta["snapshots"] if s["layer"] != 0]
+            self._meta["merging"] = ov.id
+            self._store_meta()
+            gone = {s["id"] for s in dropped}
+            for img in [i for i in self._images if i.snapshot.id in gone]:
+                self._close_image(img)
+        geo = self._geo
+        regions = [r for a, b in ov.present.runs() for r in range(a, b)]
+        try:
+            for r in regions:
+                off = ov.slot_offset(r, int(ov.which.test(r)))
+                rlen = geo.region_length(r)
+                try:
+                    if ov.data.checksum(off, rlen) != bytes(ov.sums[16 * r : 16 * r + 16]):
+                        raise RegionUnavailableError(
+                            f"{ov.data_path}: region {r} does not match its checksum; merge aborted",
+                            (r,), "checksum")
+                    ov.data.copy_to(off, base.data, r * geo.region_size, rlen)
+                except MediaError as exc:
+                    raise RegionUnavailableError(f"region {r}: {exc}; merge aborted", (r,), "io") from exc
+                base.sums[16 * r : 16 * r + 16] = ov.sums[16 * r : 16 * r + 16]
+            base.data.sync()
+            base.store_sums(regions)
+        except BaseException:
+            self._meta["merging"] = None
+            self._store_meta()
+            raise
+        self._rw.acquire_write()
+        try:
+            for r in regions:
+                base.verified.set(r)
+            self._overlays.pop(0)
+            for s in self._meta["snapshots"]:
+                if s["layer"] == ov.id:
+                    s["layer"] = 0
+            self._meta["merging"] = None
+            self._store_meta()
+            old = [self._stack]
+            self._stack = self._build_stack(self._overlays[-1].id)
+            for img in self._images:
+                old.append(img._stack)
+                img._stack = self._build_stack(img.snapshot.layer)
+            for stack in old:
+                stack.release()
+        finally:
+            self._rw.release_write()
+        # Snapshot objects handed out earlier keep their old layer id; images look it up afresh.
+        for img in self._images:
+            img.snapshot = self._find_snapshot(img.snapshot.id)
+        ov.close()
+        Overlay.remove_files(self.path, ov.id)
+        fsync_dir(self.path)
+        _log.info("%s: merged overlay %d into the base (%d regions)", self.path, ov.id, len(regions))
+        return len(regions)
