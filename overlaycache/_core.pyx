@@ -491,6 +491,7 @@ cdef class DataFile:
         self.base = NULL
         if length < 0:
             raise InvalidArgumentError(f"length must be >= 0, got {length}")
+        oc_install_sigbus_handler()  # back in front if a later handler displaced it
         if length == 0:
             return
         p = mmap(NULL, length, prot, MAP_SHARED, fd, 0)
@@ -634,6 +635,8 @@ cdef class Stack:
         cdef DataFile f
         cdef Bitmap bm
         cdef _Buffer sums
+        self.released = True  # until every layer is pinned
+        self._keep = []
         self.lock = lock
         self.region_size = region_size
         self.size = size
@@ -687,7 +690,7 @@ cdef class Stack:
         if self.released:
             return
         self.released = True
-        for obj in self._keep:
+        for obj in self._keep or ():
             if isinstance(obj, DataFile):
                 f = obj
                 f.pins -= 1

@@ -21,7 +21,7 @@ def _choose() -> ModuleType:
     try:
         from overlaycache import _core
 
-        return _core
+        return _core  # type: ignore[return-value,unused-ignore]
     except ImportError:
         if os.environ.get("OVERLAYCACHE_REQUIRE_EXTENSIONS", "") not in ("", "0"):
             raise

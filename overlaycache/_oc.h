@@ -17,7 +17,8 @@
 
 static __thread sigjmp_buf *volatile oc_jump_target = NULL;
 static struct sigaction oc_previous_sigbus;
-static volatile int oc_handler_installed = 0;
+
+static volatile sig_atomic_t oc_reraised = 0;
 
 static void oc_sigbus_handler(int sig, siginfo_t *info, void *context)
 {
@@ -28,14 +29,23 @@ static void oc_sigbus_handler(int sig, siginfo_t *info, void *context)
         oc_jump_target = NULL;
         siglongjmp(*target, 1);
     }
-    sigaction(SIGBUS, &oc_previous_sigbus, NULL);
+    if (oc_reraised) {
+        /* The previous handler chained back to us: end the loop with the default action. */
+        signal(SIGBUS, SIG_DFL);
+    } else {
+        oc_reraised = 1;
+        sigaction(SIGBUS, &oc_previous_sigbus, NULL);
+    }
     raise(sig);
 }
 
+/* Install the handler, or put it back in front when another one (faulthandler, say) was installed
+ * after it; the displaced handler becomes the one we chain to. */
 static int oc_install_sigbus_handler(void)
 {
-    struct sigaction action;
-    if (oc_handler_installed)
+    struct sigaction action, current;
+    if (sigaction(SIGBUS, NULL, &current) == 0 && (current.sa_flags & SA_SIGINFO) &&
+        current.sa_sigaction == oc_sigbus_handler)
         return 0;
     memset(&action, 0, sizeof(action));
     action.sa_sigaction = oc_sigbus_handler;
@@ -44,7 +54,6 @@ static int oc_install_sigbus_handler(void)
     sigemptyset(&action.sa_mask);
     if (sigaction(SIGBUS, &action, &oc_previous_sigbus) != 0)
         return -1;
-    oc_handler_installed = 1;
     return 0;
 }
 

@@ -60,7 +60,7 @@ def fsync_dir(path: str) -> None:
 def zero_checksums(size: int, region_size: int) -> bytearray:
     """The checksum table of an all-zero image."""
     n = (size + region_size - 1) // region_size
-    full = core.checksum(bytes(region_size))
+    full: bytes = core.checksum(bytes(region_size))
     table = bytearray(full * n)
     tail = size - (n - 1) * region_size
     if n and tail != region_size:
@@ -70,7 +70,7 @@ def zero_checksums(size: int, region_size: int) -> bytearray:
 
 def _pack_header(magic: bytes, region_size: int, num_regions: int, size: int) -> bytes:
     head = _HEADER.pack(magic, FORMAT_VERSION, region_size, num_regions, size)
-    head += core.checksum(head)
+    head += bytes(core.checksum(head))
     return head.ljust(_HEADER_SIZE, b"\0")
 
 

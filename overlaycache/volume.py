@@ -352,6 +352,22 @@ class Volume:
         entries = [layer.stack_entry() for layer in self._layers_up_to(layer_id)]
         return core.Stack(self._rw, self._geo.region_size, self._geo.size, entries)
 
+    def layer_map(self, first: int = 0, count: int | None = None) -> list[int]:
+        """Which layer serves each region of ``[first, first + count)``: an overlay id, or 0 for the base.
+
+        Computed with the core's batch ``resolve`` over the overlay bitmaps.
+        """
+        _check_int("first", first)
+        n = self._geo.num_regions - first if count is None else _check_int("count", count)
+        if first < 0 or n < 0 or first + n > self._geo.num_regions:
+            raise OutOfRangeError(f"regions [{first}, {first + n}) out of [0, {self._geo.num_regions})")
+        with self._wlock:
+            self._live()
+            newest_first = list(reversed(self._overlays))
+            ids = [ov.id for ov in newest_first] + [0]
+            found = core.resolve([ov.present for ov in newest_first], first, n)
+        return [ids[i] for i in found]
+
     def _check_range(self, offset: Any, length: Any) -> None:
         _check_int("offset", offset)
         _check_int("length", length)

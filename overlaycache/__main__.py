@@ -1,0 +1,7 @@
+"""``python -m overlaycache`` runs the command line."""
+
+import sys
+
+from overlaycache.cli import main
+
+sys.exit(main())
