@@ -23,6 +23,10 @@ __all__ = [
     "CorruptionError",
     "SecondaryUnavailableError",
     "StaleStackError",
+    "StoreError",
+    "ObjectNotFoundError",
+    "ObjectExistsError",
+    "StoreAccessError",
 ]
 
 
@@ -122,8 +126,44 @@ class CorruptionError(OverlayCacheError):
     """Data or metadata does not match its checksum."""
 
 
-class SecondaryUnavailableError(OverlayCacheError, ConnectionError):
-    """The secondary object store cannot be reached."""
+class StoreError(OverlayCacheError):
+    """A request to the secondary object store failed.
+
+    Attributes
+    ----------
+    endpoint : str or None
+        Where the store is (never with credentials).
+    bucket : str or None
+        The bucket (or directory) of the store.
+    key : str or None
+        The object concerned, when there is one.
+    """
+
+    def __init__(self, message: str, endpoint: str | None = None, bucket: str | None = None,
+                 key: str | None = None) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.key = key
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class SecondaryUnavailableError(StoreError, ConnectionError):
+    """The secondary object store cannot be reached (refused, timed out, server error)."""
+
+
+class ObjectNotFoundError(StoreError, KeyError):
+    """No object under this key."""
+
+
+class ObjectExistsError(StoreError, FileExistsError):
+    """A conditional write found an object already under this key (objects are immutable)."""
+
+
+class StoreAccessError(StoreError, PermissionError):
+    """The store refused the request: wrong credentials, no permission, or no such bucket."""
 
 
 class StaleStackError(OverlayCacheError):

@@ -41,7 +41,8 @@ from overlaycache.errors import (
 )
 from overlaycache.images import VirtualImage
 from overlaycache.layers import BaseLayer, Geometry, Overlay, fsync_dir
-from overlaycache.snapshots import LocalSnapshot
+from overlaycache.replication import Lag, Replicator
+from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
 
 _log = logging.getLogger(__name__)
 
@@ -153,7 +154,9 @@ class Volume:
         Opened without write access.
     """
 
-    def __init__(self, path: str, meta: dict[str, Any], readonly: bool, lock_fd: int) -> None:
+    def __init__(self, path: str, meta: dict[str, Any], readonly: bool, lock_fd: int,
+                 secondary: Any = None, replication: str | None = None, period: float | None = None,
+                 sync_policy: str = "degrade", max_lag_regions: int | None = None, workers: int = 16) -> None:
         self.path = path
         self.readonly = readonly
         self._lock_fd = lock_fd
@@ -166,6 +169,7 @@ class Volume:
         self._base: BaseLayer | None = None
         self._overlays: list[Overlay] = []
         self._stack: Any = None
+        self._repl: Replicator | None = None
         self._scratch = bytearray(self._geo.region_size)
         try:
             self._base = BaseLayer(path, self._geo, not readonly)
@@ -176,13 +180,49 @@ class Volume:
                 _log.info("%s: finishing an interrupted merge of overlay %s", path, meta["merging"])
                 with self._wlock:
                     self._merge_oldest()
+            if not readonly:
+                self._attach(secondary, replication, period, sync_policy, max_lag_regions, workers)
         except BaseException:
+            if self._repl is not None:
+                self._repl.close()
+                self._repl = None
+            self._lock_fd = -1  # Volume.open closes it
             self._teardown()
             raise
 
+    def _attach(self, store: Any, mode: str | None, period: float | None, sync_policy: str,
+                max_lag_regions: int | None, workers: int) -> None:
+        """Start replication to ``store``, or note that changes go untracked while detached."""
+        known = self._meta.get("secondary")
+        if store is None:
+            if mode is not None:
+                raise InvalidArgumentError("replication needs a secondary store")
+            if known and not known.get("resync"):
+                # Opened without its secondary: changes made now are not tracked, so compare
+                # checksums with the secondary's records when it is attached again.
+                known["resync"] = True
+                self._store_meta()
+            return
+        location = str(getattr(store, "location", repr(store)))
+        mode = mode or (known or {}).get("mode") or "async"
+        if period is None and known:
+            period = known.get("period")
+        resync = not known or known.get("location") != location or bool(known.get("resync"))
+        self._repl = Replicator(self, store, mode, period, sync_policy, max_lag_regions, workers,
+                                resync=False)
+        if known and known.get("location") != location:
+            self._repl.remote.reset()
+        if resync:
+            self._repl._resync()
+        self._meta["secondary"] = {"location": location, "mode": mode, "period": period}
+        self._store_meta()
+        self._repl.start()
+
     # -- lifecycle --------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike[str], size: int, region_size: int = 65536) -> Volume:
+    def create(cls, path: str | os.PathLike[str], size: int, region_size: int = 65536, secondary: Any = None,
+               replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
+               max_lag_regions: int | None = None, workers: int = 16) -> Volume:
         """Create a volume of ``size`` zero bytes in the directory ``path`` and open it.
 
         Parameters
@@ -193,6 +233,24 @@ class Volume:
             Bytes in the volume, > 0.
         region_size : int
             Unit of tracking and copying: a power of two from 4 KiB to 64 MiB.
+        secondary : ObjectStore, optional
+            Where replicated regions and PIT snapshots go (:class:`S3Store`, :class:`LocalStore`).
+        replication : {"sync", "async", "periodic"}, optional
+            How changes reach the secondary (default "async" when a secondary is given):
+            ``sync`` acknowledges a write once it is stored there; ``async`` ships in the
+            background from a durable replication map; ``periodic`` publishes a consistent PIT
+            every ``period`` seconds.
+        period : float, optional
+            Seconds between PITs in periodic mode.
+        sync_policy : {"degrade", "fail"}
+            Sync mode with the secondary unreachable: "degrade" (default) keeps accepting writes,
+            durable locally, and replicates them when it is back (a logged alert, visible lag);
+            "fail" raises :class:`SecondaryUnavailableError` from the write (the data is still
+            written locally and replicated later).
+        max_lag_regions : int, optional
+            Async back-pressure: writes wait while more regions than this are behind.
+        workers : int
+            Parallel transfers to the secondary.
 
         Raises
         ------
@@ -208,6 +266,8 @@ class Volume:
             os.makedirs(path)
         BaseLayer.create(path, geo)
         Overlay.create(path, 1, geo)
+        if replication is not None and secondary is None:
+            raise InvalidArgumentError("replication needs a secondary store")
         meta = {
             "kind": META_KIND,
             "version": META_VERSION,
@@ -222,11 +282,18 @@ class Volume:
             "merging": None,
         }
         _write_meta(path, meta)
-        return cls.open(path)
+        return cls.open(path, secondary=secondary, replication=replication, period=period,
+                        sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], readonly: bool = False) -> Volume:
-        """Open an existing volume.
+    def open(cls, path: str | os.PathLike[str], readonly: bool = False, secondary: Any = None,
+             replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
+             max_lag_regions: int | None = None, workers: int = 16) -> Volume:
+        """Open an existing volume; the replication arguments are those of :meth:`create`.
+
+        Without ``replication``, a volume opened with its secondary resumes the mode it had. A
+        volume opened without its secondary tracks nothing; when it is attached again, regions
+        whose checksums differ from the secondary's records are shipped.
 
         Raises
         ------
@@ -253,7 +320,8 @@ class Volume:
             meta = _read_meta(path)  # re-read under the lock
             if not readonly:
                 cls._remove_orphans(path, meta)
-            return cls(path, meta, readonly, lock_fd)
+            return cls(path, meta, readonly, lock_fd, secondary, replication, period, sync_policy,
+                       max_lag_regions, workers)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -289,10 +357,15 @@ class Volume:
         with self._wlock:
             try:
                 if not self.readonly:
+                    if self._repl is not None:
+                        self._repl.before_commit()
                     top = self._overlays[-1]
                     top.commit()
                     top.checkpoint()
             finally:
+                if self._repl is not None:
+                    self._repl.close()
+                    self._repl = None
                 self._teardown()
 
     def _teardown(self) -> None:
@@ -427,8 +500,13 @@ class Volume:
         view = _buffer(data)
         self._check_range(offset, len(view))
         self._check_writable()
+        if not len(view):
+            return 0
         geo = self._geo
         rs = geo.region_size
+        repl = self._repl
+        if repl is not None:
+            repl.throttle()
         with self._wlock:
             self._live()
             top = self._overlays[-1]
@@ -443,6 +521,11 @@ class Volume:
                     pos += take
             finally:
                 self._rw.release_write()
+                if repl is not None:
+                    repl.note_written(offset // rs, (offset + len(view) - 1) // rs)
+        if repl is not None and repl.mode == "sync":
+            self.flush()
+            repl.ship_after_write(offset // rs, (offset + len(view) - 1) // rs)
         return len(view)
 
     def _write_region(self, top: Overlay, r: int, intra: int, piece: memoryview) -> None:
@@ -483,6 +566,8 @@ class Volume:
             return
         with self._wlock:
             self._live()
+            if self._repl is not None:
+                self._repl.before_commit()
             self._overlays[-1].commit()
 
     # -- local snapshots ---------------------------------------------------------------------------
@@ -651,3 +736,85 @@ class Volume:
         fsync_dir(self.path)
         _log.info("%s: merged overlay %d into the base (%d regions)", self.path, ov.id, len(regions))
         return len(regions)
+
+    # -- the secondary ------------------------------------------------------------------------------
+    def _read_region(self, r: int) -> bytes:
+        """The current bytes of region ``r`` (for shipping)."""
+        return self.read(r * self._geo.region_size, self._geo.region_length(r))
+
+    def _current_checksums(self) -> bytearray:
+        """The checksum of every region's current version, from the layers' tables (no data read)."""
+        assert self._base is not None
+        with self._wlock:
+            newest_first = list(reversed(self._overlays))
+            found = core.resolve([ov.present for ov in newest_first], 0, self._geo.num_regions)
+            tables = [ov.sums for ov in newest_first] + [self._base.sums]
+            out = bytearray(16 * self._geo.num_regions)
+            for r, idx in enumerate(found):
+                out[16 * r : 16 * r + 16] = tables[idx][16 * r : 16 * r + 16]
+        return out
+
+    def _replicator(self) -> Replicator:
+        self._live()
+        if self._repl is None:
+            raise InvalidArgumentError(f"{self.path}: no secondary attached (open with secondary=...)")
+        return self._repl
+
+    @property
+    def secondary(self) -> Any:
+        """The attached store, or None."""
+        return self._repl.store if self._repl is not None else None
+
+    @property
+    def replication(self) -> str | None:
+        """The replication mode, or None without a secondary."""
+        return self._repl.mode if self._repl is not None else None
+
+    @property
+    def replication_lag(self) -> Lag:
+        """Regions and bytes not yet on the secondary, and the age of the oldest such change."""
+        return self._replicator().lag()
+
+    def replicate(self) -> int:
+        """Ship every unsynced region now; returns how many this call shipped.
+
+        Raises
+        ------
+        SecondaryUnavailableError
+            The store cannot be reached; nothing is lost, the regions stay pending.
+        """
+        repl = self._replicator()
+        shipped = repl.ship()
+        repl.wait_idle()
+        return shipped + repl.ship()
+
+    def snapshot(self, label: str | None = None) -> Snapshot:
+        """Publish a PIT snapshot on the secondary and return it.
+
+        Drains what is unsynced while writes go on, then holds writers off for the remainder, so
+        the manifest is one consistent image of the volume.
+        """
+        repl = self._replicator()
+        if label is not None:
+            if not isinstance(label, str) or not label:
+                raise InvalidArgumentError("label must be a non-empty string")
+            if any(s.label == label for s in self.snapshots()):
+                raise InvalidArgumentError(f"a snapshot labelled {label!r} exists on the secondary")
+        repl.ship()
+        with self._wlock:
+            self.flush()
+            repl.ship()
+            repl.wait_idle()
+            repl.ship()
+            return repl.publish(label)
+
+    def snapshots(self) -> list[Snapshot]:
+        """The PIT snapshots of this volume on the secondary, oldest first."""
+        repl = self._replicator()
+        return list(repl.store.snapshots(self.id))
+
+    def remote_image(self, snapshot: Snapshot | str) -> Any:
+        """A read-only image of a PIT snapshot, read from the secondary."""
+        repl = self._replicator()
+        snap = find_snapshot(self.snapshots(), snapshot, f"{repl.store.location} volume {self.id}")
+        return repl.store.image(self.id, snap)

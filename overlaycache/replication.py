@@ -1,0 +1,493 @@
+"""Replication of a volume's regions to the secondary: sync, async and periodic.
+
+Contract
+--------
+* Every region version goes to the store once, under a new key with a new ``seq``
+  (``volumes/<id>/regions/<shard>/<region>/<seq>``, conditional PUT), never overwritten. A region
+  whose bytes are all zero is recorded but not stored.
+* The *replication map* holds the regions changed locally and not yet stored. It is written to
+  ``replication.map`` and fsynced before the data it covers is committed (write-intent ordering, as
+  Linux md's bitmap), so a crash can make us ship a region twice, never skip it. A bit is cleared
+  on disk only once the region's version is recorded in ``remote.map`` and that file is synced.
+* ``remote.map`` records, per region, the newest version on the store (seq, checksum). A region
+  rewritten while it is shipped is shipped again; a slower, older shipment never replaces the
+  record of a newer one (records only move to a higher seq).
+* Seqs are reserved in blocks, durably, before use: after a crash no seq is handed out twice.
+* A PIT snapshot is published only when nothing is pending or in flight while writers are held
+  off, so its manifest is one consistent, crash-consistent image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from overlaycache._impl import core
+from overlaycache.errors import (
+    FormatError,
+    InvalidArgumentError,
+    ObjectExistsError,
+    SecondaryUnavailableError,
+    StoreError,
+)
+from overlaycache.layers import zero_checksums
+from overlaycache.snapshots import RECORD, Snapshot, encode_manifest, manifest_key, region_key, snapshot_id
+
+if TYPE_CHECKING:
+    from overlaycache.volume import Volume
+
+_log = logging.getLogger(__name__)
+
+MODES = ("sync", "async", "periodic")
+SYNC_POLICIES = ("degrade", "fail")
+_RMAP_MAGIC = b"OCRMAP01"
+_RMAP_HEAD = struct.Struct("<8sIIQQ")  # magic, version, region_size, num_regions, reserved seq
+_RMAP_HEADER = 64
+_CMAP_MAGIC = b"OCCMAP01"
+_SEQ_BLOCK = 1 << 16
+_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Lag:
+    """How far the secondary is behind.
+
+    Attributes
+    ----------
+    regions : int
+        Regions changed locally and not yet stored on the secondary.
+    bytes : int
+        Their size in bytes.
+    oldest_age : float
+        Seconds since the oldest of those changes (an upper bound); 0 when nothing is behind.
+    """
+
+    regions: int
+    bytes: int
+    oldest_age: float
+
+
+class RemoteMap:
+    """``remote.map``: per region the newest version on the secondary, and the reserved seq."""
+
+    def __init__(self, path: str, region_size: int, num_regions: int, writable: bool) -> None:
+        self.path = path
+        self.n = num_regions
+        length = _RMAP_HEADER + RECORD.size * num_regions
+        if not os.path.exists(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.ftruncate(fd, length)
+                os.pwrite(fd, _RMAP_HEAD.pack(_RMAP_MAGIC, 1, region_size, num_regions, 1), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            head = os.pread(self._fd, _RMAP_HEAD.size, 0)
+            if len(head) != _RMAP_HEAD.size or os.fstat(self._fd).st_size < length:
+                raise FormatError(f"{path}: truncated", path)
+            magic, version, rs, n, reserved = _RMAP_HEAD.unpack(head)
+            if magic != _RMAP_MAGIC or version != 1 or (rs, n) != (region_size, num_regions):
+                raise FormatError(f"{path}: not a remote map of this volume", path)
+            self.region_size = rs
+            self.reserved = reserved
+            self.data = core.DataFile(self._fd, length, writable, path)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._rec = bytearray(RECORD.size)
+
+    def get(self, r: int) -> tuple[int, bytes]:
+        self.data.readinto(_RMAP_HEADER + RECORD.size * r, self._rec)
+        seq, csum = RECORD.unpack(self._rec)
+        return int(seq), bytes(csum)
+
+    def set(self, r: int, seq: int, csum: bytes) -> None:
+        self.data.write(_RMAP_HEADER + RECORD.size * r, RECORD.pack(seq, csum))
+
+    def records(self) -> bytes:
+        out = bytearray(RECORD.size * self.n)
+        self.data.readinto(_RMAP_HEADER, out)
+        return bytes(out)
+
+    def reset(self) -> None:
+        """Forget every record (a new secondary); the reserved seq stays."""
+        self.data.write(_RMAP_HEADER, bytes(RECORD.size * self.n))
+        self.sync()
+
+    def reserve(self, upto: int) -> None:
+        self.data.write(0, _RMAP_HEAD.pack(_RMAP_MAGIC, 1, self.region_size, self.n, upto))
+        self.sync()
+        self.reserved = upto
+
+    def sync(self) -> None:
+        self.data.sync()
+
+    def close(self) -> None:
+        self.data.close()
+        os.close(self._fd)
+
+
+class ChangeMap:
+    """``replication.map``: the durable write-intent bitmap of regions not yet on the secondary."""
+
+    def __init__(self, path: str, num_regions: int, writable: bool) -> None:
+        self.path = path
+        self.n = num_regions
+        self.nbytes = 8 * ((num_regions + 63) // 64)
+        if not os.path.exists(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, _CMAP_MAGIC + bytes(self.nbytes))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.writable = writable
+        self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        raw = os.pread(self._fd, 8 + self.nbytes, 0)
+        if len(raw) != 8 + self.nbytes or raw[:8] != _CMAP_MAGIC:
+            os.close(self._fd)
+            raise FormatError(f"{path}: not a replication map of this volume (or truncated)", path)
+        self.initial = raw[8:]
+
+    def store(self, words: bytes) -> None:
+        os.pwrite(self._fd, words, 8)
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class Replicator:
+    """Ships a volume's changed regions to a store and publishes PIT snapshots.
+
+    Created by :class:`Volume`; see the module docstring for the contract.
+    """
+
+    def __init__(self, vol: Volume, store: Any, mode: str, period: float | None, sync_policy: str,
+                 max_lag_regions: int | None, workers: int, resync: bool) -> None:
+        if mode not in MODES:
+            raise InvalidArgumentError(f"replication must be one of {MODES} or None, got {mode!r}")
+        if sync_policy not in SYNC_POLICIES:
+            raise InvalidArgumentError(f"sync_policy must be one of {SYNC_POLICIES}, got {sync_policy!r}")
+        if mode == "periodic" and (period is None or not period > 0):
+            raise InvalidArgumentError("periodic replication needs period > 0 (seconds)")
+        if max_lag_regions is not None and max_lag_regions < 1:
+            raise InvalidArgumentError("max_lag_regions must be >= 1")
+        self.vol = vol
+        self.store = store
+        self.mode = mode
+        self.period = period
+        self.sync_policy = sync_policy
+        self.max_lag_regions = max_lag_regions
+        self.volume_id = vol.id
+        n, rs = vol.num_regions, vol.region_size
+        self._zero = zero_checksums(vol.size, rs)
+        self.remote = RemoteMap(os.path.join(vol.path, "remote.map"), rs, n, True)
+        try:
+            self.changes = ChangeMap(os.path.join(vol.path, "replication.map"), n, True)
+        except BaseException:
+            self.remote.close()
+            raise
+        self.pending = core.Bitmap(n)
+        self.pending.load(self.changes.initial)
+        self.inflight = core.Bitmap(n)
+        self._next_seq = self.remote.reserved
+        self._cv = threading.Condition(threading.Lock())
+        self._map_dirty = False
+        self._dirty_since: float | None = time.monotonic() if self.pending.any() else None
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="oc-ship")
+        self._stopping = False
+        self.degraded = False
+        self.shipped = 0
+        self._changed_since_publish = True
+        self._thread: threading.Thread | None = None
+        try:
+            self._register_volume()
+            if resync:
+                self._resync()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _register_volume(self) -> None:
+        import json
+
+        info = {"format": 1, "id": self.volume_id, "size": self.vol.size, "region_size": self.vol.region_size}
+        key = f"volumes/{self.volume_id}/volume.json"
+        try:
+            self.store.put(key, json.dumps(info, sort_keys=True).encode(), if_absent=True)
+        except ObjectExistsError:
+            found = self.store.volume_info(self.volume_id)
+            if (found.get("size"), found.get("region_size")) != (self.vol.size, self.vol.region_size):
+                raise FormatError(
+                    f"{self.store.location}: volume {self.volume_id} is stored with size {found.get('size')} "
+                    f"and region_size {found.get('region_size')}, not {self.vol.size}/{self.vol.region_size}",
+                    key) from None
+
+    def _resync(self) -> None:
+        """Mark every region whose current checksum differs from the secondary's record."""
+        sums = self.vol._current_checksums()
+        marked = 0
+        with self._cv:
+            for r in range(self.vol.num_regions):
+                seq, csum = self.remote.get(r)
+                remote_sum = bytes(self._zero[16 * r : 16 * r + 16]) if seq == 0 else csum
+                if sums[16 * r : 16 * r + 16] != remote_sum:
+                    self.pending.set(r)
+                    marked += 1
+            if marked and self._dirty_since is None:
+                self._dirty_since = time.monotonic()
+            self._persist_map_locked()
+        _log.info("%s: initial sync to %s: %d of %d regions differ", self.vol.path, self.store.location,
+                  marked, self.vol.num_regions)
+
+    def start(self) -> None:
+        """Start the background shipper (async, and sync for when it degrades) or the period timer."""
+        target = self._period_loop if self.mode == "periodic" else self._ship_loop
+        self._thread = threading.Thread(target=target, name=f"oc-repl-{self.volume_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self._pool.shutdown(wait=True)
+        with self._cv:
+            self._persist_map_locked()
+        self.remote.close()
+        self.changes.close()
+
+    # -- the replication map ------------------------------------------------------------------------
+    def note_written(self, first: int, last: int) -> None:
+        """Regions ``first..last`` changed (called by the writer after the data is in place)."""
+        with self._cv:
+            if self.pending.count(first, last + 1) != last + 1 - first:
+                self._map_dirty = True
+                self.pending.set_range(first, last + 1)
+            if self._dirty_since is None:
+                self._dirty_since = time.monotonic()
+            self._changed_since_publish = True
+            self._cv.notify_all()
+
+    def _persist_map_locked(self) -> None:
+        a = int.from_bytes(self.pending.to_bytes(), "little")
+        b = int.from_bytes(self.inflight.to_bytes(), "little")
+        self.changes.store((a | b).to_bytes(self.changes.nbytes, "little"))
+        self._map_dirty = False
+
+    def before_commit(self) -> None:
+        """Make the write intents durable before the data they cover is committed."""
+        with self._cv:
+            if self._map_dirty:
+                self._persist_map_locked()
+
+    def throttle(self, timeout: float = 30.0) -> None:
+        """Back-pressure: wait while the lag exceeds ``max_lag_regions`` (not while degraded)."""
+        if self.max_lag_regions is None or self.mode == "periodic":
+            return
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while (not self.degraded and not self._stopping
+                   and self.pending.count() + self.inflight.count() > self.max_lag_regions):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    _log.warning("%s: replication lag above %d regions for %.0fs; continuing",
+                                 self.vol.path, self.max_lag_regions, timeout)
+                    return
+                self._cv.wait(min(left, 0.5))
+
+    def lag(self) -> Lag:
+        with self._cv:
+            regions = self.pending.count() + self.inflight.count()
+            age = 0.0 if not regions or self._dirty_since is None else time.monotonic() - self._dirty_since
+        return Lag(regions, regions * self.vol.region_size, age)
+
+    # -- shipping ----------------------------------------------------------------------------------
+    def _alloc_seq_locked(self) -> int:
+        if self._next_seq >= self.remote.reserved:
+            self.remote.reserve(self._next_seq + _SEQ_BLOCK)
+        seq: int = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _claim(self, regions: list[int] | None, limit: int) -> list[tuple[int, int]]:
+        """Take pending regions (all of ``regions`` that are pending, or up to ``limit``)."""
+        claimed = []
+        with self._cv:
+            if regions is None:
+                regions = []
+                for a, b in self.pending.runs():
+                    regions.extend(range(a, min(b, a + limit - len(regions))))
+                    if len(regions) >= limit:
+                        break
+            for r in regions:
+                if self.pending.test(r) and not self.inflight.test(r):
+                    self.pending.clear(r)
+                    self.inflight.set(r)
+                    claimed.append((r, self._alloc_seq_locked()))
+        return claimed
+
+    def _ship_one(self, r: int, seq: int) -> int:
+        data = self.vol._read_region(r)
+        csum = bytes(core.checksum(data))
+        if csum != bytes(self._zero[16 * r : 16 * r + 16]):
+            for _attempt in range(3):
+                try:
+                    self.store.put(region_key(self.volume_id, r, seq), data, if_absent=True)
+                    break
+                except ObjectExistsError:
+                    # Only after a lost seq reservation; take a fresh seq rather than overwrite.
+                    _log.warning("%s: region %d seq %d already stored; using a new seq", self.vol.path, r, seq)
+                    with self._cv:
+                        seq = self._alloc_seq_locked()
+            else:  # pragma: no cover - three collisions in a row
+                raise StoreError(f"{self.store.location}: cannot find a free seq for region {r}")
+        with self._cv:
+            current, _ = self.remote.get(r)
+            if seq > current:
+                self.remote.set(r, seq, csum)
+        return len(data)
+
+    def ship(self, regions: list[int] | None = None) -> int:
+        """Ship pending regions (the given ones, or all), in parallel; returns how many were shipped.
+
+        Raises
+        ------
+        SecondaryUnavailableError
+            The store cannot be reached; the regions stay pending.
+        """
+        total = 0
+        while True:
+            claimed = self._claim(regions, _BATCH)
+            if not claimed:
+                break
+            futures = [(r, self._pool.submit(self._ship_one, r, seq)) for r, seq in claimed]
+            failed: list[int] = []
+            error: BaseException | None = None
+            for r, fut in futures:
+                try:
+                    fut.result()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    failed.append(r)
+                    error = error or exc
+            with self._cv:
+                for r, _seq in claimed:
+                    self.inflight.clear(r)
+                for r in failed:
+                    self.pending.set(r)
+                self.remote.sync()
+                self._persist_map_locked()
+                if not self.pending.any() and not self.inflight.any():
+                    self._dirty_since = None
+                self._cv.notify_all()
+            total += len(claimed) - len(failed)
+            self.shipped += len(claimed) - len(failed)
+            if error is not None:
+                raise error
+            if regions is not None:
+                break
+        return total
+
+    def wait_idle(self) -> None:
+        """Wait until no shipment is in flight."""
+        with self._cv:
+            while self.inflight.any():
+                self._cv.wait(0.5)
+
+    def _ship_until_stored(self, regions: list[int]) -> None:
+        """Ship ``regions`` and wait out shipments of them already in flight elsewhere (which may
+        have read the region before this write), until none of them is pending or in flight."""
+        while True:
+            self.ship(regions)
+            with self._cv:
+                while any(self.inflight.test(r) for r in regions):
+                    self._cv.wait(0.5)
+                if not any(self.pending.test(r) for r in regions):
+                    return
+
+    def ship_after_write(self, first: int, last: int) -> None:
+        """Sync mode: ship the regions a write touched before it is acknowledged."""
+        try:
+            self._ship_until_stored(list(range(first, last + 1)))
+            if self.degraded and not self.pending.any():
+                self.degraded = False
+                _log.warning("%s: secondary %s reachable again; sync replication resumed",
+                             self.vol.path, self.store.location)
+        except SecondaryUnavailableError:
+            if self.sync_policy == "fail":
+                raise
+            if not self.degraded:
+                self.degraded = True
+                _log.error("%s: secondary %s unreachable; sync replication degraded to async "
+                           "(writes are durable locally, lag grows until it is back)",
+                           self.vol.path, self.store.location)
+
+    def _ship_loop(self) -> None:
+        backoff = 0.5
+        while True:
+            with self._cv:
+                while not self._stopping and (not self.pending.any() or
+                                              (self.mode == "sync" and not self.degraded)):
+                    self._cv.wait(1.0)
+                if self._stopping:
+                    return
+            try:
+                self.ship()
+                backoff = 0.5
+                if self.degraded:
+                    self.degraded = False
+                    _log.warning("%s: secondary %s reachable again; lag drained", self.vol.path,
+                                 self.store.location)
+            except StoreError as exc:
+                _log.warning("%s: shipping to %s failed (%s); retrying in %.1fs", self.vol.path,
+                             self.store.location, exc, backoff)
+                with self._cv:
+                    self._cv.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+            except Exception:  # pragma: no cover - a bug; keep the volume alive and say so
+                _log.exception("%s: replication thread error", self.vol.path)
+                with self._cv:
+                    self._cv.wait(backoff)
+
+    def _period_loop(self) -> None:
+        assert self.period is not None
+        while True:
+            with self._cv:
+                self._cv.wait(self.period)
+                if self._stopping:
+                    return
+                if not self._changed_since_publish:
+                    continue  # nothing written since the last PIT
+            try:
+                self.vol.snapshot()
+            except StoreError as exc:
+                _log.warning("%s: periodic snapshot failed (%s); next try in %.0fs", self.vol.path, exc, self.period)
+            except Exception:  # pragma: no cover
+                _log.exception("%s: periodic snapshot error", self.vol.path)
+
+    # -- snapshots ---------------------------------------------------------------------------------
+    def publish(self, label: str | None) -> Snapshot:
+        """Publish a manifest of the current records; the caller has drained and holds off writers."""
+        with self._cv:
+            if self.pending.any() or self.inflight.any():
+                raise StoreError("internal: publish with regions pending")  # pragma: no cover
+            seq = self._alloc_seq_locked()
+            self.remote.sync()
+            records = self.remote.records()
+            self._changed_since_publish = False
+        snap = Snapshot(snapshot_id(seq), seq, time.time(), label)
+        raw = encode_manifest(self.volume_id, snap, self.vol.size, self.vol.region_size, records)
+        self.store.put(manifest_key(self.volume_id, seq), raw, if_absent=True)
+        _log.info("%s: snapshot %s (%s) published to %s", self.vol.path, snap.id, label, self.store.location)
+        return snap

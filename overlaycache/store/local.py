@@ -1,0 +1,127 @@
+"""A directory as an object store, with the same keys as on S3.
+
+Writes go to a temporary file that is fsynced and then linked (conditional put: ``link`` fails when
+the name exists, atomically) or renamed into place, and the directory is fsynced.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from overlaycache.store.base import StoreReader
+from overlaycache.errors import InvalidArgumentError, ObjectExistsError, ObjectNotFoundError, StoreError
+
+
+def _check_key(key: str) -> None:
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") for p in parts) or "\0" in key:
+        raise InvalidArgumentError(f"invalid object key {key!r}")
+
+
+class LocalStore(StoreReader):
+    """An object store in a local directory (for tests, air-gapped appliances and NFS mounts).
+
+    Parameters
+    ----------
+    root : str or PathLike
+        The directory; created if missing.
+    prefix : str
+        A key prefix inside it, like :class:`S3Store`'s.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], prefix: str = "") -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.prefix = prefix.strip("/")
+        self.location = f"file://{self.root}" + (f"/{self.prefix}" if self.prefix else "")
+        os.makedirs(self.root, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.root!r}, prefix={self.prefix!r})"
+
+    def _path(self, key: str) -> str:
+        _check_key(key)
+        full = f"{self.prefix}/{key}" if self.prefix else key
+        return os.path.join(self.root, *full.split("/"))
+
+    def _error(self, cls: type[StoreError], msg: str, key: str | None = None) -> StoreError:
+        return cls(f"{self.location}: {msg}", endpoint=self.location, bucket=self.root, key=key)
+
+    def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
+        path = self._path(key)
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(memoryview(data))
+                f.flush()
+                os.fsync(f.fileno())
+            if if_absent:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError as exc:
+                    raise self._error(ObjectExistsError, f"object {key} exists", key) from exc
+            else:
+                os.replace(tmp, path)
+                tmp = ""
+        finally:
+            if tmp:
+                os.unlink(tmp)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                if start:
+                    f.seek(start)
+                return f.read() if length is None else f.read(length)
+        except FileNotFoundError as exc:
+            raise self._error(ObjectNotFoundError, f"no object {key}", key) from exc
+
+    def head(self, key: str) -> int | None:
+        try:
+            return os.stat(self._path(key)).st_size
+        except FileNotFoundError:
+            return None
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        top = os.path.join(self.root, *base.split("/")) if base else self.root
+        keys = []
+        for dirpath, _dirs, files in os.walk(top):
+            rel = os.path.relpath(dirpath, top)
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        return iter(sorted(keys))
+
+    def list_dirs(self, prefix: str) -> builtins.list[str]:
+        try:
+            names = os.listdir(self._path(prefix.rstrip("/"))) if prefix.strip("/") else os.listdir(
+                os.path.join(self.root, *self.prefix.split("/")) if self.prefix else self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith(".tmp-"))
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            try:
+                os.unlink(self._path(key))
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,233 @@
+"""An S3-compatible object store through boto3.
+
+Retries, timeouts and the connection pool belong to the store instance. botocore errors are
+translated into the package's exceptions in exactly one place, :func:`translate_boto_error`,
+keeping the original as ``__cause__``. Messages name the endpoint and bucket, never a secret.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from overlaycache.store.base import StoreReader
+from overlaycache.errors import (
+    ObjectExistsError,
+    ObjectNotFoundError,
+    SecondaryUnavailableError,
+    StoreAccessError,
+    StoreError,
+)
+
+_log = logging.getLogger(__name__)
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "NoSuchBucket",
+           "AllAccessDisabled", "InvalidBucketName", "AccountProblem", "ExpiredToken", "InvalidToken"}
+_EXISTS = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+def translate_boto_error(exc: BaseException, store: S3Store, op: str, key: str | None = None) -> StoreError:
+    """The package exception for a botocore/boto3 exception raised by ``op`` on ``key``."""
+    where = f"{store.location}"
+    what = f"{op} {key}" if key else op
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _NOT_FOUND or (status == 404 and code != "NoSuchBucket"):
+            return ObjectNotFoundError(f"{where}: {what}: no such object", store.endpoint, store.bucket, key)
+        if code in _EXISTS or status == 412:
+            return ObjectExistsError(f"{where}: {what}: object exists", store.endpoint, store.bucket, key)
+        if code in _ACCESS or status == 403:
+            reason = "no such bucket" if code == "NoSuchBucket" else f"access refused ({code})"
+            return StoreAccessError(f"{where}: {what}: {reason}", store.endpoint, store.bucket, key)
+        return SecondaryUnavailableError(f"{where}: {what}: {code or status} {err.get('Message', '')}".rstrip(),
+                                         store.endpoint, store.bucket, key)
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return StoreAccessError(f"{where}: {what}: no credentials found", store.endpoint, store.bucket, key)
+    if isinstance(exc, (botocore.exceptions.BotoCoreError, OSError)):
+        name = type(exc).__name__
+        return SecondaryUnavailableError(f"{where}: {what}: unreachable ({name})", store.endpoint, store.bucket, key)
+    return StoreError(f"{where}: {what}: {type(exc).__name__}: {exc}", store.endpoint, store.bucket, key)
+
+
+class S3Store(StoreReader):
+    """An object store in an S3 bucket (AWS, SeaweedFS, LocalStack, MinIO, Ceph RGW, ...).
+
+    Parameters
+    ----------
+    bucket : str
+        The bucket.
+    prefix : str
+        Keys of this store live under ``prefix/`` in the bucket.
+    endpoint_url : str, optional
+        The server, e.g. ``http://127.0.0.1:8333``; None for AWS.
+    region_name : str
+        Signing region.
+    aws_access_key_id, aws_secret_access_key : str, optional
+        Explicit credentials; by default the standard credential chain.
+    path_style : bool
+        Path-style addressing (most self-hosted servers want it).
+    max_attempts : int
+        Total attempts per request, first one included.
+    connect_timeout, read_timeout : float
+        Seconds. A hung server is only noticed through ``read_timeout``.
+    max_pool_connections : int
+        Parallel connections (replication ships regions in parallel).
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region_name: str = "us-east-1",
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        path_style: bool = True,
+        max_attempts: int = 4,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 20.0,
+        max_pool_connections: int = 32,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint = endpoint_url or "https://s3.amazonaws.com"
+        self.location = f"{self.endpoint}/{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.max_attempts = max_attempts
+        config = Config(
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=max_pool_connections,
+            s3={"addressing_style": "path" if path_style else "auto"},
+            # Region objects carry their own mmh3 checksum; skip the extra CRC pass of new botocore.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session(
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+            region_name=region_name,
+        )
+        self.client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
+
+    def __repr__(self) -> str:
+        return f"S3Store(bucket={self.bucket!r}, prefix={self.prefix!r}, endpoint_url={self.endpoint!r})"
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def create_bucket(self) -> None:
+        """Create the bucket if it does not exist (for tests and first setup)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except botocore.exceptions.ClientError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - translated below
+            raise translate_boto_error(exc, self, "head_bucket") from exc
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, botocore.exceptions.ClientError) and exc.response.get("Error", {}).get("Code") in (
+                "BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                return
+            raise translate_boto_error(exc, self, "create_bucket") from exc
+
+    def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": bytes(data)}
+        if if_absent:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(**kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise translate_boto_error(exc, self, "put", key) from exc
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
+        if start or length is not None:
+            end = "" if length is None else str(start + length - 1)
+            if length == 0:
+                return b""
+            kwargs["Range"] = f"bytes={start}-{end}"
+        last: BaseException | None = None
+        # botocore retries the request but not a body stream that breaks (server killed mid-GET).
+        for _attempt in range(self.max_attempts):
+            try:
+                resp = self.client.get_object(**kwargs)
+                return bytes(resp["Body"].read())
+            except (botocore.exceptions.ResponseStreamingError, botocore.exceptions.ReadTimeoutError,
+                    botocore.exceptions.IncompleteReadError) as exc:
+                last = exc
+                _log.warning("%s: GET %s broke off (%s); retrying", self.location, key, type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001
+                raise translate_boto_error(exc, self, "get", key) from exc
+        assert last is not None
+        raise translate_boto_error(last, self, "get", key) from last
+
+    def head(self, key: str) -> int | None:
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:  # noqa: BLE001
+            err = translate_boto_error(exc, self, "head", key)
+            if isinstance(err, ObjectNotFoundError):
+                return None
+            raise err from exc
+        return int(resp["ContentLength"])
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else ""))
+            keys = [obj["Key"][strip:] for page in pages for obj in page.get("Contents", ())]
+        except Exception as exc:  # noqa: BLE001
+            raise translate_boto_error(exc, self, "list", prefix) from exc
+        return iter(sorted(keys))
+
+    def list_dirs(self, prefix: str) -> builtins.list[str]:
+        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/")
+            out = []
+            for page in pages:
+                out += [p["Prefix"][len(full):].rstrip("/") for p in page.get("CommonPrefixes", ())]
+                out += [o["Key"][len(full):] for o in page.get("Contents", ())]
+        except Exception as exc:  # noqa: BLE001
+            raise translate_boto_error(exc, self, "list", prefix) from exc
+        return sorted(out)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        batch: builtins.list[str] = []
+
+        def flush() -> None:
+            try:
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True})
+            except Exception as exc:  # noqa: BLE001
+                raise translate_boto_error(exc, self, "delete", batch[0]) from exc
+            errors = resp.get("Errors") or []
+            if errors:
+                raise StoreError(f"{self.location}: delete: {len(errors)} failed, first {errors[0]}",
+                                 self.endpoint, self.bucket, errors[0].get("Key"))
+            batch.clear()
+
+        for key in keys:
+            batch.append(key)
+            if len(batch) == 1000:
+                flush()
+        if batch:
+            flush()
+
+    def close(self) -> None:
+        self.client.close()

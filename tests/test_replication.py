@@ -1,0 +1,326 @@
+"""Replication to the secondary (sync, async, periodic), PIT snapshots, and reading from the store alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import overlaycache
+from overlaycache import Volume
+from overlaycache.errors import (
+    CorruptionError,
+    FormatError,
+    InvalidArgumentError,
+    SecondaryUnavailableError,
+    SnapshotNotFoundError,
+)
+from overlaycache.snapshots import manifest_key, region_key
+
+RS = 4096
+
+
+class FlakyStore:
+    """A real store that can be switched off: every request fails while ``down`` is set."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.location = inner.location
+        self.down = False
+        self.puts = 0
+
+    def _check(self) -> None:
+        if self.down:
+            raise SecondaryUnavailableError(f"{self.location}: unreachable (test)", self.location)
+
+    def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
+        self._check()
+        self.puts += 1
+        self.inner.put(key, data, if_absent=if_absent)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if callable(attr):
+            def call(*args: Any, **kwargs: Any) -> Any:
+                self._check()
+                return attr(*args, **kwargs)
+            return call
+        return attr
+
+
+def fill(vol: Volume, model: bytearray, rnd: random.Random, writes: int = 30) -> None:
+    for _ in range(writes):
+        off = rnd.randrange(vol.size)
+        n = rnd.randrange(1, min(2 * RS, vol.size - off) + 1)
+        data = rnd.randbytes(n)
+        vol.write(off, data)
+        model[off : off + n] = data
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_pits_read_back_from_the_store_alone(tmp_path: Path, any_store: Any, mode: str) -> None:
+    rnd = random.Random(1)
+    size = 9 * RS + 77
+    model = bytearray(size)
+    pits: list[tuple[Any, bytes]] = []
+    with Volume.create(tmp_path / "v", size, region_size=RS, secondary=any_store, replication=mode) as vol:
+        for i in range(4):
+            fill(vol, model, rnd, 10)
+            pits.append((vol.snapshot(f"pit-{i}"), bytes(model)))
+        vid = vol.id
+        assert [s.label for s in vol.snapshots()] == ["pit-0", "pit-1", "pit-2", "pit-3"]
+        assert vol.replication_lag.regions == 0
+    assert vid in any_store.volumes()
+    for snap, want in pits:
+        with any_store.image(vid, snap.id) as img:
+            assert img.size == size and img.read(0, size) == want
+        assert any_store.image(vid, snap.label).read(RS - 3, 10) == want[RS - 3 : RS + 7]
+    seqs = [s.seq for s, _ in pits]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4
+
+
+def test_sync_write_is_on_the_store_when_it_returns(tmp_path: Path, s3_store: Any) -> None:
+    flaky = FlakyStore(s3_store)
+    with Volume.create(tmp_path / "v", 4 * RS, region_size=RS, secondary=flaky, replication="sync") as vol:
+        before = flaky.puts
+        vol.write(RS + 5, b"acknowledged")
+        assert flaky.puts == before + 1 and vol.replication_lag.regions == 0
+        keys = list(s3_store.list(f"volumes/{vol.id}/regions/"))
+        assert len(keys) == 1 and keys[0].startswith(region_key(vol.id, 1, 0).rsplit("/", 1)[0])
+        assert s3_store.get(keys[0])[5:17] == b"acknowledged"
+
+
+def test_sync_degrades_to_async_and_catches_up(tmp_path: Path, s3_store: Any, caplog: Any) -> None:
+    flaky = FlakyStore(s3_store)
+    with Volume.create(tmp_path / "v", 4 * RS, region_size=RS, secondary=flaky, replication="sync") as vol:
+        flaky.down = True
+        vol.write(0, b"while down")  # default policy: degrade, the write is durable locally
+        assert vol._repl is not None and vol._repl.degraded
+        assert vol.replication_lag.regions == 1
+        assert any("degraded" in r.getMessage() for r in caplog.records)
+        flaky.down = False
+        deadline = time.monotonic() + 20
+        while vol.replication_lag.regions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert vol.replication_lag.regions == 0
+        snap = vol.snapshot()
+        assert s3_store.image(vol.id, snap).read(0, 10) == b"while down"
+
+
+def test_sync_fail_policy_raises_but_keeps_the_data(tmp_path: Path, s3_store: Any) -> None:
+    flaky = FlakyStore(s3_store)
+    with Volume.create(tmp_path / "v", 4 * RS, region_size=RS, secondary=flaky, replication="sync",
+                       sync_policy="fail") as vol:
+        flaky.down = True
+        with pytest.raises(SecondaryUnavailableError):
+            vol.write(0, b"not replicated")
+        assert vol.read(0, 14) == b"not replicated"
+        flaky.down = False
+        assert vol.replicate() == 1
+        assert s3_store.image(vol.id, vol.snapshot()).read(0, 14) == b"not replicated"
+
+
+def test_async_lag_and_replicate(tmp_path: Path, s3_store: Any) -> None:
+    flaky = FlakyStore(s3_store)
+    with Volume.create(tmp_path / "v", 8 * RS, region_size=RS, secondary=flaky, replication="async") as vol:
+        flaky.down = True
+        vol.write(0, b"x" * (3 * RS))
+        lag = vol.replication_lag
+        assert lag.regions == 3 and lag.bytes == 3 * RS
+        time.sleep(0.05)
+        assert vol.replication_lag.oldest_age >= 0.05
+        with pytest.raises(SecondaryUnavailableError):
+            vol.replicate()
+        assert vol.replication_lag.regions == 3  # nothing lost
+        flaky.down = False
+        vol.replicate()
+        assert vol.replication_lag == type(lag)(0, 0, 0.0)
+
+
+def test_zero_regions_are_recorded_not_stored(tmp_path: Path, s3_store: Any) -> None:
+    with Volume.create(tmp_path / "v", 4 * RS, region_size=RS, secondary=s3_store, replication="async") as vol:
+        vol.write(0, b"y" * RS)
+        vol.write(RS, bytes(RS))
+        snap = vol.snapshot()
+        assert len(list(s3_store.list(f"volumes/{vol.id}/regions/"))) == 1
+        img = s3_store.image(vol.id, snap)
+        assert img.read(0, 2 * RS) == b"y" * RS + bytes(RS) and img.gets == 1
+
+
+def test_periodic_publishes_consistent_pits(tmp_path: Path, s3_store: Any) -> None:
+    with Volume.create(tmp_path / "v", 4 * RS, region_size=RS, secondary=s3_store, replication="periodic",
+                       period=0.2) as vol:
+        vol.write(0, b"A" * (4 * RS))
+        deadline = time.monotonic() + 10
+        while not vol.snapshots() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        snaps = vol.snapshots()
+        assert snaps, "no periodic snapshot within 10 s"
+        assert s3_store.image(vol.id, snaps[-1]).read(0, 4 * RS) == b"A" * (4 * RS)
+        time.sleep(0.5)
+        assert len(vol.snapshots()) == len(snaps)  # nothing written: no new PIT
+        vol.write(RS, b"B")
+        deadline = time.monotonic() + 10
+        while len(vol.snapshots()) == len(snaps) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s3_store.image(vol.id, vol.snapshots()[-1]).read(RS, 2) == b"BA"
+
+
+def test_region_rewritten_while_shipping_is_shipped_again(tmp_path: Path, s3_store: Any) -> None:
+    """A writer hammers a few regions while replication runs; the final PIT is the final image."""
+    with Volume.create(tmp_path / "v", 4 * RS, region_size=RS, secondary=s3_store, replication="async",
+                       workers=4) as vol:
+        stop = threading.Event()
+
+        def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                vol.write((i % 4) * RS, bytes([i % 251]) * RS)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        for _ in range(5):
+            vol.replicate()
+        stop.set()
+        t.join()
+        snap = vol.snapshot()
+        assert s3_store.image(vol.id, snap).read(0, vol.size) == vol.read(0, vol.size)
+
+
+def test_tampered_and_truncated_objects_are_corruption(tmp_path: Path, any_store: Any) -> None:
+    with Volume.create(tmp_path / "v", 2 * RS, region_size=RS, secondary=any_store) as vol:
+        vol.write(0, b"z" * RS)
+        snap = vol.snapshot("t")
+        vid = vol.id
+    [key] = list(any_store.list(f"volumes/{vid}/regions/"))
+    any_store.put(key, b"Z" + b"z" * (RS - 1))
+    with pytest.raises(CorruptionError):
+        any_store.image(vid, snap).read(0, 1)
+    any_store.put(key, b"z" * 100)
+    with pytest.raises(CorruptionError):
+        any_store.image(vid, snap).read(0, 1)
+    mkey = manifest_key(vid, snap.seq)
+    raw = any_store.get(mkey)
+    any_store.put(mkey, raw[:-5])
+    with pytest.raises(CorruptionError):
+        any_store.image(vid, "t")
+    bad = bytearray(raw)
+    bad[len(raw) // 2] ^= 1
+    any_store.put(mkey, bytes(bad))
+    with pytest.raises(CorruptionError):
+        any_store.image(vid, snap)
+
+
+def test_two_volumes_share_a_bucket(tmp_path: Path, s3_store: Any) -> None:
+    a = Volume.create(tmp_path / "a", 2 * RS, region_size=RS, secondary=s3_store)
+    b = Volume.create(tmp_path / "b", 2 * RS, region_size=RS, secondary=s3_store)
+    with a, b:
+        a.write(0, b"A")
+        b.write(0, b"B")
+        sa, sb = a.snapshot(), b.snapshot()
+        assert sorted(s3_store.volumes()) == sorted([a.id, b.id])
+        assert s3_store.image(a.id, sa).read(0, 1) == b"A" and s3_store.image(b.id, sb).read(0, 1) == b"B"
+
+
+def test_geometry_mismatch_on_the_store_is_an_error(tmp_path: Path, s3_store: Any) -> None:
+    with Volume.create(tmp_path / "v", 2 * RS, region_size=RS, secondary=s3_store) as vol:
+        vid = vol.id
+    s3_store.put(f"volumes/{vid}/volume.json",
+                 json.dumps({"format": 1, "id": vid, "size": 2 * RS, "region_size": 2 * RS}).encode())
+    with pytest.raises(FormatError):
+        Volume.open(tmp_path / "v", secondary=s3_store)
+
+
+def test_attach_to_a_volume_with_data_syncs_only_what_differs(tmp_path: Path, s3_store: Any) -> None:
+    with Volume.create(tmp_path / "v", 6 * RS, region_size=RS) as vol:
+        vol.write(0, b"data" * RS)  # 4 regions
+    flaky = FlakyStore(s3_store)
+    with Volume.open(tmp_path / "v", secondary=flaky, replication="async") as vol:
+        snap = vol.snapshot()
+        assert flaky.puts == 1 + 4 + 1  # volume record, four regions, manifest
+        want = vol.read(0, vol.size)
+    with Volume.open(tmp_path / "v") as vol:  # detached: changes are not tracked...
+        vol.write(5 * RS, b"offline")
+    with Volume.open(tmp_path / "v", secondary=s3_store) as vol:  # ...so they are found on attach
+        assert vol.replication == "async" and vol.replication_lag.regions == 1
+        snap2 = vol.snapshot()
+        assert s3_store.image(vol.id, snap2).read(5 * RS, 7) == b"offline"
+    assert s3_store.image(vol.id, snap).read(0, 6 * RS) == want
+
+
+def test_snapshot_lookup_and_bad_arguments(tmp_path: Path, s3_store: Any) -> None:
+    with pytest.raises(InvalidArgumentError):
+        Volume.create(tmp_path / "x", RS, replication="async")
+    with pytest.raises(InvalidArgumentError):
+        Volume.create(tmp_path / "y", RS, secondary=s3_store, replication="sometimes")
+    with pytest.raises(InvalidArgumentError):
+        Volume.create(tmp_path / "z", RS, secondary=s3_store, replication="periodic")
+    with Volume.create(tmp_path / "v", 2 * RS, region_size=RS, secondary=s3_store) as vol:
+        vol.snapshot("one")
+        with pytest.raises(InvalidArgumentError):
+            vol.snapshot("one")
+        with pytest.raises(SnapshotNotFoundError):
+            s3_store.image(vol.id, "two")
+        with pytest.raises(SnapshotNotFoundError):
+            s3_store.image("no-such-volume", "one")
+    with Volume.create(tmp_path / "w", RS) as plain, pytest.raises(InvalidArgumentError):
+        plain.snapshot()
+
+
+CHILD = r"""
+import os, sys, random
+import overlaycache
+from overlaycache import Volume
+from overlaycache.store import S3Store
+endpoint, bucket, path = sys.argv[1:4]
+store = S3Store(bucket, prefix="appliance-1", endpoint_url=endpoint, aws_access_key_id="testing",
+                aws_secret_access_key="testing-secret")
+vol = Volume.open(path, secondary=store, replication="async", workers=4)
+rnd = random.Random(int(sys.argv[4]))
+i = 0
+while True:
+    i += 1
+    r = rnd.randrange(vol.num_regions)
+    vol.write(r * vol.region_size, bytes([i % 251]) * vol.region_size)
+    if i % 7 == 0:
+        vol.flush()
+    if i % 50 == 0:
+        vol.snapshot()
+        print("snap", flush=True)
+"""
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill_during_async_shipping(tmp_path: Path, s3_store: Any, moto_endpoint: str, seed: int) -> None:
+    """kill -9 while shipping; reopen, replicate: the newest PIT equals the local image, older ones intact."""
+    path = tmp_path / "v"
+    with Volume.create(path, 16 * RS, region_size=RS, secondary=s3_store) as vol:
+        vid = vol.id
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(overlaycache.__file__).parent.parent)  # the package under test
+    child = subprocess.Popen([sys.executable, "-c", CHILD, moto_endpoint, s3_store.bucket, str(path), str(seed)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    assert child.stdout is not None
+    for _ in range(2):  # let it publish a couple of PITs
+        line = child.stdout.readline()
+        assert line == b"snap\n", child.stderr.read().decode() if child.stderr else line
+    time.sleep(random.Random(seed).uniform(0.0, 0.3))
+    child.kill()
+    child.communicate()
+    before = {s.id: s3_store.image(vid, s).read(0, 16 * RS) for s in s3_store.snapshots(vid)}
+    assert len(before) >= 2
+    with Volume.open(path, secondary=s3_store) as vol:
+        vol.replicate()
+        snap = vol.snapshot()
+        assert s3_store.image(vid, snap).read(0, vol.size) == vol.read(0, vol.size)
+    for sid, data in before.items():
+        assert s3_store.image(vid, sid).read(0, 16 * RS) == data

@@ -1,0 +1,101 @@
+"""The store contract, run against every store: a LocalStore directory and an S3Store on moto.
+
+The integration suite (localstack/) runs the same class against LocalStack and SeaweedFS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from overlaycache.errors import (
+    InvalidArgumentError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    SecondaryUnavailableError,
+    StoreAccessError,
+)
+from overlaycache.store import ObjectStore, S3Store
+
+
+class StoreContract:
+    """Behaviour every ObjectStore must have; subclasses provide the ``store`` fixture."""
+
+    def test_put_get_head(self, store: Any) -> None:
+        assert isinstance(store, ObjectStore)
+        store.put("a/b/c", b"hello world")
+        assert store.get("a/b/c") == b"hello world"
+        assert store.get("a/b/c", 6) == b"world"
+        assert store.get("a/b/c", 2, 3) == b"llo"
+        assert store.get("a/b/c", 0, 0) == b""
+        assert store.head("a/b/c") == 11
+        assert store.head("a/b/missing") is None
+        store.put("a/b/c", bytearray(b"replaced"))
+        assert store.get("a/b/c") == b"replaced"
+        store.put("a/big", memoryview(bytes(range(256)) * 1024))
+        assert store.get("a/big", 1000, 10) == (bytes(range(256)) * 1024)[1000:1010]
+
+    def test_conditional_put_never_overwrites(self, store: Any) -> None:
+        store.put("k/1", b"first", if_absent=True)
+        with pytest.raises(ObjectExistsError) as info:
+            store.put("k/1", b"second", if_absent=True)
+        assert info.value.key == "k/1" and isinstance(info.value, FileExistsError)
+        assert store.get("k/1") == b"first"
+
+    def test_missing_object(self, store: Any) -> None:
+        with pytest.raises(ObjectNotFoundError) as info:
+            store.get("no/such/key")
+        assert isinstance(info.value, KeyError) and info.value.key == "no/such/key"
+
+    def test_list_and_delete(self, store: Any) -> None:
+        keys = ["v/x/1", "v/x/2", "v/y/1", "w/1"]
+        for k in keys:
+            store.put(k, k.encode())
+        assert list(store.list("v/")) == ["v/x/1", "v/x/2", "v/y/1"]
+        assert list(store.list("v/x/")) == ["v/x/1", "v/x/2"]
+        assert list(store.list()) == sorted(keys)
+        assert store.list_dirs("v/") == ["x", "y"]
+        store.delete(["v/x/1", "v/y/1", "never/existed"])
+        assert list(store.list("v/")) == ["v/x/2"]
+
+    def test_many_keys_list_past_one_page(self, store: Any) -> None:
+        for i in range(1001):
+            store.put(f"many/{i:05d}", b"")
+        assert len(list(store.list("many/"))) == 1001
+        store.delete(store.list("many/"))
+        assert list(store.list("many/")) == []
+
+
+class TestStores(StoreContract):
+    @pytest.fixture
+    def store(self, any_store: Any) -> Any:
+        return any_store
+
+
+def test_local_store_rejects_bad_keys(tmp_path: Any) -> None:
+    from overlaycache.store import LocalStore
+
+    store = LocalStore(tmp_path)
+    for key in ["", "/abs", "a//b", "a/../b", "a/./b"]:
+        with pytest.raises(InvalidArgumentError):
+            store.put(key, b"x")
+
+
+def test_unreachable_endpoint_is_one_clear_error() -> None:
+    store = S3Store("bkt", endpoint_url="http://127.0.0.1:9", aws_access_key_id="AKIDSECRETLOOKING",
+                    aws_secret_access_key="very-secret-value", max_attempts=1, connect_timeout=1)
+    with pytest.raises(SecondaryUnavailableError) as info:
+        store.get("x")
+    msg = str(info.value)
+    assert "127.0.0.1:9" in msg and "bkt" in msg and "\n" not in msg
+    assert "very-secret-value" not in msg and "AKIDSECRETLOOKING" not in msg
+    assert info.value.__cause__ is not None
+
+
+def test_missing_bucket(s3_store: Any, moto_endpoint: str) -> None:
+    store = S3Store("no-such-bucket-here", endpoint_url=moto_endpoint, aws_access_key_id="testing",
+                    aws_secret_access_key="testing-secret", max_attempts=1)
+    with pytest.raises(StoreAccessError) as info:
+        store.put("x", b"y")
+    assert "no such bucket" in str(info.value) and "no-such-bucket-here" in str(info.value)
