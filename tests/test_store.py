@@ -99,3 +99,25 @@ def test_missing_bucket(s3_store: Any, moto_endpoint: str) -> None:
     with pytest.raises(StoreAccessError) as info:
         store.put("x", b"y")
     assert "no such bucket" in str(info.value) and "no-such-bucket-here" in str(info.value)
+
+
+def test_hung_server_times_out_with_a_clear_error() -> None:
+    """A server that accepts connections and never answers is caught by the read timeout."""
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    try:
+        store = S3Store("bkt", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="k",
+                        aws_secret_access_key="s", max_attempts=1, connect_timeout=1, read_timeout=0.5)
+        start = time.monotonic()
+        with pytest.raises(SecondaryUnavailableError) as info:
+            store.get("x")
+        assert time.monotonic() - start < 10
+        assert f"127.0.0.1:{port}" in str(info.value)
+        store.close()
+    finally:
+        listener.close()
