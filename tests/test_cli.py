@@ -1,0 +1,59 @@
+"""The command line: the demo tells the story right, and errors are one line with a non-zero exit."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from overlaycache.cli import demo, demo_replication, main
+
+
+def rows(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("  ") and len(line) > 50:
+            out[line[:49].strip()] = " ".join(line[49:].split())
+    return out
+
+
+def test_demo_fig2(tmp_path: Path) -> None:
+    buf = io.StringIO()
+    demo(str(tmp_path), buf)
+    got = rows(buf.getvalue())
+    assert got["write 1->0 (goes to the overlay)"] == "1 b c z e f g h"
+    assert got["image of snapshot T1 (base unchanged)"] == "a b c d e f g h"
+    assert got["layer serving each region (O overlay, B base)"] == "O B B O B B B B"
+    assert got["reopened: the virtual image"] == "1 b c z e f g h"
+
+
+def test_demo_replication_reads_back_from_the_store(tmp_path: Path, moto_endpoint: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    buf = io.StringIO()
+    demo_replication(moto_endpoint, "demo-bucket", str(tmp_path), buf)
+    got = rows(buf.getvalue())
+    t1 = next(v for k, v in got.items() if k.startswith("image of T1"))
+    t2 = next(v for k, v in got.items() if k.startswith("image of T2"))
+    assert t1 == "a b c d e f g h" and t2 == "1 b c z e f 4 h"
+    assert "11 region objects stored" in buf.getvalue()
+
+
+def test_cli_commands_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    vol = str(tmp_path / "v")
+    assert main(["create", vol, "64K", "--region-size", "4K"]) == 0
+    assert main(["snapshot", vol, "--label", "first"]) == 0
+    assert main(["info", vol]) == 0
+    out = capsys.readouterr().out
+    assert "regions      16" in out and "label=first" in out
+    assert main(["merge-down", vol]) == 0
+    assert main(["info", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("overlaycache: error:") and err.count("\n") == 1
+    assert main(["create", str(tmp_path / "w"), "0"]) == 1
+    assert "size must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["create", vol, "lots"])
+    assert info.value.code == 2
