@@ -256,12 +256,17 @@ class Replicator:
         self._thread = threading.Thread(target=target, name=f"oc-repl-{self.volume_id[:8]}", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop the background thread (it may be inside ``vol.snapshot()``: call without locks)."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        self._thread = None
+
+    def close(self) -> None:
+        self.stop()
         self._pool.shutdown(wait=True)
         with self._cv:
             self._persist_map_locked()

@@ -354,6 +354,8 @@ class Volume:
         """Flush, release every image and file, and drop the lock (idempotent)."""
         if self._stack is None:
             return
+        if self._repl is not None:
+            self._repl.stop()  # before taking the lock: a periodic snapshot may be waiting for it
         with self._wlock:
             try:
                 if not self.readonly:
