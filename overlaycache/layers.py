@@ -326,9 +326,17 @@ class Overlay(Layer):
         """Byte offset of region ``r``'s slot ``slot`` (0 or 1) in the data file."""
         return (r + slot * self.geo.num_regions) * self.geo.region_size
 
+    def hash_dirty(self) -> list[int]:
+        """Compute the checksums of the regions written since the last commit; returns them."""
+        regions = [r for a, b in self.dirty.runs() for r in range(a, b)]
+        for r in regions:
+            off = self.slot_offset(r, int(self.which.test(r)))
+            self.sums[16 * r : 16 * r + 16] = self.data.checksum(off, self.geo.region_length(r))
+        return regions
+
     def commit(self) -> int:
         """Make every region written since the last commit durable; returns how many."""
-        regions = [r for a, b in self.dirty.runs() for r in range(a, b)]
+        regions = self.hash_dirty()
         if not regions:
             return 0
         self.data.sync()

@@ -477,11 +477,22 @@ class Volume:
                 continue
 
     def readinto(self, offset: int, buffer: Any) -> int:
-        """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer, without a copy."""
-        _check_int("offset", offset)
+        """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer, without a copy.
+
+        Raises
+        ------
+        OutOfRangeError, InvalidBufferError, RegionUnavailableError
+            As :meth:`read`; also for a read-only buffer.
+        """
+        if type(offset) is not int:
+            _check_int("offset", offset)
         while True:
+            stack = self._stack
+            if stack is None:
+                raise VolumeClosedError(f"{self.path}: volume is closed")
             try:
-                return int(self._live().readinto(offset, buffer))
+                n: int = stack.readinto(offset, buffer)
+                return n
             except StaleStackError:
                 continue
 
@@ -535,30 +546,27 @@ class Volume:
         rlen = self._geo.region_length(r)
         full = intra == 0 and len(piece) == rlen
         if top.dirty.test(r):
-            # The current slot holds no durable version: patch it in place.
+            # The current slot holds no durable version: patch it in place. Its checksum is
+            # computed once, at commit, however often the region is written until then.
             off = top.slot_offset(r, int(top.which.test(r)))
             top.data.write(off + intra, piece)
-            csum = core.checksum(piece) if full else top.data.checksum(off, rlen)
         else:
             # Shadow write: the durable version (if any) stays untouched in the other slot.
             slot = int(not top.which.test(r)) if top.present.test(r) else 0
             off = top.slot_offset(r, slot)
             if full:
                 top.data.write(off, piece)
-                csum = core.checksum(piece)
             else:
                 region = memoryview(self._scratch)[:rlen]
                 self._stack.readinto_locked(r * self._geo.region_size, region)
                 region[intra : intra + len(piece)] = piece
                 top.data.write(off, region)
-                csum = core.checksum(region)
             if slot:
                 top.which.set(r)
             else:
                 top.which.clear(r)
             top.present.set(r)
             top.dirty.set(r)
-        top.sums[16 * r : 16 * r + 16] = csum
         top.verified.set(r)
 
     def flush(self) -> None:
@@ -748,6 +756,8 @@ class Volume:
         """The checksum of every region's current version, from the layers' tables (no data read)."""
         assert self._base is not None
         with self._wlock:
+            if not self.readonly:
+                self._overlays[-1].hash_dirty()
             newest_first = list(reversed(self._overlays))
             found = core.resolve([ov.present for ov in newest_first], 0, self._geo.num_regions)
             tables = [ov.sums for ov in newest_first] + [self._base.sums]
