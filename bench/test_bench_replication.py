@@ -1,0 +1,208 @@
+"""Replication and remote reads against a real S3 server, side by side with plain boto3.
+
+The server is moto's, run as its own process on a free loopback port (and SeaweedFS too when
+``OC_BENCH_SEAWEEDFS`` names its endpoint, e.g. ``http://127.0.0.1:8333`` from ``localstack/start.sh``).
+Both sides use the same connection-pool size and number of threads:
+
+``replicate_32MiB``
+    ours: ``vol.replicate()`` of 512 changed 64 KiB regions; baseline: a thread pool of
+    ``put_object`` calls of the same bytes to fresh keys.
+``remote_read_32MiB``
+    ours: reading a whole PIT through ``store.image(...)`` (cold cache, checksums verified);
+    baseline: a thread pool of ``get_object`` calls of the same objects.
+``snapshot_16_regions``
+    ours: ``vol.snapshot()`` with 16 regions changed; baseline: 16 parallel PUTs plus one PUT of a
+    manifest-sized object.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from _support import MiB, interleaved, pattern, record
+from overlaycache import Volume
+from overlaycache.store import S3Store
+
+RS = 64 << 10
+SIZE = 32 * MiB
+WORKERS = 16
+ROUNDS = 2  # per pass
+CREDS = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench-secret"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(endpoint: str, timeout: float = 30) -> None:
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **CREDS)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.list_buckets()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _servers() -> list[str]:
+    names = ["moto"]
+    if os.environ.get("OC_BENCH_SEAWEEDFS"):
+        names.append("seaweedfs")
+    return names
+
+
+@pytest.fixture(scope="module", params=_servers())
+def endpoint(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """(name, endpoint_url, credentials) of a running S3 server."""
+    if request.param == "seaweedfs":
+        creds = {"aws_access_key_id": os.environ.get("OC_BENCH_S3_KEY", "overlaycache"),
+                 "aws_secret_access_key": os.environ.get("OC_BENCH_S3_SECRET", "overlaycache-secret")}
+        yield "seaweedfs", os.environ["OC_BENCH_SEAWEEDFS"], creds
+        return
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait(url)
+        yield "moto", url, CREDS
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _client(url: str, creds: dict[str, str]) -> Any:
+    cfg = Config(max_pool_connections=WORKERS, s3={"addressing_style": "path"},
+                 retries={"total_max_attempts": 4, "mode": "standard"},
+                 request_checksum_calculation="when_required", response_checksum_validation="when_required")
+    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", config=cfg, **creds)
+
+
+@pytest.fixture(scope="module")
+def setup(endpoint: tuple[str, str, dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    name, url, creds = endpoint
+    bucket = f"bench-{uuid.uuid4().hex[:10]}"
+    store = S3Store(bucket, prefix="bench", endpoint_url=url, max_pool_connections=WORKERS, **creds)
+    store.create_bucket()
+    vol = Volume.create(tmp_path_factory.mktemp("repl") / "v", SIZE, region_size=RS, secondary=store,
+                        replication="async", workers=WORKERS)
+    vol._repl.stop()  # type: ignore[union-attr]  # ship only when the benchmark says so
+    client = _client(url, creds)
+    state = {"name": name, "store": store, "vol": vol, "client": client, "bucket": bucket, "round": 0}
+    yield state
+    vol.close()
+    store.close()
+
+
+def _dirty_all(state: dict[str, Any]) -> None:
+    state["round"] += 1
+    state["vol"].write(0, pattern(b"round-%d" % state["round"], SIZE))
+
+
+@pytest.mark.parametrize(("pass_", "variant"), interleaved(["overlaycache", "boto3_parallel_put"]))
+def test_replicate(benchmark: Any, setup: dict[str, Any], pass_: int, variant: str) -> None:
+    pair = f"replicate_32MiB_{setup['name']}"
+    n = SIZE // RS
+    if variant == "overlaycache":
+        record(benchmark, pair, "ours", variant, nbytes=SIZE, target=0.9)
+
+        def run() -> None:
+            assert setup["vol"].replicate() == n
+
+        benchmark.pedantic(run, setup=lambda: _dirty_all(setup), rounds=ROUNDS, iterations=1)
+    else:
+        record(benchmark, pair, "baseline", variant, nbytes=SIZE)
+        body = [pattern(b"base-%d" % i, RS) for i in range(n)]
+        client, bucket = setup["client"], setup["bucket"]
+
+        def run() -> None:
+            tag = uuid.uuid4().hex[:8]
+            with ThreadPoolExecutor(WORKERS) as pool:
+                list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"raw/{tag}/{i}", Body=body[i]),
+                              range(n)))
+
+        benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+
+
+@pytest.mark.parametrize(("pass_", "variant"), interleaved(["overlaycache", "boto3_parallel_get"]))
+def test_remote_read(benchmark: Any, setup: dict[str, Any], pass_: int, variant: str) -> None:
+    pair = f"remote_read_32MiB_{setup['name']}"
+    vol, store = setup["vol"], setup["store"]
+    if "snap" not in setup:
+        _dirty_all(setup)
+        setup["snap"] = vol.snapshot()
+        setup["expected"] = vol.read(0, SIZE)
+        setup["keys"] = [k for k in store.list(f"volumes/{vol.id}/regions/")]
+    if variant == "overlaycache":
+        record(benchmark, pair, "ours", variant, nbytes=SIZE, target=0.9)
+        holder: dict[str, Any] = {}
+
+        def prepare() -> None:
+            holder["img"] = store.image(vol.id, setup["snap"], cache_regions=SIZE // RS)
+
+        def run() -> None:
+            assert holder["img"].read(0, SIZE) == setup["expected"]
+
+        benchmark.pedantic(run, setup=prepare, rounds=ROUNDS, iterations=1)
+    else:
+        record(benchmark, pair, "baseline", variant, nbytes=SIZE)
+        client, bucket = setup["client"], setup["bucket"]
+        # The newest version of each region, as the manifest names them.
+        newest: dict[str, str] = {}
+        for key in setup["keys"]:
+            newest[key.rsplit("/", 1)[0]] = key
+        keys = [f"bench/{k}" for k in newest.values()]
+        assert len(keys) == SIZE // RS
+
+        def run() -> None:
+            with ThreadPoolExecutor(WORKERS) as pool:
+                got = list(pool.map(lambda k: client.get_object(Bucket=bucket, Key=k)["Body"].read(), keys))
+            assert sum(len(g) for g in got) == SIZE
+
+        benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+
+
+@pytest.mark.parametrize(("pass_", "variant"), interleaved(["overlaycache", "boto3_puts_and_manifest"]))
+def test_snapshot_latency(benchmark: Any, setup: dict[str, Any], pass_: int, variant: str) -> None:
+    pair = f"snapshot_16_regions_{setup['name']}"
+    vol = setup["vol"]
+    if variant == "overlaycache":
+        record(benchmark, pair, "ours", variant, items=1)
+
+        def prepare() -> None:
+            setup["round"] += 1
+            for i in range(16):
+                vol.write(i * 8 * RS, pattern(b"snap-%d-%d" % (setup["round"], i), RS))
+
+        benchmark.pedantic(vol.snapshot, setup=prepare, rounds=ROUNDS * 2, iterations=1)
+    else:
+        record(benchmark, pair, "baseline", variant, items=1)
+        client, bucket = setup["client"], setup["bucket"]
+        body = [pattern(b"s-%d" % i, RS) for i in range(16)]
+        manifest = bytes(SIZE // RS * 32 // 8)  # roughly the compressed manifest's size
+
+        def run() -> None:
+            tag = uuid.uuid4().hex[:8]
+            with ThreadPoolExecutor(WORKERS) as pool:
+                list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"snap/{tag}/{i}", Body=body[i]),
+                              range(16)))
+            client.put_object(Bucket=bucket, Key=f"snap/{tag}/manifest", Body=manifest)
+
+        benchmark.pedantic(run, rounds=ROUNDS * 2, iterations=1)
