@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-import os
 from types import ModuleType
 
 import pytest
 
-
-def _implementations() -> list[ModuleType]:
-    mods = [importlib.import_module("overlaycache._core_py")]
-    try:
-        mods.insert(0, importlib.import_module("overlaycache._core"))
-    except ImportError:
-        if os.environ.get("OVERLAYCACHE_REQUIRE_EXTENSIONS", "") not in ("", "0"):
-            raise
-    return mods
-
-
-IMPLEMENTATIONS = _implementations()
+from cores import IMPLEMENTATIONS
 
 
 @pytest.fixture(params=IMPLEMENTATIONS, ids=[m.IMPLEMENTATION for m in IMPLEMENTATIONS])

@@ -23,7 +23,7 @@ from overlaycache.errors import (
     StaleStackError,
 )
 
-from conftest import IMPLEMENTATIONS
+from cores import IMPLEMENTATIONS
 
 
 def _model_runs(bits: list[bool], start: int, stop: int, value: bool) -> list[tuple[int, int]]:
