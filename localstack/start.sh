@@ -36,9 +36,12 @@ export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,${NO_PROXY}}" no_proxy="127.0.0
 PY="$(command -v python3)"
 log() { printf '[start] %s\n' "$*" >&2; }
 
-running() { # running NAME: true if NAME's PID file names a live process
-  local pidfile="${RUN}/$1.pid"
-  [[ -f "${pidfile}" ]] && kill -0 "$(cat "${pidfile}")" 2>/dev/null
+running() { # running NAME: true if NAME's PID file names a live process (a zombie is not live)
+  local pidfile="${RUN}/$1.pid" pid
+  [[ -f "${pidfile}" ]] || return 1
+  pid="$(cat "${pidfile}")"
+  kill -0 "${pid}" 2>/dev/null || return 1
+  [[ "$(awk '/^State:/ {print $2}' "/proc/${pid}/status" 2>/dev/null)" != Z ]]
 }
 
 port_busy() { # port_busy PORT: true if something listens on TCP PORT (any address)
