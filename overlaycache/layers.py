@@ -80,7 +80,8 @@ def _check_header(raw: bytes, magic: bytes, path: str, region_size: int, num_reg
     fields = raw[: _HEADER.size]
     got_magic, version, rs, n, sz = _HEADER.unpack(fields)
     if got_magic != magic:
-        raise FormatError(f"{path}: not an overlaycache {magic[2:6].decode().lower()} file", path)
+        kind = {_BASE_MAGIC: "base checksum", _TABLE_MAGIC: "overlay table"}.get(magic, "metadata")
+        raise FormatError(f"{path}: not an overlaycache {kind} file", path)
     if raw[_HEADER.size : _HEADER.size + 16] != core.checksum(fields):
         raise FormatError(f"{path}: header checksum mismatch (file corrupted)", path)
     if version > FORMAT_VERSION:

@@ -620,9 +620,14 @@ class Volume:
             self._live()
             top = self._overlays[-1]
             snap = LocalSnapshot(str(self._meta["next_snapshot"]), label, time.time(), top.id)
+            saved = (list(self._meta["snapshots"]), self._meta["next_snapshot"])
             self._meta["next_snapshot"] += 1
             self._meta["snapshots"].append(snap.to_json())
-            self._push_overlay()
+            try:
+                self._push_overlay()
+            except BaseException:
+                self._meta["snapshots"], self._meta["next_snapshot"] = saved
+                raise
         _log.info("%s: local snapshot %s (%s) at layer %d", self.path, snap.id, label, top.id)
         return snap
 
