@@ -224,7 +224,7 @@ def run_child(path: Path, out: Path, seed: int, start: int, snapshots: bool, del
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(out, "w") as stdout, open(out.with_suffix(".err"), "w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(path), str(seed), str(start), str(int(snapshots))],
+            [sys.executable, "-P", "-c", CHILD, str(path), str(seed), str(start), str(int(snapshots))],
             stdout=stdout, stderr=stderr, env=env,
         )
         try:

@@ -114,7 +114,7 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None,
     """Run ``code`` in a fresh interpreter that imports this checkout of overlaycache."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-P", "-c", code, *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, check=False)
 
 
