@@ -33,6 +33,7 @@ from overlaycache.errors import (
     FormatError,
     InvalidArgumentError,
     ObjectExistsError,
+    RegionUnavailableError,
     SecondaryUnavailableError,
     StoreError,
 )
@@ -364,8 +365,11 @@ class Replicator:
                 self.remote.set(r, seq, csum)
         return len(data)
 
-    def ship(self, regions: list[int] | None = None) -> int:
+    def ship(self, regions: list[int] | None = None, skip_unreadable: set[int] | None = None) -> int:
         """Ship pending regions (the given ones, or all), in parallel; returns how many were shipped.
+
+        With ``skip_unreadable`` (a set), regions that cannot be read locally are added to it and
+        dropped from the pending set instead of failing the call.
 
         Raises
         ------
@@ -379,10 +383,18 @@ class Replicator:
                 break
             futures = [(r, self._pool.submit(self._ship_one, r, seq)) for r, seq in claimed]
             failed: list[int] = []
+            skipped = 0
             error: BaseException | None = None
             for r, fut in futures:
                 try:
                     fut.result()
+                except RegionUnavailableError as exc:
+                    if skip_unreadable is None:
+                        failed.append(r)
+                        error = error or exc
+                    else:
+                        skip_unreadable.add(r)
+                        skipped += 1
                 except BaseException as exc:  # noqa: BLE001 - re-raised below
                     failed.append(r)
                     error = error or exc
@@ -396,8 +408,8 @@ class Replicator:
                 if not self.pending.any() and not self.inflight.any():
                     self._dirty_since = None
                 self._cv.notify_all()
-            total += len(claimed) - len(failed)
-            self.shipped += len(claimed) - len(failed)
+            total += len(claimed) - len(failed) - skipped
+            self.shipped += len(claimed) - len(failed) - skipped
             if error is not None:
                 raise error
             if regions is not None:
@@ -469,7 +481,9 @@ class Replicator:
         assert self.period is not None
         while True:
             with self._cv:
-                self._cv.wait(self.period)
+                deadline = time.monotonic() + self.period
+                while not self._stopping and time.monotonic() < deadline:
+                    self._cv.wait(deadline - time.monotonic())
                 if self._stopping:
                     return
                 if not self._changed_since_publish:

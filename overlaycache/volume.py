@@ -23,6 +23,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from overlaycache._impl import core
@@ -39,7 +40,8 @@ from overlaycache.errors import (
     VolumeClosedError,
     VolumeLockedError,
 )
-from overlaycache.images import VirtualImage
+from overlaycache.failover import CODE_NAMES, CODE_R, UnavailableMap, location_codes
+from overlaycache.images import RemoteImage, VirtualImage
 from overlaycache.layers import BaseLayer, Geometry, Overlay, fsync_dir
 from overlaycache.replication import Lag, Replicator
 from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
@@ -170,8 +172,11 @@ class Volume:
         self._overlays: list[Overlay] = []
         self._stack: Any = None
         self._repl: Replicator | None = None
+        self._remote: RemoteImage | None = None
+        self._unavail_reason: dict[int, str] = {}  # why, for messages (not persisted)
         self._scratch = bytearray(self._geo.region_size)
         try:
+            self._unavail = UnavailableMap(path, self._geo.num_regions)
             self._base = BaseLayer(path, self._geo, not readonly)
             for layer_id in meta["layers"]:
                 self._overlays.append(Overlay(path, layer_id, self._geo, not readonly))
@@ -364,6 +369,8 @@ class Volume:
                     top = self._overlays[-1]
                     top.commit()
                     top.checkpoint()
+                    if self._unavail.dirty:
+                        self._unavail.store()
             finally:
                 if self._repl is not None:
                     self._repl.close()
@@ -471,10 +478,17 @@ class Volume:
         """
         self._check_range(offset, length)
         while True:
+            if self._unavail.any():
+                buf = bytearray(length)
+                self._read_routed(offset, memoryview(buf))
+                return bytes(buf)
             try:
                 return bytes(self._live().read(offset, length))
             except StaleStackError:
                 continue
+            except RegionUnavailableError as exc:
+                if not self._detected(exc):
+                    raise
 
     def readinto(self, offset: int, buffer: Any) -> int:
         """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer, without a copy.
@@ -490,11 +504,21 @@ class Volume:
             stack = self._stack
             if stack is None:
                 raise VolumeClosedError(f"{self.path}: volume is closed")
+            if self._unavail.any():
+                view = _buffer(buffer)
+                if view.readonly:
+                    raise InvalidBufferError("a writable buffer is required")
+                self._check_range(offset, len(view))
+                self._read_routed(offset, view)
+                return len(view)
             try:
                 n: int = stack.readinto(offset, buffer)
                 return n
             except StaleStackError:
                 continue
+            except RegionUnavailableError as exc:
+                if not self._detected(exc):
+                    raise
 
     def write(self, offset: int, data: Any) -> int:
         """Write ``data`` (any bytes-like object) at ``offset``; returns the count.
@@ -545,22 +569,26 @@ class Volume:
         """Write ``piece`` at ``intra`` in region ``r``; the caller holds both locks."""
         rlen = self._geo.region_length(r)
         full = intra == 0 and len(piece) == rlen
-        if top.dirty.test(r):
-            # The current slot holds no durable version: patch it in place. Its checksum is
-            # computed once, at commit, however often the region is written until then.
-            off = top.slot_offset(r, int(top.which.test(r)))
+        remote = bool(self._unavail.bits.test(r)) and self._location(r) == CODE_R
+        in_place = bool(top.dirty.test(r))
+        # A dirty region's current slot holds no durable version: patch it in place (its checksum
+        # is computed once, at commit). Otherwise shadow-write the other slot, so the durable
+        # version (if any) stays untouched until the next commit.
+        slot = int(top.which.test(r)) if in_place else (int(not top.which.test(r)) if top.present.test(r) else 0)
+        off = top.slot_offset(r, slot)
+        if full:
+            top.data.write(off, piece)
+        elif in_place and not remote:
             top.data.write(off + intra, piece)
         else:
-            # Shadow write: the durable version (if any) stays untouched in the other slot.
-            slot = int(not top.which.test(r)) if top.present.test(r) else 0
-            off = top.slot_offset(r, slot)
-            if full:
-                top.data.write(off, piece)
+            region = memoryview(self._scratch)[:rlen]
+            if remote:
+                self._read_region_remote(r, region)  # the rest of the region is not valid locally
             else:
-                region = memoryview(self._scratch)[:rlen]
                 self._stack.readinto_locked(r * self._geo.region_size, region)
-                region[intra : intra + len(piece)] = piece
-                top.data.write(off, region)
+            region[intra : intra + len(piece)] = piece
+            top.data.write(off, region)
+        if not in_place:
             if slot:
                 top.which.set(r)
             else:
@@ -568,6 +596,11 @@ class Volume:
             top.present.set(r)
             top.dirty.set(r)
         top.verified.set(r)
+        if self._unavail.bits.test(r) and self._do is None:
+            # The top overlay now holds a whole, fresh version: the region is readable again.
+            self._unavail.bits.clear(r)
+            self._unavail.dirty = True
+            self._unavail_reason.pop(r, None)
 
     def flush(self) -> None:
         """Make every write so far durable (data first, then the journal that points at it)."""
@@ -579,6 +612,8 @@ class Volume:
             if self._repl is not None:
                 self._repl.before_commit()
             self._overlays[-1].commit()
+            if self._unavail.dirty:
+                self._unavail.store()
 
     # -- local snapshots ---------------------------------------------------------------------------
     def local_snapshots(self) -> list[LocalSnapshot]:
@@ -688,6 +723,10 @@ class Volume:
         self._check_writable()
         with self._wlock:
             self._live()
+            if self._do is not None:
+                raise InvalidArgumentError(
+                    f"{self.path}: the base is not written while a distributed overlay is active "
+                    "(restore or end it first)")
             if len(self._overlays) == 1:
                 self._push_overlay()
             return self._merge_oldest()
@@ -754,8 +793,23 @@ class Volume:
 
     # -- the secondary ------------------------------------------------------------------------------
     def _read_region(self, r: int) -> bytes:
-        """The current bytes of region ``r`` (for shipping)."""
-        return self.read(r * self._geo.region_size, self._geo.region_length(r))
+        """The current local bytes of region ``r``, for shipping: never the remote copy.
+
+        Raises
+        ------
+        RegionUnavailableError
+            The region is not valid locally (its newest local version is lost).
+        """
+        if self._unavail.bits.test(r) and self._location(r) == CODE_R:
+            raise RegionUnavailableError(f"region {r} is not valid locally", (r,), "unavailable")
+        while True:
+            try:
+                return bytes(self._live().read(r * self._geo.region_size, self._geo.region_length(r)))
+            except StaleStackError:
+                continue
+            except RegionUnavailableError as exc:
+                self._mark(exc.regions, exc.reason)
+                raise
 
     def _current_checksums(self) -> bytearray:
         """The checksum of every region's current version, from the layers' tables (no data read)."""
@@ -835,3 +889,242 @@ class Volume:
         repl = self._replicator()
         snap = find_snapshot(self.snapshots(), snapshot, f"{repl.store.location} volume {self.id}")
         return repl.store.image(self.id, snap)
+
+    # -- unavailable regions and the distributed overlay ---------------------------------------------
+    @property
+    def _do(self) -> dict[str, Any] | None:
+        do: dict[str, Any] | None = self._meta.get("distributed_overlay")
+        return do
+
+    @property
+    def unavailable(self) -> frozenset[int]:
+        """Regions whose local data is not valid (failed reads, checksum mismatches, declared lost)."""
+        return self._unavail.regions()
+
+    @property
+    def distributed_overlay(self) -> dict[str, Any] | None:
+        """The active distributed overlay: its first layer, PIT snapshot id and lost regions; or None."""
+        do = self._do
+        return dict(do) if do is not None else None
+
+    def _po_maps(self) -> list[Any]:
+        do = self._do
+        if do is None:
+            return []
+        return [ov.present for ov in reversed(self._overlays) if ov.id >= do["layer"]]
+
+    def _location(self, r: int) -> int:
+        return location_codes(self._po_maps(), self._unavail.bits, r, 1)[0]
+
+    def location_map(self, first: int = 0, count: int | None = None) -> list[str]:
+        """Where each region of ``[first, first + count)`` is read from: "PO", "PB" or "R".
+
+        PO: written since the distributed overlay began; PB: the local layers below it, still
+        valid; R: the remote PIT snapshot. Computed with the core's batch ``resolve`` kernel.
+        """
+        _check_int("first", first)
+        n = self._geo.num_regions - first if count is None else _check_int("count", count)
+        if first < 0 or n < 0 or first + n > self._geo.num_regions:
+            raise OutOfRangeError(f"regions [{first}, {first + n}) out of [0, {self._geo.num_regions})")
+        with self._wlock:
+            self._live()
+            codes = location_codes(self._po_maps(), self._unavail.bits, first, n)
+        names = CODE_NAMES
+        return [names[c] for c in codes]
+
+    def _mark(self, regions: Iterable[int], reason: str = "io") -> list[int]:
+        """Record ``regions`` as unavailable (durably); returns the newly marked ones."""
+        new = []
+        with self._wlock:
+            for r in regions:
+                self._unavail_reason.setdefault(r, reason)
+                if not self._unavail.bits.test(r):
+                    self._unavail.bits.set(r)
+                    new.append(r)
+            if new:
+                self._unavail.store()
+        if new:
+            _log.error("%s: regions %s are unavailable locally", self.path, _ranges(new))
+        return new
+
+    def _detected(self, exc: RegionUnavailableError) -> bool:
+        """A local read failed: mark the regions, and begin the distributed overlay if there is a
+        secondary. Returns whether the read can be retried (served from the secondary)."""
+        if not exc.regions or self.readonly:
+            return False
+        self._mark(exc.regions, exc.reason)
+        if self._repl is None:
+            return False
+        self.begin_distributed_overlay()
+        return True
+
+    def mark_unavailable(self, regions: Iterable[int]) -> None:
+        """Declare regions unreadable (lost device or link); with a secondary, this begins the
+        distributed overlay (Fig. 3F) if it is not active yet.
+
+        Raises
+        ------
+        OutOfRangeError
+            A region number is not in the volume.
+        """
+        self._check_writable()
+        regs = [_check_int("region", r) for r in regions]
+        for r in regs:
+            if not 0 <= r < self._geo.num_regions:
+                raise OutOfRangeError(f"region {r} out of [0, {self._geo.num_regions})")
+        self._mark(regs, "declared")
+        if self._repl is not None and regs:
+            self.begin_distributed_overlay()
+
+    def begin_distributed_overlay(self) -> Snapshot:
+        """Begin the distributed overlay snapshot (Fig. 3F); idempotent while one is active.
+
+        1. Ship every unsynced region that is still readable; unsynced regions that cannot be read
+           are lost (their newest copy is the last replicated one): logged and kept in
+           ``distributed_overlay["lost"]``.
+        2. Publish a PIT snapshot on the secondary.
+        3. Push a fresh overlay: all later writes go to it; the layers below are not written again.
+
+        Returns the PIT snapshot that serves the regions not valid locally (R).
+        """
+        repl = self._replicator()
+        self._check_writable()
+        with self._wlock:
+            do = self._do
+            if do is not None:
+                return Snapshot(do["snapshot_id"], do["snapshot"], do["started_at"], None)
+            self.flush()
+            lost: set[int] = set()
+            repl.ship(skip_unreadable=lost)
+            repl.wait_idle()
+            repl.ship(skip_unreadable=lost)
+            snap = repl.publish(f"distributed-overlay-{int(time.time())}")
+            layer = self._meta["next_layer"]
+            self._meta["distributed_overlay"] = {
+                "layer": layer, "snapshot": snap.seq, "snapshot_id": snap.id,
+                "started_at": snap.created_at, "lost": sorted(lost),
+            }
+            try:
+                self._push_overlay()
+            except BaseException:
+                self._meta["distributed_overlay"] = None
+                raise
+            self._remote = None
+        if lost:
+            _log.error("%s: distributed overlay began; unsynced regions %s could not be read and fall back "
+                       "to their last replicated version", self.path, _ranges(sorted(lost)))
+        _log.warning("%s: distributed overlay began at layer %d over PIT %s; unavailable regions %s are "
+                     "read from %s", self.path, layer, snap.id, _ranges(sorted(self.unavailable)),
+                     repl.store.location)
+        return snap
+
+    def _remote_pit(self) -> RemoteImage:
+        img = self._remote
+        if img is None:
+            do = self._do
+            if do is None:
+                raise RegionUnavailableError("no distributed overlay: nothing to read remotely", (), "unavailable")
+            repl = self._replicator()
+            img = self._remote = repl.store.image(self.id, do["snapshot_id"], cache_regions=1024)
+        return img
+
+    def _read_region_remote(self, r: int, out: memoryview) -> None:
+        if self._do is None:
+            raise RegionUnavailableError(
+                f"{self.path}: region {r} is unavailable locally and there is no distributed overlay "
+                "(attach a secondary)", (r,), "unavailable")
+        self._remote_pit().readinto(r * self._geo.region_size, out)
+
+    def _read_routed(self, offset: int, view: memoryview) -> None:
+        """Read ``len(view)`` bytes at ``offset``, each region from its location (PO, PB or R)."""
+        n = len(view)
+        if n == 0:
+            return
+        rs = self._geo.region_size
+        first, last = offset // rs, (offset + n - 1) // rs
+        codes = location_codes(self._po_maps(), self._unavail.bits, first, last - first + 1)
+        i = 0
+        while i < len(codes):
+            remote = codes[i] == CODE_R
+            j = i + 1
+            while j < len(codes) and (codes[j] == CODE_R) == remote:
+                j += 1
+            a = max(offset, (first + i) * rs)
+            b = min(offset + n, (first + j) * rs)
+            part = view[a - offset : b - offset]
+            if remote:
+                if self._do is None:
+                    regs = range(first + i, first + j)
+                    reason = self._unavail_reason.get(regs[0], "unavailable")
+                    raise RegionUnavailableError(
+                        f"{self.path}: regions {_ranges(regs)} are unavailable locally ({reason}) "
+                        "and there is no distributed overlay (attach a secondary)", regs, reason)
+                self._remote_pit().readinto(a, part)
+            else:
+                while True:
+                    try:
+                        self._live().readinto(a, part)
+                        break
+                    except StaleStackError:
+                        continue
+                    except RegionUnavailableError as exc:
+                        if not self._detected(exc):
+                            raise
+                        self._read_routed(a, part)  # that region is R now
+                        break
+            i = j
+
+    def scrub(self, progress: Callable[[int, int], None] | None = None) -> list[int]:
+        """Verify every local region against its checksum; returns the bad ones, now unavailable.
+
+        Regions already unavailable are skipped. ``progress(done, total)`` is called as it goes.
+        """
+        self._live()
+        with self._wlock:
+            if not self.readonly:
+                self._overlays[-1].hash_dirty()
+        n = self._geo.num_regions
+        bad = []
+        step = max(1, n // 100)
+        layers = None
+        for r in range(n):
+            if self._unavail.bits.test(r):
+                continue
+            with self._wlock:
+                stack = self._live()
+                if layers is None or layers[0] is not stack:
+                    layers = (stack, self._layers_up_to(self._overlays[-1].id))
+                idx, off = stack.locate(r)
+                layer = layers[1][idx]
+                try:
+                    ok = bytes(layer.data.checksum(off, self._geo.region_length(r))) == bytes(
+                        layer.sums[16 * r : 16 * r + 16])
+                except MediaError:
+                    ok = False
+                if ok:
+                    layer.verified.set(r)
+                else:
+                    bad.append(r)
+            if progress is not None and (r % step == 0 or r == n - 1):
+                progress(r + 1, n)
+        if bad and not self.readonly:
+            self._mark(bad, "checksum")
+            if self._repl is not None:
+                self.begin_distributed_overlay()
+        return bad
+
+
+def _ranges(regions: Iterable[int]) -> str:
+    """``0-3,7,9-10`` for a sorted list of regions."""
+    out: list[str] = []
+    start = prev = None
+    for r in regions:
+        if prev is not None and r == prev + 1:
+            prev = r
+            continue
+        if start is not None:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        start = prev = r
+    if start is not None:
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ",".join(out) or "none"

@@ -1,0 +1,187 @@
+"""The distributed overlay snapshot: the worked examples of DESIGN.md §4 (Figs. 3C-3E), detection,
+routing of reads per region (PO, PB, R), and persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overlaycache import Volume
+from overlaycache.errors import InvalidArgumentError, OutOfRangeError, RegionUnavailableError
+
+RS = 4096
+
+
+def chars(vol: Any, n: int = 8) -> str:
+    out = []
+    for r in range(n):
+        data = vol.read(r * RS, RS)
+        assert data == data[:1] * RS, f"region {r} is not uniform"
+        out.append(chr(data[0]))
+    return " ".join(out)
+
+
+def put(vol: Volume, region: int, ch: str) -> None:
+    vol.write(region * RS, ch.encode() * RS)
+
+
+class CountingStore:
+    """A real store that counts PUTs and GETs of region objects."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.location = inner.location
+        self.region_puts: list[str] = []
+        self.region_gets: list[str] = []
+
+    def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
+        if "/regions/" in key:
+            self.region_puts.append(key)
+        self.inner.put(key, data, if_absent=if_absent)
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        if "/regions/" in key:
+            self.region_gets.append(key)
+        return bytes(self.inner.get(key, start, length))
+
+    def image(self, volume_id: str, snapshot: Any, cache_regions: int = 64) -> Any:
+        from overlaycache.store.base import StoreReader
+
+        return StoreReader.image(self, volume_id, snapshot, cache_regions)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def fig3_primary(tmp_path: Path, store: Any, replicate_region_6: bool) -> Volume:
+    """Regions a..h, then the Fig. 2 writes and 4->6; synchronized at T4 (region 6 optional)."""
+    vol = Volume.create(tmp_path / "vol", 8 * RS, region_size=RS, secondary=store, replication="periodic",
+                        period=3600)
+    for r, ch in enumerate("abcdefgh"):
+        put(vol, r, ch)
+    put(vol, 0, "x")
+    put(vol, 3, "z")
+    put(vol, 0, "1")
+    vol.replicate()  # T1..T4: everything so far is on the secondary
+    put(vol, 6, "4")
+    if replicate_region_6:
+        vol.replicate()
+    assert chars(vol) == "1 b c z e f 4 h"
+    return vol
+
+
+@pytest.mark.parametrize("region_6_synced", [True, False], ids=["fig3C", "fig3E"])
+def test_fig3_distributed_overlay(tmp_path: Path, s3_store: Any, region_6_synced: bool) -> None:
+    """Fig. 3C/3D: regions 2, 3, 5 fail at T5; a PIT is made; u->0 and 7->3 go to a fresh overlay.
+    Fig. 3E: region 6 was not replicated yet: the forced replication ships it first."""
+    store = CountingStore(s3_store)
+    vol = fig3_primary(tmp_path, store, region_6_synced)
+    with vol:
+        puts_before = len(store.region_puts)
+        vol.mark_unavailable([2, 3, 5])  # T5: begins the distributed overlay
+        do = vol.distributed_overlay
+        assert do is not None and do["lost"] == []
+        shipped = store.region_puts[puts_before:]
+        if region_6_synced:
+            assert shipped == []
+        else:
+            assert len(shipped) == 1 and "/000000000006/" in shipped[0]
+        assert vol.unavailable == frozenset({2, 3, 5})
+        put(vol, 0, "u")
+        put(vol, 3, "7")
+        assert vol.location_map() == ["PO", "PB", "R", "PO", "PB", "R", "PB", "PB"]
+        gets_before = len(store.region_gets)
+        assert chars(vol) == "u b c 7 e f 4 h"
+        fetched = {k.split("/")[-2] for k in store.region_gets[gets_before:]}
+        assert fetched == {f"{2:012x}", f"{5:012x}"}  # only the R regions come from the secondary
+        with store.image(vol.id, do["snapshot_id"]) as pit:
+            assert chars(pit) == "1 b c z e f 4 h"
+        assert vol.begin_distributed_overlay().id == do["snapshot_id"]  # idempotent
+        assert vol.location_map(2, 2) == ["R", "PO"]
+
+
+def test_distributed_overlay_survives_reopen(tmp_path: Path, s3_store: Any) -> None:
+    vol = fig3_primary(tmp_path, s3_store, True)
+    with vol:
+        vol.mark_unavailable([2, 3, 5])
+        put(vol, 0, "u")
+        put(vol, 3, "7")
+    with Volume.open(tmp_path / "vol", secondary=s3_store) as again:
+        assert again.distributed_overlay is not None
+        assert again.location_map() == ["PO", "PB", "R", "PO", "PB", "R", "PB", "PB"]
+        assert chars(again) == "u b c 7 e f 4 h"
+        with pytest.raises(InvalidArgumentError):
+            again.merge_down()  # the base is not written during the distributed overlay
+
+
+def test_partial_write_to_a_remote_region_fetches_it_first(tmp_path: Path, s3_store: Any) -> None:
+    vol = fig3_primary(tmp_path, s3_store, True)
+    with vol:
+        vol.mark_unavailable([5])
+        vol.write(5 * RS + 10, b"XY")
+        want = b"f" * 10 + b"XY" + b"f" * (RS - 12)
+        assert vol.read(5 * RS, RS) == want
+        assert vol.location_map(5, 1) == ["PO"]
+        snap = vol.snapshot()  # replication continues from the overlay
+        assert s3_store.image(vol.id, snap).read(5 * RS, RS) == want
+
+
+def test_corruption_found_by_a_read_begins_the_distributed_overlay(tmp_path: Path, s3_store: Any) -> None:
+    vol = fig3_primary(tmp_path, s3_store, True)
+    assert vol.merge_down() == 8  # everything into the base file
+    vol.close()
+    with open(tmp_path / "vol" / "base.data", "r+b") as f:  # region 2 ('c') lives in the base
+        f.seek(2 * RS + 100)
+        f.write(b"!")
+    with Volume.open(tmp_path / "vol", secondary=s3_store) as vol:
+        assert chars(vol) == "1 b c z e f 4 h"  # region 2 served from the secondary
+        assert vol.unavailable == frozenset({2}) and vol.distributed_overlay is not None
+        assert vol.location_map() == ["PB", "PB", "R", "PB", "PB", "PB", "PB", "PB"]
+
+
+def test_truncated_base_under_a_live_volume(tmp_path: Path, s3_store: Any) -> None:
+    vol = fig3_primary(tmp_path, s3_store, True)
+    with vol:
+        vol.merge_down()  # everything into the base file
+        vol.replicate()
+        import os
+
+        os.truncate(tmp_path / "vol" / "base.data", 4 * RS)  # regions 4..7 vanish
+        assert vol.read(0, 4 * RS) == b"1" * RS + b"b" * RS + b"c" * RS + b"z" * RS  # still local
+        assert vol.unavailable == frozenset()
+        progress: list[tuple[int, int]] = []
+        assert vol.scrub(lambda done, total: progress.append((done, total))) == [4, 5, 6, 7]
+        assert progress[-1] == (8, 8)
+        assert vol.unavailable == frozenset(range(4, 8)) and vol.distributed_overlay is not None
+        assert vol.location_map() == ["PB"] * 4 + ["R"] * 4
+        assert chars(vol) == "1 b c z e f 4 h"
+        assert vol.scrub() == []  # unavailable regions are not scrubbed again
+
+
+def test_unsynced_unreadable_regions_are_reported_lost(tmp_path: Path, s3_store: Any, caplog: Any) -> None:
+    vol = fig3_primary(tmp_path, s3_store, False)  # region 6 ('4') not replicated
+    with vol:
+        vol.mark_unavailable([6])
+        do = vol.distributed_overlay
+        assert do is not None and do["lost"] == [6]
+        assert any("could not be read" in r.getMessage() for r in caplog.records)
+        assert chars(vol) == "1 b c z e f g h"  # the last replicated version of region 6
+
+
+def test_without_a_secondary_unavailable_regions_raise(tmp_path: Path) -> None:
+    with Volume.create(tmp_path / "v", 4 * RS, region_size=RS) as vol:
+        put(vol, 1, "q")
+        vol.mark_unavailable([1])
+        with pytest.raises(RegionUnavailableError) as info:
+            vol.read(0, 4 * RS)
+        assert info.value.regions == (1,)
+        assert vol.read(0, RS) == bytes(RS)  # other regions keep working
+        with pytest.raises(RegionUnavailableError):
+            vol.write(RS + 1, b"partial")
+        put(vol, 1, "w")  # a whole new version makes it readable again
+        assert vol.read(RS, 2) == b"ww" and vol.unavailable == frozenset()
+        with pytest.raises(OutOfRangeError):
+            vol.mark_unavailable([4])
+        assert vol.location_map() == ["PB"] * 4
