@@ -41,7 +41,7 @@ from overlaycache.errors import (
     VolumeLockedError,
 )
 from overlaycache.failover import CODE_NAMES, CODE_R, UnavailableMap, location_codes
-from overlaycache.images import RemoteImage, VirtualImage
+from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
 from overlaycache.layers import BaseLayer, Geometry, Overlay, fsync_dir
 from overlaycache.replication import Lag, Replicator
 from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
@@ -137,6 +137,22 @@ def _buffer(data: Any) -> memoryview:
     if not view.c_contiguous:
         raise InvalidBufferError("buffer must be C-contiguous")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _ranges(regions: Iterable[int]) -> str:
+    """``0-3,7,9-10`` for a sorted list of regions."""
+    out: list[str] = []
+    start = prev = None
+    for r in regions:
+        if prev is not None and r == prev + 1:
+            prev = r
+            continue
+        if start is not None:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        start = prev = r
+    if start is not None:
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ",".join(out) or "none"
 
 
 class Volume:
@@ -692,8 +708,18 @@ class Volume:
         finally:
             self._rw.release_write()
 
-    def image(self, snapshot: LocalSnapshot | str) -> VirtualImage:
-        """A read-only virtual image of a local snapshot (by object, id or unique label)."""
+    def image(self, snapshot: LocalSnapshot | Snapshot | str) -> Any:
+        """A read-only virtual image of a snapshot: local (a :class:`VirtualImage`) or a PIT on the
+        secondary (a :class:`RecoveryImage`, reading still-valid identical regions locally).
+
+        ``snapshot`` is a snapshot object, its id or its unique label; local snapshots are looked up
+        first.
+        """
+        if isinstance(snapshot, Snapshot) or (
+            isinstance(snapshot, str) and self._repl is not None
+            and not any(snapshot in (s.id, s.label) for s in self.local_snapshots())
+        ):
+            return RecoveryImage(self, self.remote_image(snapshot))
         snap = self._find_snapshot(snapshot)
         with self._wlock:
             self._live()
@@ -1114,17 +1140,90 @@ class Volume:
         return bad
 
 
-def _ranges(regions: Iterable[int]) -> str:
-    """``0-3,7,9-10`` for a sorted list of regions."""
-    out: list[str] = []
-    start = prev = None
-    for r in regions:
-        if prev is not None and r == prev + 1:
-            prev = r
-            continue
-        if start is not None:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-        start = prev = r
-    if start is not None:
-        out.append(f"{start}" if start == prev else f"{start}-{prev}")
-    return ",".join(out) or "none"
+    # -- recovery ------------------------------------------------------------------------------------
+    def _local_checksum_locked(self, r: int) -> bytes | None:
+        """The checksum of region ``r``'s current local version, or None when it is not known valid
+        (unavailable, not yet committed). The caller holds ``_wlock``."""
+        if self._unavail.bits.test(r) and self._location(r) == CODE_R:
+            return None
+        stack = self._live()
+        idx, _off = stack.locate(r)
+        layer = self._layers_up_to(self._overlays[-1].id)[idx]
+        if isinstance(layer, Overlay) and layer.dirty.test(r):
+            return None
+        return bytes(layer.sums[16 * r : 16 * r + 16])
+
+    def _read_if_identical(self, r: int, csum: bytes, offset: int, out: memoryview) -> bool:
+        """Read ``out`` at ``offset`` (inside region ``r``) locally if the region's current version
+        has checksum ``csum``; returns False, reading nothing, otherwise."""
+        with self._wlock:
+            if self._local_checksum_locked(r) != csum:
+                return False
+            try:
+                while True:
+                    try:
+                        self._live().readinto(offset, out)
+                        return True
+                    except StaleStackError:
+                        continue
+            except RegionUnavailableError as exc:
+                self._mark(exc.regions, exc.reason)
+                return False
+
+    def diff(self, a: Any, b: Any = None) -> list[int]:
+        """Regions whose contents differ between two PIT snapshots (or images), or between one and
+        the volume as it is now (``b=None``); from manifests and checksums, no data read."""
+
+        def sums(x: Any) -> Callable[[int], bytes | None]:
+            if x is None:
+                def current(r: int) -> bytes | None:
+                    with self._wlock:
+                        return self._local_checksum_locked(r)
+                return current
+            img = x if hasattr(x, "region_checksum") else self.remote_image(x)
+            return img.region_checksum  # type: ignore[no-any-return]
+
+        sa, sb = sums(a), sums(b)
+        if b is None:
+            with self._wlock:
+                self._overlays[-1].hash_dirty()
+                out = []
+                for r in range(self._geo.num_regions):
+                    got = sa(r)
+                    if self._overlays[-1].dirty.test(r):
+                        cur: bytes | None = bytes(self._overlays[-1].sums[16 * r : 16 * r + 16])
+                    else:
+                        cur = self._local_checksum_locked(r)
+                    if got != cur:
+                        out.append(r)
+                return out
+        return [r for r in range(self._geo.num_regions) if sa(r) != sb(r)]
+
+    def restore(self, image: Any, progress: Callable[[int, int], None] | None = None) -> list[int]:
+        """Make the volume equal to ``image`` (a PIT snapshot or recovery image), writing only the
+        regions that differ, and end the distributed overlay; returns the regions rewritten.
+
+        Reads and writes keep working meanwhile; a write that lands during the restore is kept
+        only if it comes after the restored region (the restore writes through the normal path).
+        """
+        self._check_writable()
+        img = image if isinstance(image, RecoveryImage) else self.image(image)
+        todo = self.diff(img)
+        rs = self._geo.region_size
+        for k, r in enumerate(todo):
+            data = img.remote.read(r * rs, self._geo.region_length(r))
+            self.write(r * rs, data)
+            if progress is not None:
+                progress(k + 1, len(todo))
+        with self._wlock:
+            self.flush()
+            self._unavail.bits.clear_range(0, self._geo.num_regions)
+            self._unavail_reason.clear()
+            self._unavail.store()
+            if self._do is not None:
+                self._meta["distributed_overlay"] = None
+                self._store_meta()
+                self._remote = None
+        _log.warning("%s: restored to PIT %s (%d regions rewritten); distributed overlay ended",
+                     self.path, img.snapshot.id, len(todo))
+        return todo

@@ -185,3 +185,54 @@ def test_without_a_secondary_unavailable_regions_raise(tmp_path: Path) -> None:
         with pytest.raises(OutOfRangeError):
             vol.mark_unavailable([4])
         assert vol.location_map() == ["PB"] * 4
+
+
+def test_fig3b_restore_reads_only_the_bad_regions_remotely(tmp_path: Path, s3_store: Any) -> None:
+    """Fig. 3B: writes after T1 (F->2, y->3, G->5) are found corrupt; restoring T1 reads 2, 3, 5
+    from the secondary and the rest from the primary: 1 b c z e f g h."""
+    store = CountingStore(s3_store)
+    with Volume.create(tmp_path / "vol", 8 * RS, region_size=RS, secondary=store, replication="async") as vol:
+        for r, ch in enumerate("abcdefgh"):
+            put(vol, r, ch)
+        put(vol, 0, "x")
+        put(vol, 3, "z")
+        put(vol, 0, "1")
+        t1 = vol.snapshot("T1")
+        put(vol, 2, "F")
+        put(vol, 3, "y")
+        put(vol, 5, "G")
+        vol.flush()
+        assert chars(vol) == "1 b F y e G g h"
+        assert vol.diff(t1) == [2, 3, 5]
+        gets = len(store.region_gets)
+        with vol.image("T1") as img:  # a recovery image beside the live volume
+            assert chars(img) == "1 b c z e f g h"
+            assert img.local_reads == 5
+        assert len(store.region_gets) - gets == 3
+        gets = len(store.region_gets)
+        assert vol.restore(t1) == [2, 3, 5]
+        assert len(store.region_gets) - gets == 3
+        assert chars(vol) == "1 b c z e f g h"
+        assert vol.diff(t1) == []
+
+
+def test_two_recovery_images_side_by_side_then_restore(tmp_path: Path, s3_store: Any) -> None:
+    vol = fig3_primary(tmp_path, s3_store, True)
+    with vol:
+        t4 = vol.snapshot("T4")  # 1 b c z e f 4 h
+        vol.mark_unavailable([2, 3, 5])
+        put(vol, 0, "u")
+        put(vol, 3, "7")
+        t6 = vol.snapshot("T6")  # u b c 7 e f 4 h
+        put(vol, 1, "!")
+        with vol.image(t4) as a, vol.image("T6") as b:
+            assert chars(a) == "1 b c z e f 4 h" and chars(b) == "u b c 7 e f 4 h"
+        assert vol.diff(t4, t6) == [0, 3]
+        assert vol.restore("T4") == [0, 1, 2, 3, 5]  # unavailable regions are always rewritten
+        assert vol.distributed_overlay is None and vol.unavailable == frozenset()
+        assert chars(vol) == "1 b c z e f 4 h"
+        assert vol.location_map() == ["PB"] * 8
+        assert vol.merge_down() > 0  # the base may be written again
+        assert chars(vol) == "1 b c z e f 4 h"
+    with Volume.open(tmp_path / "vol", secondary=s3_store) as again:
+        assert chars(again) == "1 b c z e f 4 h" and again.distributed_overlay is None
