@@ -11,16 +11,22 @@ from overlaycache.errors import (
     InvalidArgumentError,
     InvalidBufferError,
     MediaError,
+    ObjectExistsError,
+    ObjectNotFoundError,
     OutOfRangeError,
     OverlayCacheError,
     RegionUnavailableError,
     SecondaryUnavailableError,
     SnapshotNotFoundError,
+    StoreAccessError,
+    StoreError,
     VolumeClosedError,
     VolumeLockedError,
 )
-from overlaycache.images import VirtualImage
-from overlaycache.snapshots import LocalSnapshot
+from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
+from overlaycache.replication import Lag
+from overlaycache.snapshots import LocalSnapshot, Snapshot
+from overlaycache.store import LocalStore, ObjectStore, S3Store
 from overlaycache.volume import Volume
 
 __version__ = "0.1.0"
@@ -32,13 +38,24 @@ __all__ = [
     "FormatError",
     "InvalidArgumentError",
     "InvalidBufferError",
+    "Lag",
     "LocalSnapshot",
+    "LocalStore",
     "MediaError",
+    "ObjectExistsError",
+    "ObjectNotFoundError",
+    "ObjectStore",
     "OutOfRangeError",
     "OverlayCacheError",
+    "RecoveryImage",
     "RegionUnavailableError",
+    "RemoteImage",
+    "S3Store",
     "SecondaryUnavailableError",
+    "Snapshot",
     "SnapshotNotFoundError",
+    "StoreAccessError",
+    "StoreError",
     "VirtualImage",
     "Volume",
     "VolumeClosedError",

@@ -90,7 +90,8 @@ def _start_moto() -> tuple[Any, str]:
 
 
 def demo_replication(endpoint: str | None = None, bucket: str = "overlaycache-demo",
-                     directory: str | None = None, out: TextIO | None = None) -> None:
+                     directory: str | None = None, out: TextIO | None = None, key_id: str | None = None,
+                     secret: str | None = None) -> None:
     """Replicate a volume over real HTTP to an S3 server and read its PITs back from the store alone."""
     from overlaycache.store import S3Store
 
@@ -101,8 +102,7 @@ def demo_replication(endpoint: str | None = None, bucket: str = "overlaycache-de
     if endpoint is None:
         server, endpoint = _start_moto()
         key_id, secret = "demo", "demo-secret"
-    else:
-        key_id, secret = None, None  # the standard credential chain (environment, profile, ...)
+    # Otherwise the given keys, or the standard credential chain (environment, profile, ...).
     if directory is None:
         tmp = directory = tempfile.mkdtemp(prefix="overlaycache-demo-")
     path = os.path.join(directory, "replicated")
@@ -148,6 +148,66 @@ def demo_replication(endpoint: str | None = None, bucket: str = "overlaycache-de
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def demo_failover(endpoint: str, key_id: str | None, secret: str | None, bucket: str = "overlaycache-demo",
+                  directory: str | None = None, out: TextIO | None = None) -> None:
+    """The seed's story: replication, failed regions, the distributed overlay, recovery images, restore."""
+    from overlaycache.store import S3Store
+
+    stream = out if out is not None else sys.stdout
+    rs = 4096
+    tmp = None
+    if directory is None:
+        tmp = directory = tempfile.mkdtemp(prefix="overlaycache-demo-")
+    path = os.path.join(directory, "failover")
+
+    def show(step: str, values: Sequence[str]) -> None:
+        print(f"  {step:<47}" + " ".join(f"{v:>2}" for v in values), file=stream)
+
+    def say(text: str) -> None:
+        print(f"  {text}", file=stream)
+
+    try:
+        store = S3Store(bucket, prefix="demo-failover", endpoint_url=endpoint, aws_access_key_id=key_id,
+                        aws_secret_access_key=secret)
+        store.create_bucket()
+        print("\nDistributed overlay snapshot (Figs. 3C-3F) and recovery (Fig. 3B)", file=stream)
+        with Volume.create(path, 8 * rs, region_size=rs, secondary=store, replication="periodic",
+                           period=3600) as vol:
+            show("region", [str(r) for r in range(8)])
+            for r, ch in [*enumerate("abcdefgh"), (0, "x"), (3, "z"), (0, "1")]:
+                vol.write(r * rs, ch.encode() * rs)
+            vol.replicate()
+            show("T4: written and replicated (lag 0)", _chars(vol, 8))
+            vol.write(6 * rs, b"4" * rs)
+            show(f"write 4->6, not replicated yet (lag {vol.replication_lag.regions})", _chars(vol, 8))
+            vol.mark_unavailable([2, 3, 5])
+            do = vol.distributed_overlay or {}
+            say(f"T5: regions 2, 3, 5 fail: forced replication of region 6, PIT {do.get('snapshot_id')},")
+            say("    a fresh overlay takes every new write (the base is no longer written)")
+            show("location map", vol.location_map())
+            show("virtual image (2, 3, 5 from the secondary)", _chars(vol, 8))
+            vol.write(0, b"u" * rs)
+            vol.write(3 * rs, b"7" * rs)
+            show("write u->0, 7->3", _chars(vol, 8))
+            show("location map (Fig. 3D)", vol.location_map())
+            t6 = vol.snapshot("T6")
+            show(f"T6: PIT published (seq {t6.seq})", _chars(vol, 8))
+            t5 = do.get("snapshot_id", "")
+            with vol.image(t5) as a, vol.image("T6") as b:
+                show("recovery image of T5, beside the volume", _chars(a, 8))
+                show("recovery image of T6, at the same time", _chars(b, 8))
+                say(f"    T5 image: {a.local_reads} region reads served locally (identical checksums), "
+                    "the rest from the secondary")
+            say(f"diff T5..T6: regions {vol.diff(t5, t6)}")
+            rewritten = vol.restore(t5)
+            show(f"restore T5: rewrote regions {','.join(map(str, rewritten))}", _chars(vol, 8))
+            show("location map: distributed overlay ended", vol.location_map())
+        store.close()
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="overlaycache", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
@@ -173,11 +233,22 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``overlaycache`` console script."""
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    quiet = logging.CRITICAL if args.command == "demo" else logging.WARNING  # the demo narrates itself
+    logging.basicConfig(level=logging.INFO if args.verbose else quiet, format="%(message)s")
     try:
         if args.command == "demo":
             demo(args.dir)
-            demo_replication(args.endpoint, args.bucket, args.dir)
+            server = None
+            endpoint, key_id, secret = args.endpoint, None, None
+            if endpoint is None:
+                server, endpoint = _start_moto()
+                key_id, secret = "demo", "demo-secret"
+            try:
+                demo_replication(endpoint, args.bucket, args.dir, key_id=key_id, secret=secret)
+                demo_failover(endpoint, key_id, secret, args.bucket, args.dir)
+            finally:
+                if server is not None:
+                    server.stop()
         elif args.command == "create":
             with Volume.create(args.path, args.size, region_size=args.region_size) as vol:
                 print(f"created {vol.path}: {vol.size} bytes, {vol.num_regions} regions of {vol.region_size}")

@@ -57,3 +57,17 @@ def test_cli_commands_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit) as info:
         main(["create", vol, "lots"])
     assert info.value.code == 2
+
+
+def test_demo_failover_tells_the_story(tmp_path: Path, moto_endpoint: str) -> None:
+    from overlaycache.cli import demo_failover
+
+    buf = io.StringIO()
+    demo_failover(moto_endpoint, "testing", "testing-secret", "demo-failover", str(tmp_path), buf)
+    got = rows(buf.getvalue())
+    assert got["location map (Fig. 3D)"] == "PO PB R PO PB R PB PB"
+    assert got["write u->0, 7->3"] == "u b c 7 e f 4 h"
+    assert got["recovery image of T5, beside the volume"] == "1 b c z e f 4 h"
+    assert got["recovery image of T6, at the same time"] == "u b c 7 e f 4 h"
+    assert got["restore T5: rewrote regions 0,2,3,5"] == "1 b c z e f 4 h"
+    assert got["location map: distributed overlay ended"] == "PB PB PB PB PB PB PB PB"
