@@ -24,6 +24,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -365,11 +366,14 @@ class Replicator:
                 self.remote.set(r, seq, csum)
         return len(data)
 
-    def ship(self, regions: list[int] | None = None, skip_unreadable: set[int] | None = None) -> int:
+    def ship(self, regions: list[int] | None = None, skip_unreadable: set[int] | None = None,
+             progress: Callable[[int, int], None] | None = None) -> int:
         """Ship pending regions (the given ones, or all), in parallel; returns how many were shipped.
 
         With ``skip_unreadable`` (a set), regions that cannot be read locally are added to it and
-        dropped from the pending set instead of failing the call.
+        dropped from the pending set instead of failing the call. ``progress(done, total)`` is
+        called after each batch (``total`` counts what was pending at the start, and grows if
+        writes add more).
 
         Raises
         ------
@@ -377,6 +381,8 @@ class Replicator:
             The store cannot be reached; the regions stay pending.
         """
         total = 0
+        with self._cv:
+            expected = self.pending.count() if regions is None else len(regions)
         while True:
             claimed = self._claim(regions, _BATCH)
             if not claimed:
@@ -410,6 +416,8 @@ class Replicator:
                 self._cv.notify_all()
             total += len(claimed) - len(failed) - skipped
             self.shipped += len(claimed) - len(failed) - skipped
+            if progress is not None:
+                progress(total, max(expected, total))
             if error is not None:
                 raise error
             if regions is not None:

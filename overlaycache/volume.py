@@ -872,8 +872,11 @@ class Volume:
         """Regions and bytes not yet on the secondary, and the age of the oldest such change."""
         return self._replicator().lag()
 
-    def replicate(self) -> int:
+    def replicate(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Ship every unsynced region now; returns how many this call shipped.
+
+        ``progress(done, total)`` is called after each batch: use it to follow the initial full
+        sync after a secondary is attached to a volume with data.
 
         Raises
         ------
@@ -881,9 +884,9 @@ class Volume:
             The store cannot be reached; nothing is lost, the regions stay pending.
         """
         repl = self._replicator()
-        shipped = repl.ship()
+        shipped = repl.ship(progress=progress)
         repl.wait_idle()
-        return shipped + repl.ship()
+        return shipped + repl.ship(progress=progress)
 
     def snapshot(self, label: str | None = None) -> Snapshot:
         """Publish a PIT snapshot on the secondary and return it.

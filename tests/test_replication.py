@@ -324,3 +324,15 @@ def test_kill_during_async_shipping(tmp_path: Path, s3_store: Any, moto_endpoint
         assert s3_store.image(vid, snap).read(0, vol.size) == vol.read(0, vol.size)
     for sid, data in before.items():
         assert s3_store.image(vid, sid).read(0, 16 * RS) == data
+
+
+def test_initial_sync_reports_progress(tmp_path: Path, s3_store: Any) -> None:
+    with Volume.create(tmp_path / "v", 600 * RS, region_size=RS) as vol:
+        vol.write(0, b"x" * (300 * RS))
+    # Periodic mode with a long period: nothing ships in the background, so this call does it all.
+    with Volume.open(tmp_path / "v", secondary=s3_store, replication="periodic", period=3600) as vol:
+        assert vol.replication_lag.regions == 300
+        steps: list[tuple[int, int]] = []
+        assert vol.replicate(lambda done, total: steps.append((done, total))) == 300
+        assert len(steps) >= 2 and steps[-1] == (300, 300)
+        assert [d for d, _ in steps] == sorted(d for d, _ in steps)
