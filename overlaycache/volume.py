@@ -54,6 +54,8 @@ META_VERSION = 1
 MIN_REGION_SIZE = 4 << 10
 MAX_REGION_SIZE = 64 << 20
 MAX_OVERLAYS = 250
+VERIFY_POLICIES = ("always", "sampled", "scrub-only")
+_SAMPLE = 16  # "sampled" verification: one region in this many
 
 
 def _check_int(name: str, value: Any) -> int:
@@ -174,7 +176,8 @@ class Volume:
 
     def __init__(self, path: str, meta: dict[str, Any], readonly: bool, lock_fd: int,
                  secondary: Any = None, replication: str | None = None, period: float | None = None,
-                 sync_policy: str = "degrade", max_lag_regions: int | None = None, workers: int = 16) -> None:
+                 sync_policy: str = "degrade", max_lag_regions: int | None = None, workers: int = 16,
+                 verify: str = "always") -> None:
         self.path = path
         self.readonly = readonly
         self._lock_fd = lock_fd
@@ -196,6 +199,7 @@ class Volume:
             self._base = BaseLayer(path, self._geo, not readonly)
             for layer_id in meta["layers"]:
                 self._overlays.append(Overlay(path, layer_id, self._geo, not readonly))
+            self._apply_verify_policy(verify)
             self._stack = self._build_stack(self._overlays[-1].id)
             if meta.get("merging") is not None and not readonly:
                 _log.info("%s: finishing an interrupted merge of overlay %s", path, meta["merging"])
@@ -239,11 +243,25 @@ class Volume:
         self._store_meta()
         self._repl.start()
 
+    def _apply_verify_policy(self, verify: str) -> None:
+        if verify not in VERIFY_POLICIES:
+            raise InvalidArgumentError(f"verify must be one of {VERIFY_POLICIES}, got {verify!r}")
+        self.verify = verify
+        if verify == "always":
+            return
+        n = self._geo.num_regions
+        assert self._base is not None
+        for layer in [self._base, *self._overlays]:
+            layer.verified.set_range(0, n)
+            if verify == "sampled":
+                for r in range(0, n, _SAMPLE):
+                    layer.verified.clear(r)
+
     # -- lifecycle --------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int, region_size: int = 65536, secondary: Any = None,
                replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
-               max_lag_regions: int | None = None, workers: int = 16) -> Volume:
+               max_lag_regions: int | None = None, workers: int = 16, verify: str = "always") -> Volume:
         """Create a volume of ``size`` zero bytes in the directory ``path`` and open it.
 
         Parameters
@@ -272,6 +290,10 @@ class Volume:
             Async back-pressure: writes wait while more regions than this are behind.
         workers : int
             Parallel transfers to the secondary.
+        verify : {"always", "sampled", "scrub-only"}
+            Checksum verification of local reads: "always" (default) verifies every region the
+            first time it is read after open (then remembers it, as ZFS's ARC does); "sampled"
+            does so for one region in 16; "scrub-only" leaves it to :meth:`scrub`.
 
         Raises
         ------
@@ -304,12 +326,13 @@ class Volume:
         }
         _write_meta(path, meta)
         return cls.open(path, secondary=secondary, replication=replication, period=period,
-                        sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers)
+                        sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers,
+                        verify=verify)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], readonly: bool = False, secondary: Any = None,
              replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
-             max_lag_regions: int | None = None, workers: int = 16) -> Volume:
+             max_lag_regions: int | None = None, workers: int = 16, verify: str = "always") -> Volume:
         """Open an existing volume; the replication arguments are those of :meth:`create`.
 
         Without ``replication``, a volume opened with its secondary resumes the mode it had. A
@@ -342,7 +365,7 @@ class Volume:
             if not readonly:
                 cls._remove_orphans(path, meta)
             return cls(path, meta, readonly, lock_fd, secondary, replication, period, sync_policy,
-                       max_lag_regions, workers)
+                       max_lag_regions, workers, verify)
         except BaseException:
             os.close(lock_fd)
             raise

@@ -550,3 +550,28 @@ def test_closed_images_and_volume_refuse_reads(vol_path: Path) -> None:
             call()
     with Volume.open(vol_path) as again:
         assert_regions(again, ALL_V1)
+
+
+@pytest.mark.parametrize("policy", ["always", "sampled", "scrub-only"])
+def test_verification_policy(tmp_path: Path, policy: str) -> None:
+    """always: every first read is checked; sampled: one region in 16; scrub-only: only scrub()."""
+    path = tmp_path / "v"
+    with Volume.create(path, 32 * RS, region_size=RS) as vol:
+        vol.write(0, b"v" * (32 * RS))
+        vol.merge_down()
+    with open(path / "base.data", "r+b") as f:
+        for r in (0, 1):  # region 0 is in the sample, region 1 is not
+            f.seek(r * RS + 7)
+            f.write(b"!")
+    with Volume.open(path, verify=policy) as vol:
+        caught = []
+        for r in (0, 1):
+            try:
+                vol.read(r * RS, 8)
+            except RegionUnavailableError as exc:
+                caught.extend(exc.regions)
+        assert caught == {"always": [0, 1], "sampled": [0], "scrub-only": []}[policy]
+        assert vol.scrub() == sorted({0, 1} - set(caught))
+        assert vol.unavailable == frozenset({0, 1})
+    with pytest.raises(InvalidArgumentError):
+        Volume.open(path, verify="sometimes")
