@@ -111,8 +111,10 @@ class RemoteImage:
         Geometry of the volume.
     """
 
-    def __init__(self, store: Any, manifest: Manifest, cache_regions: int = 64, workers: int = 16) -> None:
+    def __init__(self, store: Any, manifest: Manifest, cache_regions: int = 64, workers: int = 16,
+                 region_cache: Any = None) -> None:
         self._store = store
+        self.region_cache = region_cache  # a RegionCache shared across images and restarts, or None
         self._manifest = manifest
         self.snapshot = manifest.snapshot
         self.volume_id = manifest.volume_id
@@ -142,16 +144,32 @@ class RemoteImage:
         if seq == 0 or csum == zero:
             # Never replicated, or all zeros: such versions are recorded but not stored.
             return bytes(rlen)
-        else:
-            key = region_key(self.volume_id, r, seq)
-            data: bytes = self._store.get(key)
-            with self._lock:
-                self.gets += 1
+        cache = self.region_cache
+        if cache is not None:
+            hit = cache.get(r, seq, csum, rlen)
+            if hit is not None:
+                return bytes(hit)
+        key = region_key(self.volume_id, r, seq)
+        data: bytes = self._store.get(key)
+        with self._lock:
+            self.gets += 1
         if len(data) != rlen or bytes(core.checksum(data)) != csum:
             raise CorruptionError(
                 f"{getattr(self._store, 'location', self._store)}: region {r} version {seq:016x} "
                 "does not match the manifest's checksum (tampered or truncated object)")
+        if cache is not None:
+            cache.put(r, seq, csum, data)
         return data
+
+    def cached(self, r: int) -> bool:
+        """Whether region ``r`` can be served without the secondary."""
+        seq, csum = self._manifest.entry(r)
+        if seq == 0 or csum == self._zero_sums.get(self._region_len(r)):
+            return True
+        with self._lock:
+            if r in self._cache:
+                return True
+        return self.region_cache is not None and (r, seq) in self.region_cache._slots
 
     def regions(self, first: int, count: int) -> list[bytes]:
         """The bytes of regions ``[first, first + count)``, fetched in parallel where needed."""

@@ -208,6 +208,7 @@ class Replicator:
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="oc-ship")
         self._stopping = False
         self.degraded = False
+        self.last_manifest = b""
         self.shipped = 0
         self._changed_since_publish = True
         self._thread: threading.Thread | None = None
@@ -516,5 +517,6 @@ class Replicator:
         snap = Snapshot(snapshot_id(seq), seq, time.time(), label)
         raw = encode_manifest(self.volume_id, snap, self.vol.size, self.vol.region_size, records)
         self.store.put(manifest_key(self.volume_id, seq), raw, if_absent=True)
+        self.last_manifest = raw
         _log.info("%s: snapshot %s (%s) published to %s", self.vol.path, snap.id, label, self.store.location)
         return snap

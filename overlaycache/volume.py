@@ -37,14 +37,16 @@ from overlaycache.errors import (
     RegionUnavailableError,
     SnapshotNotFoundError,
     StaleStackError,
+    StoreError,
     VolumeClosedError,
     VolumeLockedError,
 )
+from overlaycache.cache import RegionCache
 from overlaycache.failover import CODE_NAMES, CODE_R, UnavailableMap, location_codes
 from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
 from overlaycache.layers import BaseLayer, Geometry, Overlay, fsync_dir
 from overlaycache.replication import Lag, Replicator
-from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
+from overlaycache.snapshots import LocalSnapshot, Snapshot, decode_manifest, find_snapshot, manifest_key
 
 _log = logging.getLogger(__name__)
 
@@ -56,6 +58,17 @@ MAX_REGION_SIZE = 64 << 20
 MAX_OVERLAYS = 250
 VERIFY_POLICIES = ("always", "sampled", "scrub-only")
 _SAMPLE = 16  # "sampled" verification: one region in this many
+DO_MANIFEST = "distributed-overlay.manifest"
+
+
+def _write_file_atomic(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
 
 
 def _check_int(name: str, value: Any) -> int:
@@ -177,7 +190,7 @@ class Volume:
     def __init__(self, path: str, meta: dict[str, Any], readonly: bool, lock_fd: int,
                  secondary: Any = None, replication: str | None = None, period: float | None = None,
                  sync_policy: str = "degrade", max_lag_regions: int | None = None, workers: int = 16,
-                 verify: str = "always") -> None:
+                 verify: str = "always", cache_regions: int = 4096) -> None:
         self.path = path
         self.readonly = readonly
         self._lock_fd = lock_fd
@@ -193,6 +206,8 @@ class Volume:
         self._repl: Replicator | None = None
         self._remote: RemoteImage | None = None
         self._unavail_reason: dict[int, str] = {}  # why, for messages (not persisted)
+        self._cache_regions = cache_regions
+        self._region_cache: RegionCache | None = None
         self._scratch = bytearray(self._geo.region_size)
         try:
             self._unavail = UnavailableMap(path, self._geo.num_regions)
@@ -261,7 +276,8 @@ class Volume:
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int, region_size: int = 65536, secondary: Any = None,
                replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
-               max_lag_regions: int | None = None, workers: int = 16, verify: str = "always") -> Volume:
+               max_lag_regions: int | None = None, workers: int = 16, verify: str = "always",
+               cache_regions: int = 4096) -> Volume:
         """Create a volume of ``size`` zero bytes in the directory ``path`` and open it.
 
         Parameters
@@ -290,6 +306,9 @@ class Volume:
             Async back-pressure: writes wait while more regions than this are behind.
         workers : int
             Parallel transfers to the secondary.
+        cache_regions : int
+            Capacity of the local cache of regions read from the secondary (``cache/`` in the
+            volume's directory; kept across restarts).
         verify : {"always", "sampled", "scrub-only"}
             Checksum verification of local reads: "always" (default) verifies every region the
             first time it is read after open (then remembers it, as ZFS's ARC does); "sampled"
@@ -327,12 +346,13 @@ class Volume:
         _write_meta(path, meta)
         return cls.open(path, secondary=secondary, replication=replication, period=period,
                         sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers,
-                        verify=verify)
+                        verify=verify, cache_regions=cache_regions)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], readonly: bool = False, secondary: Any = None,
              replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
-             max_lag_regions: int | None = None, workers: int = 16, verify: str = "always") -> Volume:
+             max_lag_regions: int | None = None, workers: int = 16, verify: str = "always",
+             cache_regions: int = 4096) -> Volume:
         """Open an existing volume; the replication arguments are those of :meth:`create`.
 
         Without ``replication``, a volume opened with its secondary resumes the mode it had. A
@@ -365,7 +385,7 @@ class Volume:
             if not readonly:
                 cls._remove_orphans(path, meta)
             return cls(path, meta, readonly, lock_fd, secondary, replication, period, sync_policy,
-                       max_lag_regions, workers, verify)
+                       max_lag_regions, workers, verify, cache_regions)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -432,6 +452,9 @@ class Volume:
                 _log.exception("%s: closing %s", self.path, layer.name)
         self._overlays = []
         self._base = None
+        if self._region_cache is not None:
+            self._region_cache.close()
+            self._region_cache = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -1051,6 +1074,8 @@ class Volume:
             repl.wait_idle()
             repl.ship(skip_unreadable=lost)
             snap = repl.publish(f"distributed-overlay-{int(time.time())}")
+            # Kept locally: the remote image must open even while the secondary is unreachable.
+            _write_file_atomic(os.path.join(self.path, DO_MANIFEST), repl.last_manifest)
             layer = self._meta["next_layer"]
             self._meta["distributed_overlay"] = {
                 "layer": layer, "snapshot": snap.seq, "snapshot_id": snap.id,
@@ -1077,15 +1102,38 @@ class Volume:
             if do is None:
                 raise RegionUnavailableError("no distributed overlay: nothing to read remotely", (), "unavailable")
             repl = self._replicator()
-            img = self._remote = repl.store.image(self.id, do["snapshot_id"], cache_regions=1024)
+            path = os.path.join(self.path, DO_MANIFEST)
+            try:
+                with open(path, "rb") as f:
+                    manifest = decode_manifest(f.read(), path)
+            except FileNotFoundError:
+                manifest = decode_manifest(repl.store.get(manifest_key(self.id, do["snapshot"])))
+            if self._region_cache is None:
+                self._region_cache = RegionCache(os.path.join(self.path, "cache"), self._geo.region_size,
+                                                 min(self._cache_regions, self._geo.num_regions))
+            img = self._remote = RemoteImage(repl.store, manifest, cache_regions=64,
+                                             region_cache=self._region_cache)
         return img
+
+    def _read_remote(self, offset: int, out: memoryview) -> None:
+        """Read from the remote PIT; regions that neither the cache nor the secondary can give
+        raise :class:`RegionUnavailableError` naming them."""
+        img = self._remote_pit()
+        try:
+            img.readinto(offset, out)
+        except StoreError as exc:
+            rs = self._geo.region_size
+            regs = [r for r in range(offset // rs, (offset + len(out) - 1) // rs + 1) if not img.cached(r)]
+            raise RegionUnavailableError(
+                f"{self.path}: regions {_ranges(regs)} are not valid locally, not cached, and the "
+                f"secondary cannot serve them: {exc}", regs, "secondary unavailable") from exc
 
     def _read_region_remote(self, r: int, out: memoryview) -> None:
         if self._do is None:
             raise RegionUnavailableError(
                 f"{self.path}: region {r} is unavailable locally and there is no distributed overlay "
                 "(attach a secondary)", (r,), "unavailable")
-        self._remote_pit().readinto(r * self._geo.region_size, out)
+        self._read_remote(r * self._geo.region_size, out)
 
     def _read_routed(self, offset: int, view: memoryview) -> None:
         """Read ``len(view)`` bytes at ``offset``, each region from its location (PO, PB or R)."""
@@ -1095,6 +1143,7 @@ class Volume:
         rs = self._geo.region_size
         first, last = offset // rs, (offset + n - 1) // rs
         codes = location_codes(self._po_maps(), self._unavail.bits, first, last - first + 1)
+        failed: list[RegionUnavailableError] = []  # remote runs that could not be served
         i = 0
         while i < len(codes):
             remote = codes[i] == CODE_R
@@ -1111,7 +1160,10 @@ class Volume:
                     raise RegionUnavailableError(
                         f"{self.path}: regions {_ranges(regs)} are unavailable locally ({reason}) "
                         "and there is no distributed overlay (attach a secondary)", regs, reason)
-                self._remote_pit().readinto(a, part)
+                try:
+                    self._read_remote(a, part)
+                except RegionUnavailableError as exc:
+                    failed.append(exc)  # go on: name every region this read cannot serve
             else:
                 while True:
                     try:
@@ -1125,6 +1177,13 @@ class Volume:
                         self._read_routed(a, part)  # that region is R now
                         break
             i = j
+        if failed:
+            regions = sorted(r for exc in failed for r in exc.regions)
+            if len(failed) == 1:
+                raise failed[0]
+            raise RegionUnavailableError(
+                f"{self.path}: regions {_ranges(regions)} cannot be read: {failed[0]}", regions,
+                failed[0].reason) from failed[0]
 
     def scrub(self, progress: Callable[[int, int], None] | None = None) -> list[int]:
         """Verify every local region against its checksum; returns the bad ones, now unavailable.
@@ -1250,6 +1309,10 @@ class Volume:
                 self._meta["distributed_overlay"] = None
                 self._store_meta()
                 self._remote = None
+                try:
+                    os.unlink(os.path.join(self.path, DO_MANIFEST))
+                except FileNotFoundError:
+                    pass
         _log.warning("%s: restored to PIT %s (%d regions rewritten); distributed overlay ended",
                      self.path, img.snapshot.id, len(todo))
         return todo

@@ -236,3 +236,56 @@ def test_two_recovery_images_side_by_side_then_restore(tmp_path: Path, s3_store:
         assert chars(vol) == "1 b c z e f 4 h"
     with Volume.open(tmp_path / "vol", secondary=s3_store) as again:
         assert chars(again) == "1 b c z e f 4 h" and again.distributed_overlay is None
+
+
+class SwitchableStore(CountingStore):
+    """A counting store that can be taken offline."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.down = False
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        if self.down:
+            from overlaycache.errors import SecondaryUnavailableError
+
+            raise SecondaryUnavailableError(f"{self.location}: unreachable (test)", self.location)
+        return super().get(key, start, length)
+
+
+def test_remote_cache_is_reused_across_restarts_and_verified(tmp_path: Path, s3_store: Any) -> None:
+    store = SwitchableStore(s3_store)
+    vol = fig3_primary(tmp_path, store, True)
+    with vol:
+        vol.mark_unavailable([2, 3, 5])
+        assert chars(vol) == "1 b c z e f 4 h"
+        assert len(store.region_gets) == 3
+    with Volume.open(tmp_path / "vol", secondary=store) as vol:
+        assert chars(vol) == "1 b c z e f 4 h"
+        assert len(store.region_gets) == 3  # served from the cache file, no new GET
+    # Damage the cached copy of one region: it is dropped and fetched again, never returned.
+    data = tmp_path / "vol" / "cache" / "cache.data"
+    raw = bytearray(data.read_bytes())
+    raw[raw.index(b"c" * 64) + 10] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with Volume.open(tmp_path / "vol", secondary=store) as vol:
+        assert chars(vol) == "1 b c z e f 4 h"
+        assert len(store.region_gets) == 4
+        assert vol._region_cache is not None and vol._region_cache.dropped == 1
+
+
+def test_secondary_down_cached_regions_still_served(tmp_path: Path, s3_store: Any) -> None:
+    store = SwitchableStore(s3_store)
+    vol = fig3_primary(tmp_path, store, True)
+    with vol:
+        vol.mark_unavailable([2, 3, 5])
+        assert vol.read(2 * RS, RS) == b"c" * RS  # region 2 now cached
+    store.down = True
+    with Volume.open(tmp_path / "vol", secondary=store) as vol:
+        assert vol.read(2 * RS, RS) == b"c" * RS  # cached
+        assert vol.read(0, 2 * RS) == b"1" * RS + b"b" * RS  # local
+        with pytest.raises(RegionUnavailableError) as info:
+            vol.read(RS, 5 * RS)  # regions 1..5: 3 and 5 are neither local nor cached
+        assert info.value.regions == (3, 5) and info.value.reason == "secondary unavailable"
+        store.down = False
+        assert chars(vol) == "1 b c z e f 4 h"
