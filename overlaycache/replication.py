@@ -475,6 +475,18 @@ class Replicator:
                     self.degraded = False
                     _log.warning("%s: secondary %s reachable again; lag drained", self.vol.path,
                                  self.store.location)
+            except RegionUnavailableError as exc:
+                # A pending region cannot be read locally: that is a detected failure.
+                _log.warning("%s: regions %s cannot be read for shipping (%s); beginning the distributed "
+                             "overlay", self.vol.path, list(exc.regions), exc.reason)
+                try:
+                    self.vol.begin_distributed_overlay()
+                except StoreError as err:
+                    _log.warning("%s: cannot begin the distributed overlay (%s); retrying in %.1fs",
+                                 self.vol.path, err, backoff)
+                    with self._cv:
+                        self._cv.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
             except StoreError as exc:
                 _log.warning("%s: shipping to %s failed (%s); retrying in %.1fs", self.vol.path,
                              self.store.location, exc, backoff)
