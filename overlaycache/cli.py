@@ -29,7 +29,20 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
-def _chars(vol: Volume, n: int) -> list[str]:
+class _Narrator:
+    """Prints the demo's table: a step, then one value per region."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def row(self, step: str, values: Sequence[str]) -> None:
+        print(f"  {step:<47}" + " ".join(f"{v:>2}" for v in values), file=self.stream)
+
+    def say(self, text: str) -> None:
+        print(f"  {text}", file=self.stream)
+
+
+def _chars(vol: Any, n: int) -> list[str]:
     """First byte of each region, shown as a character (the demo's regions are uniform)."""
     return [chr(vol.read(r * vol.region_size, 1)[0]) for r in range(n)]
 
@@ -43,8 +56,7 @@ def demo(directory: str | None = None, out: TextIO | None = None) -> None:
         tmp = directory = tempfile.mkdtemp(prefix="overlaycache-demo-")
     path = os.path.join(directory, "volume")
 
-    def show(step: str, values: Sequence[str]) -> None:
-        print(f"  {step:<47}" + " ".join(f"{v:>2}" for v in values), file=stream)
+    show = _Narrator(stream).row
 
     try:
         with Volume.create(path, 8 * rs, region_size=rs) as vol:
@@ -107,8 +119,7 @@ def demo_replication(endpoint: str | None = None, bucket: str = "overlaycache-de
         tmp = directory = tempfile.mkdtemp(prefix="overlaycache-demo-")
     path = os.path.join(directory, "replicated")
 
-    def show(step: str, values: Sequence[str]) -> None:
-        print(f"  {step:<47}" + " ".join(f"{v:>2}" for v in values), file=stream)
+    show = _Narrator(stream).row
 
     try:
         store = S3Store(bucket, prefix="demo", endpoint_url=endpoint, aws_access_key_id=key_id,
@@ -160,11 +171,9 @@ def demo_failover(endpoint: str, key_id: str | None, secret: str | None, bucket:
         tmp = directory = tempfile.mkdtemp(prefix="overlaycache-demo-")
     path = os.path.join(directory, "failover")
 
-    def show(step: str, values: Sequence[str]) -> None:
-        print(f"  {step:<47}" + " ".join(f"{v:>2}" for v in values), file=stream)
+    show = _Narrator(stream).row
 
-    def say(text: str) -> None:
-        print(f"  {text}", file=stream)
+    say = _Narrator(stream).say
 
     try:
         store = S3Store(bucket, prefix="demo-failover", endpoint_url=endpoint, aws_access_key_id=key_id,

@@ -96,6 +96,27 @@ class VirtualImage:
         return f"VirtualImage(snapshot={self.snapshot.id!r}, size={self.size})"
 
 
+def _writable_range(buffer: Any, offset: int, size: int) -> memoryview:
+    """``buffer`` as a writable byte view, checked to fit at ``offset`` in an image of ``size``."""
+    try:
+        view = memoryview(buffer).cast("B")
+    except TypeError as exc:
+        raise InvalidBufferError(f"expected a writable buffer, got {type(buffer).__name__}") from exc
+    if view.readonly:
+        raise InvalidBufferError("a writable buffer is required")
+    if offset < 0 or offset + len(view) > size:
+        raise OutOfRangeError(f"bytes [{offset}, {offset + len(view)}) out of the image [0, {size})")
+    return view
+
+
+def _read_via_readinto(readinto: Any, offset: int, length: int) -> bytes:
+    if length < 0:
+        raise OutOfRangeError(f"length must be >= 0, got {length}")
+    buf = bytearray(length)
+    readinto(offset, buf)
+    return bytes(buf)
+
+
 class RemoteImage:
     """A read-only, lazy virtual image of a PIT snapshot, read from the secondary alone.
 
@@ -207,12 +228,8 @@ class RemoteImage:
 
     def readinto(self, offset: int, buffer: Any) -> int:
         """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer; returns the count."""
-        view = memoryview(buffer).cast("B")
-        if view.readonly:
-            raise InvalidBufferError("a writable buffer is required")
+        view = _writable_range(buffer, offset, self.size)
         n = len(view)
-        if offset < 0 or offset + n > self.size:
-            raise OutOfRangeError(f"bytes [{offset}, {offset + n}) out of the image [0, {self.size})")
         if n == 0:
             return 0
         rs = self.region_size
@@ -227,11 +244,7 @@ class RemoteImage:
 
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset``."""
-        if length < 0:
-            raise OutOfRangeError(f"length must be >= 0, got {length}")
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
+        return _read_via_readinto(self.readinto, offset, length)
 
     def close(self) -> None:
         """Drop the cache (idempotent)."""
@@ -277,12 +290,8 @@ class RecoveryImage:
 
     def readinto(self, offset: int, buffer: Any) -> int:
         """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer; returns the count."""
-        view = memoryview(buffer).cast("B")
-        if view.readonly:
-            raise InvalidBufferError("a writable buffer is required")
+        view = _writable_range(buffer, offset, self.size)
         n = len(view)
-        if offset < 0 or offset + n > self.size:
-            raise OutOfRangeError(f"bytes [{offset}, {offset + n}) out of the image [0, {self.size})")
         if n == 0:
             return 0
         rs = self.region_size
@@ -309,11 +318,7 @@ class RecoveryImage:
 
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset``."""
-        if length < 0:
-            raise OutOfRangeError(f"length must be >= 0, got {length}")
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
+        return _read_via_readinto(self.readinto, offset, length)
 
     def close(self) -> None:
         """Release the image (idempotent)."""

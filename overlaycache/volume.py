@@ -496,15 +496,20 @@ class Volume:
         entries = [layer.stack_entry() for layer in self._layers_up_to(layer_id)]
         return core.Stack(self._rw, self._geo.region_size, self._geo.size, entries)
 
+    def _region_span(self, first: Any, count: Any) -> int:
+        """Check a range of regions; returns its length (``count`` None: up to the end)."""
+        _check_int("first", first)
+        n: int = self._geo.num_regions - first if count is None else _check_int("count", count)
+        if first < 0 or n < 0 or first + n > self._geo.num_regions:
+            raise OutOfRangeError(f"regions [{first}, {first + n}) out of [0, {self._geo.num_regions})")
+        return n
+
     def layer_map(self, first: int = 0, count: int | None = None) -> list[int]:
         """Which layer serves each region of ``[first, first + count)``: an overlay id, or 0 for the base.
 
         Computed with the core's batch ``resolve`` over the overlay bitmaps.
         """
-        _check_int("first", first)
-        n = self._geo.num_regions - first if count is None else _check_int("count", count)
-        if first < 0 or n < 0 or first + n > self._geo.num_regions:
-            raise OutOfRangeError(f"regions [{first}, {first + n}) out of [0, {self._geo.num_regions})")
+        n = self._region_span(first, count)
         with self._wlock:
             self._live()
             newest_first = list(reversed(self._overlays))
@@ -997,10 +1002,7 @@ class Volume:
         PO: written since the distributed overlay began; PB: the local layers below it, still
         valid; R: the remote PIT snapshot. Computed with the core's batch ``resolve`` kernel.
         """
-        _check_int("first", first)
-        n = self._geo.num_regions - first if count is None else _check_int("count", count)
-        if first < 0 or n < 0 or first + n > self._geo.num_regions:
-            raise OutOfRangeError(f"regions [{first}, {first + n}) out of [0, {self._geo.num_regions})")
+        n = self._region_span(first, count)
         with self._wlock:
             self._live()
             codes = location_codes(self._po_maps(), self._unavail.bits, first, n)
