@@ -18,81 +18,21 @@ Both sides use the same connection-pool size and number of threads:
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from _support import MiB, interleaved, pattern, record
+from s3bench import WORKERS, client as _client, endpoint  # noqa: F401  (endpoint: a fixture)
 from overlaycache import Volume
 from overlaycache.store import S3Store
 
 RS = 64 << 10
 SIZE = 32 * MiB
-WORKERS = 16
 ROUNDS = 2  # per pass
-CREDS = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench-secret"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(endpoint: str, timeout: float = 30) -> None:
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **CREDS)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.list_buckets()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-def _servers() -> list[str]:
-    names = ["moto"]
-    if os.environ.get("OC_BENCH_SEAWEEDFS"):
-        names.append("seaweedfs")
-    return names
-
-
-@pytest.fixture(scope="module", params=_servers())
-def endpoint(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, dict[str, str]]]:
-    """(name, endpoint_url, credentials) of a running S3 server."""
-    if request.param == "seaweedfs":
-        creds = {"aws_access_key_id": os.environ.get("OC_BENCH_S3_KEY", "overlaycache"),
-                 "aws_secret_access_key": os.environ.get("OC_BENCH_S3_SECRET", "overlaycache-secret")}
-        yield "seaweedfs", os.environ["OC_BENCH_SEAWEEDFS"], creds
-        return
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait(url)
-        yield "moto", url, CREDS
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _client(url: str, creds: dict[str, str]) -> Any:
-    cfg = Config(max_pool_connections=WORKERS, s3={"addressing_style": "path"},
-                 retries={"total_max_attempts": 4, "mode": "standard"},
-                 request_checksum_calculation="when_required", response_checksum_validation="when_required")
-    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", config=cfg, **creds)
 
 
 @pytest.fixture(scope="module")
