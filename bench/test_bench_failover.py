@@ -110,6 +110,8 @@ def test_remote_reads(benchmark: Any, degraded: dict[str, Any], pass_: int, vari
                 out[: RS] = view[r * RS : (r + 1) * RS]
 
         benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+        view.release()
+        out.release()
     buf.close()
 
 
@@ -132,4 +134,6 @@ def test_cached_remote_reads(benchmark: Any, degraded: dict[str, Any], pass_: in
                 out[:] = view[off : off + STEP]
 
         benchmark.pedantic(run, rounds=ROUNDS * 3, iterations=1)
+        view.release()
+        out.release()
     buf.close()
