@@ -43,6 +43,7 @@ class UnavailableMap:
         self.path = os.path.join(directory, "unavailable.map")
         self.bits = core.Bitmap(num_regions)
         self.dirty = False
+        self._count = 0  # kept so that the read path's any() is O(1), not a scan of the bitmap
         try:
             with open(self.path, "rb") as f:
                 raw = f.read()
@@ -51,9 +52,32 @@ class UnavailableMap:
         if raw[:8] != _MAGIC or len(raw) != 8 + 8 * self.bits.nwords:
             raise FormatError(f"{self.path}: not an unavailable-regions map of this volume", self.path)
         self.bits.load(raw[8:])
+        self._count = self.bits.count()
 
     def any(self) -> bool:
-        return bool(self.bits.any())
+        return self._count > 0
+
+    def add(self, r: int) -> bool:
+        """Mark region ``r``; returns whether it was not marked before."""
+        if self.bits.test(r):
+            return False
+        self.bits.set(r)
+        self._count += 1
+        self.dirty = True
+        return True
+
+    def discard(self, r: int) -> None:
+        """Unmark region ``r``."""
+        if self.bits.test(r):
+            self.bits.clear(r)
+            self._count -= 1
+            self.dirty = True
+
+    def clear(self) -> None:
+        """Unmark every region."""
+        self.bits.clear_range(0, self.bits.nbits)
+        self._count = 0
+        self.dirty = True
 
     def regions(self) -> frozenset[int]:
         return frozenset(r for a, b in self.bits.runs() for r in range(a, b))

@@ -665,8 +665,7 @@ class Volume:
         top.verified.set(r)
         if self._unavail.bits.test(r) and self._do is None:
             # The top overlay now holds a whole, fresh version: the region is readable again.
-            self._unavail.bits.clear(r)
-            self._unavail.dirty = True
+            self._unavail.discard(r)
             self._unavail_reason.pop(r, None)
 
     def flush(self) -> None:
@@ -1015,8 +1014,7 @@ class Volume:
         with self._wlock:
             for r in regions:
                 self._unavail_reason.setdefault(r, reason)
-                if not self._unavail.bits.test(r):
-                    self._unavail.bits.set(r)
+                if self._unavail.add(r):
                     new.append(r)
             if new:
                 self._unavail.store()
@@ -1304,7 +1302,7 @@ class Volume:
                 progress(k + 1, len(todo))
         with self._wlock:
             self.flush()
-            self._unavail.bits.clear_range(0, self._geo.num_regions)
+            self._unavail.clear()
             self._unavail_reason.clear()
             self._unavail.store()
             if self._do is not None:
