@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import HERE, make_store, pid_of
+from helpers import random_writes
 from store_contract import StoreContract
 
 from overlaycache import Volume
@@ -28,12 +29,7 @@ class TestRealStores(StoreContract):
 
 
 def _fill(vol: Volume, model: bytearray, rnd: random.Random, writes: int) -> None:
-    for _ in range(writes):
-        off = rnd.randrange(vol.size)
-        n = rnd.randrange(1, min(3 * RS, vol.size - off) + 1)
-        data = rnd.randbytes(n)
-        vol.write(off, data)
-        model[off : off + n] = data
+    random_writes(vol, model, rnd, writes, 3 * RS)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "periodic"])

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import region_chars
 
 from overlaycache import Volume
 from overlaycache.errors import InvalidArgumentError, OutOfRangeError, RegionUnavailableError
@@ -15,12 +16,7 @@ RS = 4096
 
 
 def chars(vol: Any, n: int = 8) -> str:
-    out = []
-    for r in range(n):
-        data = vol.read(r * RS, RS)
-        assert data == data[:1] * RS, f"region {r} is not uniform"
-        out.append(chr(data[0]))
-    return " ".join(out)
+    return region_chars(vol, RS, n)
 
 
 def put(vol: Volume, region: int, ch: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import random_writes
 
 import overlaycache
 from overlaycache import Volume
@@ -57,12 +58,7 @@ class FlakyStore:
 
 
 def fill(vol: Volume, model: bytearray, rnd: random.Random, writes: int = 30) -> None:
-    for _ in range(writes):
-        off = rnd.randrange(vol.size)
-        n = rnd.randrange(1, min(2 * RS, vol.size - off) + 1)
-        data = rnd.randbytes(n)
-        vol.write(off, data)
-        model[off : off + n] = data
+    random_writes(vol, model, rnd, writes, 2 * RS)
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])

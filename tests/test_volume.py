@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import region_chars
 
 import overlaycache
 from overlaycache import (
@@ -25,12 +26,7 @@ RS = 4096
 
 def image_chars(vol: Volume | overlaycache.VirtualImage, n: int = 8) -> str:
     """One character per region: the regions of the worked examples are one repeated byte."""
-    out = []
-    for r in range(n):
-        data = vol.read(r * RS, RS)
-        assert data == data[:1] * RS, f"region {r} is not uniform"
-        out.append(chr(data[0]))
-    return " ".join(out)
+    return region_chars(vol, RS, n)
 
 
 @pytest.fixture
