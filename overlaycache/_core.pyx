@@ -6,7 +6,7 @@ checking of their own. ``_core_py`` is the pure-Python reference with the same A
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.errno cimport errno
 from libc.string cimport memcmp, memset
@@ -629,6 +629,14 @@ cdef class Stack:
     cdef _Layer *layers
     cdef list _keep
     cdef bint released
+    # Routing (see route()): regions unavailable below the top ``npo`` layers come from the cache.
+    cdef int npo
+    cdef const uint64_t *unavail
+    cdef const unsigned char *cdata
+    cdef const int64_t *cslots
+    cdef uint64_t *cverified
+    cdef const unsigned char *csums
+    cdef Py_ssize_t ccapacity
 
     def __cinit__(self, RWLock lock, Py_ssize_t region_size, Py_ssize_t size, list layers):
         cdef int i
@@ -704,6 +712,48 @@ cdef class Stack:
         if self.layers != NULL:
             free(self.layers)
 
+    def route(self, int po_layers, Bitmap unavailable, DataFile cache, slots, Bitmap verified, sums):
+        """Serve the regions that are unavailable locally from a cache of remote region versions.
+
+        A region is remote (R) when its bit in ``unavailable`` is set and none of the top
+        ``po_layers`` layers holds it. Its entry in ``slots`` (int64 per region) says where it is:
+        ``k > 0`` in cache slot ``k - 1`` (verified against ``sums``, 16 bytes per slot, on its
+        first read unless its bit in ``verified`` is set), ``-1`` all zeros, ``0`` not cached: a
+        miss, reported by :meth:`readinto_routed`. The caller changes ``slots`` and the cache's
+        slots only while holding the stack's lock for writing.
+        """
+        cdef _Buffer sl, sm
+        cdef Py_ssize_t capacity
+        if self.released:
+            raise StaleStackError("the layers of this image changed; retry with the new stack")
+        if self.unavail != NULL:
+            raise InvalidArgumentError("this stack is already routed")
+        if po_layers < 0 or po_layers >= self.nlayers:
+            raise InvalidArgumentError(f"po_layers must be in [0, {self.nlayers}), got {po_layers}")
+        if unavailable.nbits < self.num_regions:
+            raise InvalidArgumentError("unavailable bitmap too small")
+        capacity = cache.length >> self.shift
+        sl = _Buffer(slots, False)
+        sm = _Buffer(sums, False)
+        if sl.view.len < self.num_regions * 8 or sm.view.len < capacity * 16 or verified.nbits < capacity:
+            sl.release()
+            sm.release()
+            raise InvalidArgumentError("slot table, checksums or verified bitmap too small")
+        self._keep.extend((unavailable, verified, sl, sm, cache))
+        cache.pins += 1
+        self.npo = po_layers
+        self.ccapacity = capacity
+        self.cdata = cache.base
+        self.cslots = <const int64_t *>sl.view.buf
+        self.csums = <const unsigned char *>sm.view.buf
+        self.cverified = verified.words
+        self.unavail = unavailable.words
+
+    @property
+    def routed(self):
+        """Whether :meth:`route` was called."""
+        return self.unavail != NULL
+
     cdef inline int _find(self, Py_ssize_t r) noexcept nogil:
         cdef int l
         for l in range(self.nlayers - 1):
@@ -712,12 +762,17 @@ cdef class Stack:
         return self.nlayers - 1
 
     cdef int _read(self, Py_ssize_t offset, unsigned char *out, Py_ssize_t length,
-                   Py_ssize_t *bad) noexcept nogil:
+                   int64_t *misses, Py_ssize_t *nmiss, Py_ssize_t *bad) noexcept nogil:
+        """Copy ``length`` bytes at ``offset`` to ``out``; 0, or 1 (I/O error) / 2 (checksum) at
+        region ``bad``; 4 at a remote region when ``misses`` is NULL. A routed stack serves R regions from the cache; those it cannot serve are
+        skipped and listed in ``misses`` (``r``: not cached, ``-r - 1``: cached copy damaged)."""
         cdef Py_ssize_t pos = offset, end = offset + length, r, intra, n, rlen, slot
+        cdef int64_t k
         cdef int l
         cdef const unsigned char *src
         cdef unsigned char digest[16]
         cdef _Layer *layer
+        nmiss[0] = 0
         while pos < end:
             r = pos >> self.shift
             intra = pos - (r << self.shift)
@@ -725,6 +780,36 @@ cdef class Stack:
             if n > end - pos:
                 n = end - pos
             l = self._find(r)
+            if self.unavail != NULL and l >= self.npo and _bit(self.unavail, r):
+                k = self.cslots[r]
+                if misses == NULL and k != -1:
+                    bad[0] = r
+                    return 4
+                if k == -1:
+                    memset(out + (pos - offset), 0, n)
+                elif k <= 0 or k > self.ccapacity:
+                    misses[nmiss[0]] = r
+                    nmiss[0] += 1
+                else:
+                    slot = k - 1
+                    src = self.cdata + (slot << self.shift)
+                    if not _bit(self.cverified, slot):
+                        rlen = self.size - (r << self.shift)
+                        if rlen > self.region_size:
+                            rlen = self.region_size
+                        if (oc_guarded_hash(src, rlen, digest) != 0
+                                or memcmp(digest, self.csums + 16 * slot, 16) != 0):
+                            misses[nmiss[0]] = -r - 1
+                            nmiss[0] += 1
+                            pos += n
+                            continue
+                        oc_atomic_or64(<unsigned long long *>&self.cverified[slot >> 6],
+                                       (<uint64_t>1) << (slot & 63))
+                    if oc_guarded_copy(out + (pos - offset), src + intra, n) != 0:
+                        misses[nmiss[0]] = -r - 1
+                        nmiss[0] += 1
+                pos += n
+                continue
             layer = &self.layers[l]
             slot = r
             if layer.which != NULL and _bit(layer.which, r):
@@ -748,17 +833,62 @@ cdef class Stack:
             pos += n
         return 0
 
+    def readinto_routed(self, Py_ssize_t offset, buffer):
+        """Read ``len(buffer)`` bytes at ``offset`` holding the read lock, R regions from the cache.
+
+        Returns ``(nbytes, misses)``: the regions not served, ``r`` for a region not cached and
+        ``-r - 1`` for a cached copy that failed its checksum or could not be read. Their bytes in
+        ``buffer`` are left as they were.
+        """
+        cdef _Buffer out
+        cdef Py_ssize_t n, bad = -1, nmiss = 0, span, i
+        cdef int64_t *misses
+        cdef int rc
+        if self.unavail == NULL:
+            raise InvalidArgumentError("this stack is not routed")
+        out = _Buffer(buffer, True)
+        try:
+            n = out.view.len
+            if offset < 0 or offset + n > self.size:
+                raise OutOfRangeError(
+                    f"bytes [{offset}, {offset + n}) out of the volume [0, {self.size})")
+            span = ((offset + n - 1) >> self.shift) - (offset >> self.shift) + 1 if n else 1
+            misses = <int64_t *>malloc(span * sizeof(int64_t))
+            if misses == NULL:
+                raise MemoryError()
+            try:
+                with nogil:
+                    self.lock.rdlock()
+                    if self.released:
+                        rc = 3
+                    else:
+                        rc = self._read(offset, <unsigned char *>out.view.buf, n, misses, &nmiss, &bad)
+                    self.lock.unlock()
+                if rc == 3:
+                    raise StaleStackError("the layers of this image changed; retry with the new stack")
+                if rc:
+                    self._raise(rc, bad)
+                return n, [misses[i] for i in range(nmiss)]
+            finally:
+                free(misses)
+        finally:
+            out.release()
+
     cdef _raise(self, int rc, Py_ssize_t bad):
         if rc == 1:
             raise RegionUnavailableError(
                 f"region {bad} cannot be read (I/O error or file truncated)",
                 regions=(bad,), reason="io")
+        if rc == 4:
+            raise RegionUnavailableError(
+                f"region {bad} is remote and not cached: read it with readinto_routed",
+                regions=(bad,), reason="remote")
         raise RegionUnavailableError(
             f"region {bad} does not match its checksum", regions=(bad,), reason="checksum")
 
     cdef int _read_raw(self, Py_ssize_t offset, unsigned char *out, Py_ssize_t n,
                        bint lock) except -1:
-        cdef Py_ssize_t bad = -1
+        cdef Py_ssize_t bad = -1, nmiss = 0
         cdef int rc
         if offset < 0 or n < 0 or offset + n > self.size:
             raise OutOfRangeError(
@@ -770,7 +900,7 @@ cdef class Stack:
             if self.released:
                 rc = 3
             else:
-                rc = self._read(offset, out, n, &bad)
+                rc = self._read(offset, out, n, NULL, &nmiss, &bad)
             if lock:
                 self.lock.unlock()
         if rc == 3:

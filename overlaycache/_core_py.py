@@ -308,6 +308,7 @@ class Stack:
         self.size = size
         self.num_regions = (size + region_size - 1) // region_size
         self.layers = list(layers)
+        self._route: tuple[Any, ...] | None = None
         for datafile, _present, _which, sums, _verified in self.layers:
             if len(_readonly_view(sums)) < self.num_regions * 16:
                 raise InvalidArgumentError("checksum table too small")
@@ -319,6 +320,59 @@ class Stack:
             self.released = True
             for layer in self.layers:
                 layer[0].pins -= 1
+            if self._route is not None:
+                self._route[2].pins -= 1
+
+    def route(self, po_layers: int, unavailable: Bitmap, cache: DataFile, slots: Any, verified: Bitmap,
+              sums: Any) -> None:
+        if self.released:
+            raise StaleStackError("the layers of this image changed; retry with the new stack")
+        if self._route is not None:
+            raise InvalidArgumentError("this stack is already routed")
+        if not 0 <= po_layers < len(self.layers):
+            raise InvalidArgumentError(f"po_layers must be in [0, {len(self.layers)}), got {po_layers}")
+        if unavailable.nbits < self.num_regions:
+            raise InvalidArgumentError("unavailable bitmap too small")
+        capacity = cache.length // self.region_size
+        sl, sm = _readonly_view(slots), _readonly_view(sums)
+        if len(sl) < 8 * self.num_regions or len(sm) < 16 * capacity or verified.nbits < capacity:
+            raise InvalidArgumentError("slot table, checksums or verified bitmap too small")
+        cache.pins += 1
+        self._route = (po_layers, unavailable, cache, sl.cast("q"), verified, sm, capacity)
+
+    @property
+    def routed(self) -> bool:
+        return self._route is not None
+
+    def _remote(self, r: int, out: memoryview, intra: int, misses: list[int] | None) -> bool:
+        """Serve region ``r`` if it is remote; returns False for a local region."""
+        assert self._route is not None
+        po_layers, unavailable, cache, slots, verified, sums, capacity = self._route
+        if self._find(r) < po_layers or not unavailable._get(r):
+            return False
+        k = slots[r]
+        if misses is None and k != -1:
+            raise RegionUnavailableError(f"region {r} is remote and not cached: read it with readinto_routed",
+                                         regions=(r,), reason="remote")
+        if k == -1:
+            out[:] = bytes(len(out))
+            return True
+        if not 0 < k <= capacity:
+            misses.append(r)  # type: ignore[union-attr]
+            return True
+        slot = k - 1
+        base = slot * self.region_size
+        try:
+            if not verified._get(slot):
+                rlen = min(self.region_size, self.size - r * self.region_size)
+                if cache.checksum(base, rlen) != bytes(sums[16 * slot : 16 * slot + 16]):
+                    misses.append(-r - 1)  # type: ignore[union-attr]
+                    return True
+                verified.set(slot)
+            cache.readinto(base + intra, out)
+        except MediaError:
+            misses.append(-r - 1)  # type: ignore[union-attr]
+        return True
 
     def _find(self, r: int) -> int:
         for idx, layer in enumerate(self.layers[:-1]):
@@ -334,7 +388,7 @@ class Stack:
         slot = region + (self.num_regions if which is not None and which._get(region) else 0)
         return idx, slot * self.region_size
 
-    def _read(self, offset: int, buffer: Any) -> int:
+    def _read(self, offset: int, buffer: Any, misses: list[int] | None = None) -> int:
         out = _writable_view(buffer)
         n = len(out)
         if offset < 0 or offset + n > self.size:
@@ -346,6 +400,9 @@ class Stack:
             r = pos // self.region_size
             intra = pos - r * self.region_size
             take = min(self.region_size - intra, end - pos)
+            if self._route is not None and self._remote(r, out[pos - offset : pos - offset + take], intra, misses):
+                pos += take
+                continue
             idx, base = self.locate(r)
             datafile, _present, _which, sums, verified = self.layers[idx]
             try:
@@ -373,6 +430,18 @@ class Stack:
 
     def readinto_locked(self, offset: int, buffer: Any) -> int:
         return self._read(offset, buffer)
+
+    def readinto_routed(self, offset: int, buffer: Any) -> tuple[int, list[int]]:
+        if self._route is None:
+            raise InvalidArgumentError("this stack is not routed")
+        out = _writable_view(buffer)
+        got: list[int] = []
+        self.lock.acquire_read()
+        try:
+            n = self._read(offset, out, got)
+        finally:
+            self.lock.release_read()
+        return n, got
 
     def read(self, offset: int, length: int) -> bytes:
         if length < 0:

@@ -7,9 +7,10 @@ closes the image if its snapshot goes away. A remote image reads regions from th
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from overlaycache._impl import core
@@ -17,6 +18,7 @@ from overlaycache.errors import (
     CorruptionError,
     InvalidBufferError,
     OutOfRangeError,
+    SecondaryUnavailableError,
     StaleStackError,
     VolumeClosedError,
 )
@@ -120,9 +122,10 @@ def _read_via_readinto(readinto: Any, offset: int, length: int) -> bytes:
 class RemoteImage:
     """A read-only, lazy virtual image of a PIT snapshot, read from the secondary alone.
 
-    Regions are fetched on demand (in parallel when a read spans several), verified against the
-    manifest's checksums, and kept in a small in-memory LRU. Regions never written read as zeros
-    without a request.
+    Regions are fetched on demand by a pool of ``workers`` threads (in parallel when a read spans
+    several; a region already being fetched is waited for, not fetched twice), verified against
+    the manifest's checksums, and kept in a small in-memory LRU and in ``region_cache`` if given.
+    Regions never written read as zeros without a request.
 
     Attributes
     ----------
@@ -130,6 +133,8 @@ class RemoteImage:
         The snapshot shown.
     size, region_size : int
         Geometry of the volume.
+    gets : int
+        Objects fetched from the secondary so far.
     """
 
     def __init__(self, store: Any, manifest: Manifest, cache_regions: int = 64, workers: int = 16,
@@ -144,39 +149,55 @@ class RemoteImage:
         self._zero_sums: dict[int, bytes] = {}
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_regions = cache_regions
-        self._workers = workers
-        self._lock = threading.Lock()
+        self._workers = max(1, workers)
+        self._lock = threading.RLock()  # a fetch already done runs its callback in the submitter
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: dict[int, Future[bytes]] = {}
         self._closed = False
-        self.gets = 0  # objects fetched, for tests and reports
+        self.gets = 0
 
     def _region_len(self, r: int) -> int:
         return min(self.region_size, self.size - r * self.region_size)
+
+    def _zero_sum(self, rlen: int) -> bytes:
+        zero = self._zero_sums.get(rlen)
+        if zero is None:
+            zero = self._zero_sums[rlen] = bytes(core.checksum(bytes(rlen)))
+        return zero
 
     def region_checksum(self, r: int) -> bytes:
         """The checksum of region ``r`` in this snapshot, from the manifest."""
         seq, csum = self._manifest.entry(r)
         if seq == 0:  # never replicated: all zeros, recorded without a checksum
-            rlen = self._region_len(r)
-            zero = self._zero_sums.get(rlen)
-            if zero is None:
-                zero = self._zero_sums[rlen] = bytes(core.checksum(bytes(rlen)))
-            return zero
+            return self._zero_sum(self._region_len(r))
         return csum
 
-    def _fetch(self, r: int) -> bytes:
+    def version(self, r: int) -> int:
+        """The seq of region ``r``'s version in this snapshot (0: never replicated)."""
+        return self._manifest.entry(r)[0]
+
+    def is_zero(self, r: int) -> bool:
+        """Whether region ``r``'s version is all zeros (served without a request)."""
+        seq, csum = self._manifest.entry(r)
+        return seq == 0 or csum == self._zero_sum(self._region_len(r))
+
+    def _fetch(self, r: int, keep: bool = True) -> bytes:
+        """Region ``r``'s bytes: from the cache file and the secondary (then cached), or from the
+        secondary alone if not ``keep``."""
         seq, csum = self._manifest.entry(r)
         rlen = self._region_len(r)
-        zero = self._zero_sums.get(rlen)
-        if zero is None:
-            zero = self._zero_sums[rlen] = bytes(core.checksum(bytes(rlen)))
-        if seq == 0 or csum == zero:
+        cache = self.region_cache if keep else None
+        if seq == 0 or csum == self._zero_sum(rlen):
             # Never replicated, or all zeros: such versions are recorded but not stored.
+            if cache is not None:
+                cache.note_zero(r, seq)
             return bytes(rlen)
-        cache = self.region_cache
         if cache is not None:
-            hit = cache.get(r, seq, csum, rlen)
+            hit: bytes | None = cache.get(r, seq, csum, rlen)
             if hit is not None:
-                return bytes(hit)
+                return hit
+        if self._store is None:
+            raise SecondaryUnavailableError(f"region {r}: no secondary attached to fetch it from")
         key = region_key(self.volume_id, r, seq)
         data: bytes = self._store.get(key)
         with self._lock:
@@ -189,6 +210,58 @@ class RemoteImage:
             cache.put(r, seq, csum, data)
         return data
 
+    def _submit(self, r: int) -> Future[bytes]:
+        """The fetch of region ``r`` in the pool (an existing one if it is under way); under ``_lock``."""
+        fut = self._inflight.get(r)
+        if fut is None:
+            if self._closed:
+                raise VolumeClosedError(f"image of snapshot {self.snapshot.id} is closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="overlaycache-fetch")
+            fut = self._inflight[r] = self._pool.submit(self._fetch, r)
+            fut.add_done_callback(functools.partial(self._done, r))
+        return fut
+
+    def _done(self, r: int, fut: Future[bytes]) -> None:
+        with self._lock:
+            if self._inflight.get(r) is fut:
+                del self._inflight[r]
+
+    def fetch_many(self, regions: list[int]) -> tuple[dict[int, bytes], dict[int, BaseException]]:
+        """Fetch ``regions`` in parallel; returns their bytes and, per region that failed, the error."""
+        if self._closed:
+            raise VolumeClosedError(f"image of snapshot {self.snapshot.id} is closed")
+        got: dict[int, bytes] = {}
+        errors: dict[int, BaseException] = {}
+        if len(regions) == 1 and regions[0] not in self._inflight:
+            try:
+                got[regions[0]] = self._fetch(regions[0])
+            except Exception as exc:  # noqa: BLE001 - reported per region to the caller
+                errors[regions[0]] = exc
+            return got, errors
+        with self._lock:
+            futures = [(r, self._submit(r)) for r in regions]
+        for r, fut in futures:
+            try:
+                got[r] = fut.result()
+            except Exception as exc:  # noqa: BLE001 - reported per region to the caller
+                errors[r] = exc
+        return got, errors
+
+    def prefetch(self, regions: list[int], limit: int | None = None) -> int:
+        """Start fetching ``regions`` into the cache in the background, keeping at most ``limit``
+        fetches (default: twice the workers) in flight; returns how many were started."""
+        limit = 2 * self._workers if limit is None else limit
+        started = 0
+        with self._lock:
+            for r in regions:
+                if self._closed or len(self._inflight) >= limit:
+                    break
+                if r not in self._inflight:
+                    self._submit(r)
+                    started += 1
+        return started
+
     def cached(self, r: int) -> bool:
         """Whether region ``r`` can be served without the secondary."""
         seq, csum = self._manifest.entry(r)
@@ -197,7 +270,7 @@ class RemoteImage:
         with self._lock:
             if r in self._cache:
                 return True
-        return self.region_cache is not None and (r, seq) in self.region_cache._slots
+        return self.region_cache is not None and (r, seq) in self.region_cache
 
     def regions(self, first: int, count: int) -> list[bytes]:
         """The bytes of regions ``[first, first + count)``, fetched in parallel where needed."""
@@ -213,11 +286,9 @@ class RemoteImage:
                     out[r] = hit
                 else:
                     missing.append(r)
-        if len(missing) > 1:
-            with ThreadPoolExecutor(min(self._workers, len(missing))) as pool:
-                fetched = dict(zip(missing, pool.map(self._fetch, missing)))
-        else:
-            fetched = {r: self._fetch(r) for r in missing}
+        fetched, errors = self.fetch_many(missing)
+        if errors:
+            raise next(iter(errors.values()))
         out.update(fetched)
         with self._lock:
             for r, data in fetched.items():
@@ -247,8 +318,12 @@ class RemoteImage:
         return _read_via_readinto(self.readinto, offset, length)
 
     def close(self) -> None:
-        """Drop the cache (idempotent)."""
-        self._closed = True
+        """Stop the fetches under way and drop the in-memory cache (idempotent)."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         self._cache.clear()
 
     def __enter__(self) -> RemoteImage:

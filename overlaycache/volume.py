@@ -59,6 +59,7 @@ MAX_OVERLAYS = 250
 VERIFY_POLICIES = ("always", "sampled", "scrub-only")
 _SAMPLE = 16  # "sampled" verification: one region in this many
 DO_MANIFEST = "distributed-overlay.manifest"
+READAHEAD_BYTES = 64 << 20
 
 
 def _write_file_atomic(path: str, data: bytes) -> None:
@@ -208,6 +209,15 @@ class Volume:
         self._unavail_reason: dict[int, str] = {}  # why, for messages (not persisted)
         self._cache_regions = cache_regions
         self._region_cache: RegionCache | None = None
+        self._workers = workers
+        # Sequential reads prefetch the R regions of the next READAHEAD_BYTES; at most half the cache
+        # unless it holds the whole volume, so that prefetched regions are not evicted before use.
+        window = max(1, READAHEAD_BYTES // self._geo.region_size)
+        if cache_regions < self._geo.num_regions:
+            window = min(window, cache_regions // 2)
+        self._readahead_window = window
+        self._ra_next = 0  # first region not yet scanned for readahead
+        self._last_end = -1  # where the last routed read ended
         self._scratch = bytearray(self._geo.region_size)
         try:
             self._unavail = UnavailableMap(path, self._geo.num_regions)
@@ -222,6 +232,9 @@ class Volume:
                     self._merge_oldest()
             if not readonly:
                 self._attach(secondary, replication, period, sync_policy, max_lag_regions, workers)
+                if self._do is not None:
+                    with self._wlock:
+                        self._start_routing()
         except BaseException:
             if self._repl is not None:
                 self._repl.close()
@@ -452,6 +465,9 @@ class Volume:
                 _log.exception("%s: closing %s", self.path, layer.name)
         self._overlays = []
         self._base = None
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
         if self._region_cache is not None:
             self._region_cache.close()
             self._region_cache = None
@@ -495,6 +511,31 @@ class Volume:
     def _build_stack(self, layer_id: int) -> Any:
         entries = [layer.stack_entry() for layer in self._layers_up_to(layer_id)]
         return core.Stack(self._rw, self._geo.region_size, self._geo.size, entries)
+
+    def _build_live_stack(self, routed: bool = True) -> Any:
+        """The stack of the volume itself: routed through the region cache during a distributed
+        overlay (R regions served by the read kernel from the cache)."""
+        stack = self._build_stack(self._overlays[-1].id)
+        do, cache = self._do, self._region_cache
+        if routed and do is not None and cache is not None and cache.slot_table is not None:
+            npo = sum(1 for ov in self._overlays if ov.id >= do["layer"])
+            try:
+                stack.route(npo, self._unavail.bits, cache.data, cache.slot_table, cache.verified, cache.sums)
+            except BaseException:
+                stack.release()
+                raise
+        return stack
+
+    def _swap_live_stack(self, routed: bool = True) -> None:
+        """Rebuild the live stack (after routing changed); the caller holds ``_wlock``."""
+        new = self._build_live_stack(routed)
+        self._rw.acquire_write()
+        try:
+            old, self._stack = self._stack, new
+        finally:
+            self._rw.release_write()
+        if old is not None:
+            old.release()
 
     def _region_span(self, first: Any, count: Any) -> int:
         """Check a range of regions; returns its length (``count`` None: up to the end)."""
@@ -545,6 +586,11 @@ class Volume:
         """
         self._check_range(offset, length)
         while True:
+            stack = self._stack
+            if stack is not None and stack.routed:
+                out = bytearray(length)
+                self.readinto(offset, out)
+                return bytes(out)
             if self._unavail.any():
                 buf = bytearray(length)
                 self._read_routed(offset, memoryview(buf))
@@ -571,6 +617,21 @@ class Volume:
             stack = self._stack
             if stack is None:
                 raise VolumeClosedError(f"{self.path}: volume is closed")
+            if stack.routed:
+                try:
+                    got: tuple[int, list[int]] = stack.readinto_routed(offset, buffer)
+                    nbytes, misses = got
+                except StaleStackError:
+                    continue
+                except RegionUnavailableError as exc:
+                    if not self._detected(exc):
+                        raise
+                    continue
+                if misses:
+                    self._serve_misses(offset, buffer, nbytes, misses)
+                if self._readahead_window:
+                    self._readahead(offset, nbytes)
+                return nbytes
             if self._unavail.any():
                 view = _buffer(buffer)
                 if view.readonly:
@@ -611,6 +672,7 @@ class Volume:
         repl = self._repl
         if repl is not None:
             repl.throttle()
+        remote = self._remote_edges(offset, len(view)) if self._unavail.any() else {}
         with self._wlock:
             self._live()
             top = self._overlays[-1]
@@ -621,7 +683,7 @@ class Volume:
                     r = pos // rs
                     intra = pos - r * rs
                     take = min(rs - intra, end - pos)
-                    self._write_region(top, r, intra, view[pos - offset : pos - offset + take])
+                    self._write_region(top, r, intra, view[pos - offset : pos - offset + take], remote)
                     pos += take
             finally:
                 self._rw.release_write()
@@ -632,8 +694,28 @@ class Volume:
             repl.ship_after_write(offset // rs, (offset + len(view) - 1) // rs)
         return len(view)
 
-    def _write_region(self, top: Overlay, r: int, intra: int, piece: memoryview) -> None:
-        """Write ``piece`` at ``intra`` in region ``r``; the caller holds both locks."""
+    def _remote_edges(self, offset: int, length: int) -> dict[int, bytes]:
+        """The PIT's bytes of the R regions that a write of ``length`` bytes at ``offset`` covers
+        only in part, fetched before the write takes its locks (through the cache)."""
+        rs = self._geo.region_size
+        edges = {offset // rs, (offset + length - 1) // rs}
+        out: dict[int, bytes] = {}
+        for r in edges:
+            a, rlen = r * rs, self._geo.region_length(r)
+            if a >= offset and a + rlen <= offset + length:
+                continue  # written whole
+            with self._wlock:
+                if self._do is None or self._location(r) != CODE_R:
+                    continue
+            data = bytearray(rlen)
+            self.readinto(a, data)
+            out[r] = bytes(data)
+        return out
+
+    def _write_region(self, top: Overlay, r: int, intra: int, piece: memoryview,
+                      fetched: dict[int, bytes] | None = None) -> None:
+        """Write ``piece`` at ``intra`` in region ``r``; the caller holds both locks. ``fetched``
+        has the PIT's bytes of R regions written in part (see :meth:`_remote_edges`)."""
         rlen = self._geo.region_length(r)
         full = intra == 0 and len(piece) == rlen
         remote = bool(self._unavail.bits.test(r)) and self._location(r) == CODE_R
@@ -649,8 +731,12 @@ class Volume:
             top.data.write(off + intra, piece)
         else:
             region = memoryview(self._scratch)[:rlen]
-            if remote:
-                self._read_region_remote(r, region)  # the rest of the region is not valid locally
+            if remote:  # the rest of the region is not valid locally
+                got = (fetched or {}).get(r)
+                if got is not None:
+                    region[:] = got
+                else:
+                    self._read_region_remote(r, region)
             else:
                 self._stack.readinto_locked(r * self._geo.region_size, region)
             region[intra : intra + len(piece)] = piece
@@ -753,7 +839,7 @@ class Volume:
                 self._overlays.pop()
                 overlay.close()
                 raise
-            old, self._stack = self._stack, self._build_stack(new_id)
+            old, self._stack = self._stack, self._build_live_stack()
             old.release()
         finally:
             self._rw.release_write()
@@ -850,7 +936,7 @@ class Volume:
             self._meta["merging"] = None
             self._store_meta()
             old = [self._stack]
-            self._stack = self._build_stack(self._overlays[-1].id)
+            self._stack = self._build_live_stack()
             for img in self._images:
                 old.append(img._stack)
                 img._stack = self._build_stack(img.snapshot.layer)
@@ -1086,7 +1172,7 @@ class Volume:
             except BaseException:
                 self._meta["distributed_overlay"] = None
                 raise
-            self._remote = None
+            self._start_routing()
         if lost:
             _log.error("%s: distributed overlay began; unsynced regions %s could not be read and fall back "
                        "to their last replicated version", self.path, _ranges(sorted(lost)))
@@ -1095,45 +1181,147 @@ class Volume:
                      repl.store.location)
         return snap
 
+    def _start_routing(self) -> None:
+        """Serve the distributed overlay's R regions through the read kernel and the region cache;
+        the caller holds ``_wlock``. The PIT's manifest is kept locally, so cached regions are
+        served even while the secondary is unreachable or not attached."""
+        do = self._do
+        assert do is not None
+        path = os.path.join(self.path, DO_MANIFEST)
+        try:
+            with open(path, "rb") as f:
+                manifest = decode_manifest(f.read(), path)
+        except FileNotFoundError:
+            manifest = decode_manifest(self._replicator().store.get(manifest_key(self.id, do["snapshot"])))
+        if self._region_cache is None:
+            self._region_cache = RegionCache(os.path.join(self.path, "cache"), self._geo.region_size,
+                                             min(self._cache_regions, self._geo.num_regions), lock=self._rw)
+        if self._remote is not None:
+            self._remote.close()
+        if self._stack is not None and self._stack.routed:
+            self._swap_live_stack(routed=False)  # no reader may use a slot table no longer kept
+        store = self._repl.store if self._repl is not None else None
+        self._remote = RemoteImage(store, manifest, cache_regions=64, region_cache=self._region_cache,
+                                   workers=self._workers)
+        self._region_cache.bind(manifest)
+        self._swap_live_stack()
+        self._ra_next = 0
+
+    def _stop_routing(self) -> None:
+        """The distributed overlay ended: local reads only; the caller holds ``_wlock``."""
+        self._swap_live_stack(routed=False)
+        if self._region_cache is not None:
+            self._region_cache.unbind()
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
+
     def _remote_pit(self) -> RemoteImage:
         img = self._remote
         if img is None:
-            do = self._do
-            if do is None:
+            if self._do is None:
                 raise RegionUnavailableError("no distributed overlay: nothing to read remotely", (), "unavailable")
-            repl = self._replicator()
-            path = os.path.join(self.path, DO_MANIFEST)
-            try:
-                with open(path, "rb") as f:
-                    manifest = decode_manifest(f.read(), path)
-            except FileNotFoundError:
-                manifest = decode_manifest(repl.store.get(manifest_key(self.id, do["snapshot"])))
-            if self._region_cache is None:
-                self._region_cache = RegionCache(os.path.join(self.path, "cache"), self._geo.region_size,
-                                                 min(self._cache_regions, self._geo.num_regions))
-            img = self._remote = RemoteImage(repl.store, manifest, cache_regions=64,
-                                             region_cache=self._region_cache)
+            if self.readonly:
+                raise RegionUnavailableError(
+                    f"{self.path}: open the volume read-write with its secondary to read remote regions",
+                    (), "unavailable")
+            with self._wlock:
+                if self._remote is None:
+                    self._start_routing()
+                img = self._remote
+            assert img is not None
         return img
+
+    def clear_cache(self) -> int:
+        """Drop every region kept in the remote region cache; returns how many were dropped."""
+        self._live()
+        cache = self._region_cache
+        if cache is None:
+            return 0
+        n = len(cache)
+        cache.clear()
+        return n
+
+    def _serve_misses(self, offset: int, buffer: Any, n: int, misses: list[int]) -> None:
+        """Fetch the R regions the read kernel could not serve from the cache and copy them into
+        ``buffer`` (holding ``n`` bytes read at ``offset``); name every region that cannot be served."""
+        img = self._remote_pit()
+        cache = self._region_cache
+        regions = []
+        for m in misses:
+            if m < 0:  # the cached copy failed its checksum or could not be read
+                m = -m - 1
+                if cache is not None:
+                    cache.drop(m, img.version(m))
+            regions.append(m)
+        got, errors = img.fetch_many(regions)
+        view = memoryview(buffer).cast("B")
+        rs = self._geo.region_size
+        for r, data in got.items():
+            a, b = max(offset, r * rs), min(offset + n, r * rs + len(data))
+            view[a - offset : b - offset] = memoryview(data)[a - r * rs : b - r * rs]
+        if errors:
+            failed = sorted(errors)
+            first = errors[failed[0]]
+            if not isinstance(first, StoreError):
+                raise first
+            raise RegionUnavailableError(
+                f"{self.path}: regions {_ranges(failed)} are not valid locally, not cached, and the "
+                f"secondary cannot serve them: {first}", failed, "secondary unavailable") from first
+
+    def _readahead(self, offset: int, n: int) -> None:
+        """On sequential reads, start fetching the uncached R regions of the next window."""
+        rs = self._geo.region_size
+        if offset != self._last_end:
+            self._ra_next = 0
+            if offset != 0:  # not a sequential read
+                self._last_end = offset + n
+                return
+        self._last_end = offset + n
+        start = max(self._ra_next, (offset + n + rs - 1) // rs)
+        stop = min(self._geo.num_regions, (offset + n) // rs + self._readahead_window)
+        if stop - start < max(1, self._readahead_window // 4):
+            return  # scan in batches: a scan costs more than the check
+        cache, img = self._region_cache, self._remote
+        if cache is None or img is None or cache.slot_table is None:
+            return
+        table = memoryview(cache.slot_table).cast("q")
+        codes = location_codes(self._po_maps(), self._unavail.bits, start, stop - start)
+        want = [start + i for i, c in enumerate(codes) if c == CODE_R and table[start + i] == 0]
+        started = img.prefetch(want)
+        self._ra_next = want[started] if started < len(want) else stop
 
     def _read_remote(self, offset: int, out: memoryview) -> None:
         """Read from the remote PIT; regions that neither the cache nor the secondary can give
         raise :class:`RegionUnavailableError` naming them."""
+        rs = self._geo.region_size
+        if self.readonly:
+            span = range(offset // rs, (offset + len(out) - 1) // rs + 1)
+            raise RegionUnavailableError(
+                f"{self.path}: regions {_ranges(span)} are served by the secondary: open the volume "
+                "read-write with its secondary to read them", span, "unavailable")
         img = self._remote_pit()
         try:
             img.readinto(offset, out)
         except StoreError as exc:
-            rs = self._geo.region_size
             regs = [r for r in range(offset // rs, (offset + len(out) - 1) // rs + 1) if not img.cached(r)]
             raise RegionUnavailableError(
                 f"{self.path}: regions {_ranges(regs)} are not valid locally, not cached, and the "
                 f"secondary cannot serve them: {exc}", regs, "secondary unavailable") from exc
 
     def _read_region_remote(self, r: int, out: memoryview) -> None:
+        """Fetch region ``r`` of the PIT into ``out`` holding the stack's lock for writing: straight
+        from the secondary, as the cache's slots change only under that lock."""
         if self._do is None:
             raise RegionUnavailableError(
                 f"{self.path}: region {r} is unavailable locally and there is no distributed overlay "
                 "(attach a secondary)", (r,), "unavailable")
-        self._read_remote(r * self._geo.region_size, out)
+        try:
+            out[:] = self._remote_pit()._fetch(r, keep=False)
+        except StoreError as exc:
+            raise RegionUnavailableError(
+                f"{self.path}: region {r} is not valid locally and the secondary cannot serve it: {exc}",
+                (r,), "secondary unavailable") from exc
 
     def _read_routed(self, offset: int, view: memoryview) -> None:
         """Read ``len(view)`` bytes at ``offset``, each region from its location (PO, PB or R)."""
@@ -1308,7 +1496,7 @@ class Volume:
             if self._do is not None:
                 self._meta["distributed_overlay"] = None
                 self._store_meta()
-                self._remote = None
+                self._stop_routing()
                 try:
                     os.unlink(os.path.join(self.path, DO_MANIFEST))
                 except FileNotFoundError:

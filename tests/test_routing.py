@@ -1,0 +1,158 @@
+"""The routed read path of a distributed overlay: R regions served by the read kernel from the
+region cache, misses fetched in parallel, readahead on sequential reads, and slots that change
+(evictions, damage, clearing) under readers."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_failover import CountingStore
+
+from overlaycache import Volume
+from overlaycache.errors import RegionUnavailableError
+
+RS = 4096
+N = 64
+
+
+def degraded(tmp_path: Path, store: Any, remote: list[int], cache_regions: int = 4096,
+             size: int = N * RS) -> tuple[Volume, bytes]:
+    """A replicated volume of random bytes with ``remote`` regions unavailable (R)."""
+    data = random.Random(7).randbytes(size)
+    vol = Volume.create(tmp_path / "vol", size, region_size=RS, secondary=store, replication="periodic",
+                        period=3600, cache_regions=cache_regions, workers=4)
+    vol.write(0, data)
+    vol.replicate()
+    vol.mark_unavailable(remote)
+    return vol, data
+
+
+def test_sequential_reads_fetch_each_remote_region_once(tmp_path: Path, s3_store: Any) -> None:
+    store = CountingStore(s3_store)
+    remote = list(range(3, N, 5))
+    vol, data = degraded(tmp_path, store, remote)
+    with vol:
+        assert vol._stack.routed
+        for off in range(0, N * RS, 4 * RS):
+            assert vol.read(off, 4 * RS) == data[off : off + 4 * RS]
+        assert vol._remote is not None
+        vol._remote.close()  # waits for readahead still under way
+        assert sorted(store.region_gets) == sorted(set(store.region_gets))
+        assert len(store.region_gets) == len(remote)
+    store.region_gets.clear()
+    with Volume.open(tmp_path / "vol", secondary=store) as vol:
+        assert vol.read(0, N * RS) == data  # all from the cache file, verified on first read
+        assert store.region_gets == []
+
+
+def test_reads_stay_exact_while_a_tiny_cache_evicts(tmp_path: Path, s3_store: Any) -> None:
+    """Four readers on a two-slot cache: every read evicts slots other readers are using."""
+    remote = list(range(0, N, 2))
+    vol, data = degraded(tmp_path, s3_store, remote, cache_regions=2)
+    errors: list[BaseException] = []
+
+    def reader(seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            for _ in range(60):
+                off = rnd.randrange(0, N * RS - 1)
+                n = rnd.randrange(1, min(6 * RS, N * RS - off) + 1)
+                got = vol.read(off, n)
+                if got != data[off : off + n]:
+                    raise AssertionError(f"bytes [{off}, {off + n}) differ")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with vol:
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        assert vol._region_cache is not None and len(vol._region_cache) <= 2
+
+
+def test_cache_damaged_under_a_live_volume(tmp_path: Path, s3_store: Any) -> None:
+    """A cache slot damaged after it was verified is served as it is only until the volume is
+    reopened; then it is found, dropped and fetched again."""
+    store = CountingStore(s3_store)
+    vol, data = degraded(tmp_path, store, [5])
+    with vol:
+        assert vol.read(5 * RS, RS) == data[5 * RS : 6 * RS]
+        assert len(store.region_gets) == 1
+    path = tmp_path / "vol" / "cache" / "cache.data"
+    raw = bytearray(path.read_bytes())
+    at = raw.index(data[5 * RS : 5 * RS + 64])
+    raw[at + 100] ^= 0x55
+    path.write_bytes(bytes(raw))
+    with Volume.open(tmp_path / "vol", secondary=store) as vol:
+        assert vol.read(5 * RS + 50, 100) == data[5 * RS + 50 : 5 * RS + 150]
+        assert len(store.region_gets) == 2
+        assert vol._region_cache is not None and vol._region_cache.dropped == 1
+
+
+def test_truncated_cache_file_is_refetched_not_fatal(tmp_path: Path, s3_store: Any) -> None:
+    store = CountingStore(s3_store)
+    vol, data = degraded(tmp_path, store, [1, 2])
+    with vol:
+        assert vol.read(0, 4 * RS) == data[: 4 * RS]
+        os.truncate(tmp_path / "vol" / "cache" / "cache.data", 0)  # under the live mmap: SIGBUS
+        vol._region_cache.verified.clear_range(0, 2)  # type: ignore[union-attr]
+        assert vol.read(0, 4 * RS) == data[: 4 * RS]
+        assert len(store.region_gets) == 4
+
+
+def test_clear_cache_refetches(tmp_path: Path, s3_store: Any) -> None:
+    store = CountingStore(s3_store)
+    vol, data = degraded(tmp_path, store, [1, 3])
+    with vol:
+        assert vol.read(0, 4 * RS) == data[: 4 * RS]
+        assert vol.clear_cache() == 2
+        assert vol.clear_cache() == 0
+        assert vol.read(0, 4 * RS) == data[: 4 * RS]
+        assert len(store.region_gets) == 4
+
+
+def test_unwritten_remote_regions_read_as_zeros_without_requests(tmp_path: Path, s3_store: Any) -> None:
+    store = CountingStore(s3_store)
+    vol = Volume.create(tmp_path / "vol", N * RS, region_size=RS, secondary=store, replication="periodic",
+                        period=3600)
+    with vol:
+        vol.write(0, b"a" * RS)
+        vol.write(3 * RS, bytes(RS))  # written, all zeros: recorded, not stored
+        vol.replicate()
+        vol.mark_unavailable([0, 1, 3])
+        for _ in range(2):
+            assert vol.read(0, 4 * RS) == b"a" * RS + bytes(3 * RS)
+        assert len(store.region_gets) == 1
+
+
+def test_partial_write_to_remote_region_fetches_outside_the_lock(tmp_path: Path, s3_store: Any) -> None:
+    store = CountingStore(s3_store)
+    vol, data = degraded(tmp_path, store, [2, 3])
+    with vol:
+        vol.write(2 * RS + 10, b"xy")
+        vol.write(3 * RS - 1, b"!" * 3)  # the end of region 2, the start of region 3
+        want = bytearray(data[: 4 * RS])
+        want[2 * RS + 10 : 2 * RS + 12] = b"xy"
+        want[3 * RS - 1 : 3 * RS + 2] = b"!" * 3
+        assert vol.read(0, 4 * RS) == want
+        assert vol.location_map(0, 4) == ["PB", "PB", "PO", "PO"]
+        assert len(store.region_gets) == 2
+
+
+def test_read_only_open_names_remote_regions(tmp_path: Path, s3_store: Any) -> None:
+    vol, data = degraded(tmp_path, s3_store, [2])
+    vol.close()
+    with Volume.open(tmp_path / "vol", readonly=True) as ro:
+        assert ro.read(0, 2 * RS) == data[: 2 * RS]
+        with pytest.raises(RegionUnavailableError) as info:
+            ro.read(RS, 3 * RS)
+        assert info.value.regions == (2,)
