@@ -118,6 +118,7 @@ class CloneInfo:
     created_at: float
 
     def to_json(self) -> dict[str, Any]:
+        """The descriptor's fields, as written to ``clone.json`` (without its checksum)."""
         return {
             "kind": DESCRIPTOR_KIND,
             "version": DESCRIPTOR_VERSION,
@@ -132,6 +133,7 @@ class CloneInfo:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> CloneInfo:
+        """Parse :meth:`to_json`'s output; raises KeyError, TypeError or ValueError when invalid."""
         snap = obj["snapshot"]
         seq = snap["seq"]
         label = snap["label"]
@@ -291,7 +293,6 @@ class Clone:
         self._lock = threading.RLock()
         self._lock_fd = lock_fd
         self._overlay: Overlay | None = Overlay(path, _LAYER_ID, self._geo, True)
-        self._scratch = bytearray(info.region_size)
 
     # -- lifecycle --------------------------------------------------------------------------------
     @classmethod
@@ -320,14 +321,14 @@ class Clone:
         path = os.fspath(path)
         info = CloneInfo.of_image(image)
         _check_image_open(image, path)
-        if os.path.exists(path):
-            if not os.path.isdir(path) or os.listdir(path):
-                raise InvalidArgumentError(
-                    f"{path}: exists and is not an empty directory (to reopen a clone, use "
-                    "Volume.open_clone or Clone.open)")
-        else:
+        made = not os.path.exists(path)
+        if made:
             os.makedirs(path)
             fsync_dir(os.path.dirname(os.path.abspath(path)))
+        elif not os.path.isdir(path) or os.listdir(path):
+            raise InvalidArgumentError(
+                f"{path}: exists and is not an empty directory (to reopen a clone, use "
+                "Volume.open_clone or Clone.open)")
         lock_fd = _lock(path)
         try:
             Overlay.create(path, _LAYER_ID, Geometry(info.size, info.region_size))
@@ -336,6 +337,11 @@ class Clone:
             return cls(path, info, image, lock_fd, False)
         except BaseException:
             os.close(lock_fd)
+            # Leave the directory as it was found, so that creating the clone can be retried.
+            for name in os.listdir(path):
+                os.unlink(os.path.join(path, name))
+            if made:
+                os.rmdir(path)
             raise
 
     @classmethod

@@ -334,6 +334,24 @@ def test_refusals(tmp_path: Path, any_store: Any) -> None:
             assert chars(clone) == "q b c d e f g h"
 
 
+def test_a_failed_creation_leaves_nothing(tmp_path: Path, any_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from overlaycache import clone as clone_module
+
+    def no_space(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    with lettered(tmp_path, any_store) as vol, vol.image("T1") as img:
+        (tmp_path / "empty").mkdir()
+        with monkeypatch.context() as m:
+            m.setattr(clone_module, "_write_descriptor", no_space)
+            for name in ("new", "empty"):
+                with pytest.raises(OSError, match="No space"):
+                    img.clone(tmp_path / name)
+        assert not (tmp_path / "new").exists() and os.listdir(tmp_path / "empty") == []
+        with img.clone(tmp_path / "new") as clone:  # and it can be retried
+            assert chars(clone) == "a b c d e f g h"
+
+
 def test_damaged_descriptor_and_overlay(tmp_path: Path, any_store: Any) -> None:
     from overlaycache.clone import CloneInfo, _write_descriptor
 
