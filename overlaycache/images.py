@@ -7,10 +7,10 @@ closes the image if its snapshot goes away. A remote image reads regions from th
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-import os
 from typing import Any
 
 from overlaycache._impl import core
@@ -88,7 +88,7 @@ class VirtualImage:
             self._on_close(self)
 
     def clone(self, path: str | os.PathLike[str]) -> Clone:
-        """A writable local overlay over this image, in the new directory ``path``; see :class:`Clone`.
+        """A writable local overlay over this image, in a new or empty directory ``path``; see :class:`Clone`.
 
         The clone reads through this image: it raises :class:`VolumeClosedError` once the image is
         closed (also when the volume closes or a merge drops the snapshot). Reopen it with
@@ -354,7 +354,7 @@ class RecoveryImage:
         return self._closed or bool(self._vol.closed)
 
     def clone(self, path: str | os.PathLike[str]) -> Clone:
-        """A writable local overlay over this image, in the new directory ``path``; see :class:`Clone`.
+        """A writable local overlay over this image, in a new or empty directory ``path``; see :class:`Clone`.
 
         The clone reads through this image: it raises :class:`VolumeClosedError` once the image or
         its volume is closed. Reopen it with :meth:`Volume.open_clone`.
