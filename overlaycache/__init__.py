@@ -5,7 +5,9 @@ A volume is a local base file plus a stack of overlay files, read as one virtual
 """
 
 from overlaycache._impl import core as _core_impl
+from overlaycache.clone import Clone
 from overlaycache.errors import (
+    CloneMismatchError,
     CorruptionError,
     FormatError,
     InvalidArgumentError,
@@ -34,6 +36,8 @@ IMPLEMENTATION: str = _core_impl.IMPLEMENTATION
 
 __all__ = [
     "IMPLEMENTATION",
+    "Clone",
+    "CloneMismatchError",
     "CorruptionError",
     "FormatError",
     "InvalidArgumentError",

@@ -207,6 +207,10 @@ def demo_failover(endpoint: str, key_id: str | None, secret: str | None, bucket:
                 show("recovery image of T6, at the same time", _chars(b, 8))
                 say(f"    T5 image: {a.local_reads} region reads served locally (identical checksums), "
                     "the rest from the secondary")
+                with a.clone(os.path.join(directory, "clone-T5")) as clone:
+                    clone.write(1 * rs, b"Q" * rs)
+                    show("clone of T5: write Q->1 in the clone only", _chars(clone, 8))
+                show("the volume is unchanged", _chars(vol, 8))
             say(f"diff T5..T6: regions {vol.diff(t5, t6)}")
             rewritten = vol.restore(t5)
             show(f"restore T5: rewrote regions {','.join(map(str, rewritten))}", _chars(vol, 8))

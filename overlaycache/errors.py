@@ -14,6 +14,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidBufferError",
     "OutOfRangeError",
+    "CloneMismatchError",
     "FormatError",
     "VolumeLockedError",
     "VolumeClosedError",
@@ -44,6 +45,29 @@ class InvalidBufferError(OverlayCacheError, TypeError):
 
 class OutOfRangeError(InvalidArgumentError):
     """An offset, length or region lies outside the volume."""
+
+
+class CloneMismatchError(InvalidArgumentError):
+    """A clone directory holds a clone of another volume, snapshot or geometry than the one given.
+
+    Attributes
+    ----------
+    path : str
+        The clone's directory.
+    field : str
+        What differs: ``"volume_id"``, ``"source"``, ``"snapshot"``, ``"size"`` or ``"region_size"``.
+    expected : object
+        What the clone's descriptor records.
+    found : object
+        What the volume or image given has.
+    """
+
+    def __init__(self, message: str, path: str, field: str, expected: object, found: object) -> None:
+        super().__init__(message)
+        self.path = path
+        self.field = field
+        self.expected = expected
+        self.found = found
 
 
 class FormatError(OverlayCacheError):

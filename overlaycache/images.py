@@ -8,12 +8,14 @@ closes the image if its snapshot goes away. A remote image reads regions from th
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from overlaycache._impl import core
+from overlaycache.clone import Clone
 from overlaycache.errors import (
     CorruptionError,
     InvalidBufferError,
@@ -32,13 +34,18 @@ class VirtualImage:
     ----------
     snapshot : LocalSnapshot
         The snapshot it shows.
-    size : int
-        Bytes in the image.
+    size, region_size : int
+        Geometry of the volume.
+    volume_id : str or None
+        The volume's id.
     """
 
-    def __init__(self, snapshot: LocalSnapshot, size: int, stack: Any, on_close: Any) -> None:
+    def __init__(self, snapshot: LocalSnapshot, size: int, stack: Any, on_close: Any,
+                 volume_id: str | None = None) -> None:
         self.snapshot = snapshot
         self.size = size
+        self.region_size: int = stack.region_size
+        self.volume_id = volume_id
         self._stack: Any = stack
         self._on_close = on_close
         self._closed_reason: str | None = None
@@ -81,6 +88,15 @@ class VirtualImage:
         """Release the image (idempotent)."""
         if self._closed_reason is None:
             self._on_close(self)
+
+    def clone(self, path: str | os.PathLike[str]) -> Clone:
+        """A writable local overlay over this image, in a new or empty directory ``path``; see :class:`Clone`.
+
+        The clone reads through this image: it raises :class:`VolumeClosedError` once the image is
+        closed (also when the volume closes or a merge drops the snapshot). Reopen it with
+        :meth:`Volume.open_clone`.
+        """
+        return Clone.create(path, self)
 
     def _invalidate(self, reason: str) -> Any:
         """Called by the volume with its write lock held; returns the stack to release."""
@@ -347,13 +363,17 @@ class RecoveryImage:
     ----------
     snapshot : Snapshot
         The PIT shown.
-    size : int
-        Bytes in the image.
+    size, region_size : int
+        Geometry of the volume.
+    volume_id : str
+        The volume's id.
     """
 
     def __init__(self, vol: Any, remote: RemoteImage) -> None:
         self._vol = vol
         self.remote = remote
+        self._closed = False
+        self.volume_id = remote.volume_id
         self.snapshot = remote.snapshot
         self.size = remote.size
         self.region_size = remote.region_size
@@ -364,7 +384,15 @@ class RecoveryImage:
         return self.remote.region_checksum(r)
 
     def readinto(self, offset: int, buffer: Any) -> int:
-        """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer; returns the count."""
+        """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer; returns the count.
+
+        Raises
+        ------
+        VolumeClosedError
+            The image, or its volume, is closed.
+        """
+        if self.closed:
+            raise VolumeClosedError(f"image of snapshot {self.snapshot.id} is closed (or its volume)")
         view = _writable_range(buffer, offset, self.size)
         n = len(view)
         if n == 0:
@@ -395,8 +423,22 @@ class RecoveryImage:
         """Read ``length`` bytes at ``offset``."""
         return _read_via_readinto(self.readinto, offset, length)
 
+    @property
+    def closed(self) -> bool:
+        """Whether the image, or the volume beside which it was opened, is closed."""
+        return self._closed or bool(self._vol.closed)
+
+    def clone(self, path: str | os.PathLike[str]) -> Clone:
+        """A writable local overlay over this image, in a new or empty directory ``path``; see :class:`Clone`.
+
+        The clone reads through this image: it raises :class:`VolumeClosedError` once the image or
+        its volume is closed. Reopen it with :meth:`Volume.open_clone`.
+        """
+        return Clone.create(path, self)
+
     def close(self) -> None:
         """Release the image (idempotent)."""
+        self._closed = True
         self.remote.close()
 
     def __enter__(self) -> RecoveryImage:

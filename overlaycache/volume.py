@@ -42,6 +42,7 @@ from overlaycache.errors import (
     VolumeLockedError,
 )
 from overlaycache.cache import RegionCache
+from overlaycache.clone import Clone, open_clone
 from overlaycache.failover import CODE_NAMES, CODE_R, UnavailableMap, location_codes
 from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
 from overlaycache.layers import BaseLayer, Geometry, Overlay, fsync_dir
@@ -859,9 +860,30 @@ class Volume:
         snap = self._find_snapshot(snapshot)
         with self._wlock:
             self._live()
-            img = VirtualImage(snap, self._geo.size, self._build_stack(snap.layer), self._close_image)
+            img = VirtualImage(snap, self._geo.size, self._build_stack(snap.layer), self._close_image,
+                               volume_id=self.id)
             self._images.add(img)
         return img
+
+    def open_clone(self, path: str | os.PathLike[str]) -> Clone:
+        """Open the clone in ``path`` (made by ``image.clone(path)``) over a new image of its snapshot.
+
+        The clone owns that image and closes it when it closes. The clone never writes to the
+        volume or to the secondary.
+
+        Raises
+        ------
+        FormatError
+            ``path`` is not a clone, or its files are corrupted or of a newer format.
+        CloneMismatchError
+            The clone is of another volume, or the snapshot found under its id is another one.
+        SnapshotNotFoundError
+            Its snapshot no longer exists (collapsed on the secondary, or merged away locally).
+        VolumeLockedError
+            The clone is open elsewhere.
+        """
+        self._live()
+        return open_clone(self, path)
 
     def _close_image(self, img: VirtualImage) -> None:
         with self._wlock:

@@ -69,5 +69,7 @@ def test_demo_failover_tells_the_story(tmp_path: Path, moto_endpoint: str) -> No
     assert got["write u->0, 7->3"] == "u b c 7 e f 4 h"
     assert got["recovery image of T5, beside the volume"] == "1 b c z e f 4 h"
     assert got["recovery image of T6, at the same time"] == "u b c 7 e f 4 h"
+    assert got["clone of T5: write Q->1 in the clone only"] == "1 Q c z e f 4 h"
+    assert got["the volume is unchanged"] == "u b c 7 e f 4 h"
     assert got["restore T5: rewrote regions 0,2,3,5"] == "1 b c z e f 4 h"
     assert got["location map: distributed overlay ended"] == "PB PB PB PB PB PB PB PB"

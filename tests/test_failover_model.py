@@ -5,7 +5,8 @@ the distributed overlay begins, writes keep landing (also partial writes to regi
 remote PIT), PITs are read back as recovery images, diffed and restored, and the volume is closed
 and reopened. A plain model (the volume's bytes, the bytes of every PIT, the unavailable regions and
 the regions written since the distributed overlay began) predicts every read, every location code,
-every diff and every restore.
+every diff and every restore. Clones of PITs are written and read beside all this: each has its own
+bytes in the model, and nothing done to the volume changes them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from overlaycache import Volume
+from overlaycache import Clone, Volume
+from overlaycache.errors import VolumeClosedError
 from overlaycache.store import LocalStore
 
 RS = 4096
@@ -41,6 +43,8 @@ class FailoverMachine(RuleBasedStateMachine):
         self.do_base = b""  # the model when it began (== its PIT snapshot)
         self.do_snapshot_id: str | None = None
         self.unsynced: set[int] = set()  # regions written since the last complete replication
+        self.clones: dict[str, tuple[Clone, bytearray]] = {}  # directory -> open clone, its bytes
+        self.made = 0
 
     # -- helpers ------------------------------------------------------------------------------------
     def _span(self, r: int) -> slice:
@@ -269,6 +273,56 @@ class FailoverMachine(RuleBasedStateMachine):
         assert vol.location_map() == ["PB"] * self.nregions
         assert vol.diff(sid) == []
 
+    # -- clones of PITs ---------------------------------------------------------------------------------
+    @precondition(lambda self: self.pits and len(self.clones) < 2)
+    @rule(data=st.data())
+    def clone(self, data: st.DataObject) -> None:
+        vol = self._live()
+        sid = data.draw(st.sampled_from(sorted(self.pits)), label="pit")
+        self.made += 1
+        path = os.path.join(self.dir, f"clone-{self.made}")
+        event(f"clone of a PIT with a distributed overlay: {self.do_active}")
+        img = vol.image(sid)
+        img.clone(path).close()
+        img.close()
+        self.clones[path] = (vol.open_clone(path), bytearray(self.pits[sid]))
+
+    @precondition(lambda self: self.clones)
+    @rule(data=st.data())
+    def clone_write(self, data: st.DataObject) -> None:
+        path = data.draw(st.sampled_from(sorted(self.clones)), label="clone")
+        clone, model = self.clones[path]
+        off = data.draw(st.integers(0, len(model) - 1), label="offset")
+        n = data.draw(st.integers(1, min(2 * RS, len(model) - off)), label="length")
+        payload = data.draw(st.binary(min_size=n, max_size=n), label="payload")
+        if any(r not in clone.written for r in (off // RS, (off + n - 1) // RS)) and (off % RS or n % RS):
+            event("clone write: partial, to a region not in the clone")
+        assert clone.write(off, payload) == n
+        model[off : off + n] = payload
+        if data.draw(st.booleans(), label="flush"):
+            clone.flush()
+
+    @precondition(lambda self: self.clones)
+    @rule(data=st.data())
+    def clone_read(self, data: st.DataObject) -> None:
+        path = data.draw(st.sampled_from(sorted(self.clones)), label="clone")
+        clone, model = self.clones[path]
+        off = data.draw(st.integers(0, len(model)), label="offset")
+        n = data.draw(st.integers(0, min(2 * RS + 1, len(model) - off)), label="length")
+        assert clone.read(off, n) == model[off : off + n]
+        changed = [r for r in sorted(clone.written)
+                   if bytes(model[self._span(r)]) != clone.image.read(r * RS, len(model[self._span(r)]))]
+        assert clone.diff() == changed
+
+    @precondition(lambda self: self.clones)
+    @rule(data=st.data())
+    def clone_reopen(self, data: st.DataObject) -> None:
+        path = data.draw(st.sampled_from(sorted(self.clones)), label="clone")
+        clone, model = self.clones.pop(path)
+        clone.close()
+        if data.draw(st.booleans(), label="keep"):
+            self.clones[path] = (self._live().open_clone(path), model)
+
     @rule()
     def reopen(self) -> None:
         vol = self._live()
@@ -277,7 +331,16 @@ class FailoverMachine(RuleBasedStateMachine):
         locations = vol.location_map()
         vol.close()
         self.vol = None
+        event(f"reopen with {len(self.clones)} clones open")
+        for clone, _model in self.clones.values():
+            try:
+                clone.read(0, 1)
+                raise AssertionError("a clone read through the image of a closed volume")
+            except VolumeClosedError:
+                pass
+            clone.close()
         self.vol = vol = Volume.open(self.path, secondary=self.store)
+        self.clones = {path: (vol.open_clone(path), model) for path, (_clone, model) in self.clones.items()}
         assert vol.replication == "async"
         assert vol.distributed_overlay == do_before
         assert vol.unavailable == frozenset(self.unavail)
@@ -296,8 +359,17 @@ class FailoverMachine(RuleBasedStateMachine):
         if do is not None:
             assert do["snapshot_id"] == self.do_snapshot_id
 
+    @invariant()
+    def clones_match_model(self) -> None:
+        if self.vol is None:
+            return
+        for clone, model in self.clones.values():
+            assert clone.read(0, clone.size) == model
+
     def teardown(self) -> None:
         try:
+            for clone, _model in self.clones.values():
+                clone.close()
             if self.vol is not None:
                 self.vol.close()
         finally:
