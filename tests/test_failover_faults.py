@@ -80,9 +80,10 @@ def test_reopen_while_the_secondary_is_down(tmp_path: Path, moto: MotoServer) ->
     ff.reopen_while_the_secondary_is_down(tmp_path, moto)
 
 
-@pytest.mark.parametrize("k", [0, 3, 10])
-def test_parallel_remote_read_killed(tmp_path: Path, moto: MotoServer, k: int) -> None:
-    ff.parallel_remote_read_killed(tmp_path, moto, k)
+@pytest.mark.parametrize(("k", "racing"), [(0, False), (3, False), (10, False), (5, True)],
+                         ids=["first", "after-3", "after-10", "racing"])
+def test_parallel_remote_read_killed(tmp_path: Path, moto: MotoServer, k: int, racing: bool) -> None:
+    ff.parallel_remote_read_killed(tmp_path, moto, k, racing)
 
 
 @pytest.mark.parametrize("reopen", [False, True], ids=["live", "reopened"])
