@@ -13,7 +13,10 @@
 #   OC_SERVERS_HOME       where install.sh put the venvs (default ~/.cache/overlaycache-servers)
 #   OC_SERVERS_RUN        run dir (default /tmp/overlaycache-servers)
 #   OC_LOCALSTACK_PORT    LocalStack gateway port (default 4566)
-#   OC_SEAWEEDFS_S3_PORT  SeaweedFS S3 port (default 8333); its other ports are fixed below
+#   OC_SEAWEEDFS_S3_PORT  SeaweedFS S3 port (default 8333)
+#   OC_SEAWEEDFS_MASTER_PORT, OC_SEAWEEDFS_VOLUME_PORT, OC_SEAWEEDFS_FILER_PORT,
+#   OC_SEAWEEDFS_ADMIN_PORT  its other ports (defaults 9333, 9340, 8888, 23646); with another
+#                         run dir and S3 port, a second instance beside the shared one
 #   OC_START_TIMEOUT      seconds to wait for each server (default 90)
 #   OC_KEEP_DATA          1: keep the data dir of a previous run (restart tests)
 set -euo pipefail
@@ -25,10 +28,10 @@ TIMEOUT="${OC_START_TIMEOUT:-90}"
 LS_PORT="${OC_LOCALSTACK_PORT:-4566}"
 SW_S3_PORT="${OC_SEAWEEDFS_S3_PORT:-8333}"
 # SeaweedFS internals (gRPC ports are these + 10000); all bound to 127.0.0.1.
-SW_MASTER_PORT=9333
-SW_VOLUME_PORT=9340
-SW_FILER_PORT=8888
-SW_ADMIN_PORT=23646
+SW_MASTER_PORT="${OC_SEAWEEDFS_MASTER_PORT:-9333}"
+SW_VOLUME_PORT="${OC_SEAWEEDFS_VOLUME_PORT:-9340}"
+SW_FILER_PORT="${OC_SEAWEEDFS_FILER_PORT:-8888}"
+SW_ADMIN_PORT="${OC_SEAWEEDFS_ADMIN_PORT:-23646}"
 export OC_SERVERS_RUN="${RUN}" OC_LOCALSTACK_PORT="${LS_PORT}" OC_SEAWEEDFS_S3_PORT="${SW_S3_PORT}"
 # Probes and servers talk to loopback only: never through a proxy.
 export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,${NO_PROXY}}" no_proxy="127.0.0.1,localhost${no_proxy:+,${no_proxy}}"

@@ -212,8 +212,15 @@ class Replicator:
         self.shipped = 0
         self._changed_since_publish = True
         self._thread: threading.Thread | None = None
+        self._registered = False
         try:
-            self._register_volume()
+            try:
+                self._register_volume()
+            except SecondaryUnavailableError as exc:
+                # The volume must open while its secondary is down: local and cached regions are
+                # read, writes are taken. The record is written before the first region or PIT.
+                _log.warning("%s: secondary unreachable (%s); the volume is registered there when it is back",
+                             vol.path, exc)
             if resync:
                 self._resync()
         except BaseException:
@@ -222,6 +229,8 @@ class Replicator:
 
     # -- setup ------------------------------------------------------------------------------------
     def _register_volume(self) -> None:
+        """Record the volume's geometry on the store; refuse a store that has this volume id with
+        another geometry."""
         import json
 
         info = {"format": 1, "id": self.volume_id, "size": self.vol.size, "region_size": self.vol.region_size}
@@ -235,6 +244,12 @@ class Replicator:
                     f"{self.store.location}: volume {self.volume_id} is stored with size {found.get('size')} "
                     f"and region_size {found.get('region_size')}, not {self.vol.size}/{self.vol.region_size}",
                     key) from None
+        self._registered = True
+
+    def _ensure_registered(self) -> None:
+        """Register the volume if that could not be done when it was opened."""
+        if not self._registered:
+            self._register_volume()
 
     def _resync(self) -> None:
         """Mark every region whose current checksum differs from the secondary's record."""
@@ -381,6 +396,7 @@ class Replicator:
         SecondaryUnavailableError
             The store cannot be reached; the regions stay pending.
         """
+        self._ensure_registered()
         total = 0
         with self._cv:
             expected = self.pending.count() if regions is None else len(regions)
@@ -519,6 +535,7 @@ class Replicator:
     # -- snapshots ---------------------------------------------------------------------------------
     def publish(self, label: str | None) -> Snapshot:
         """Publish a manifest of the current records; the caller has drained and holds off writers."""
+        self._ensure_registered()
         with self._cv:
             if self.pending.any() or self.inflight.any():
                 raise StoreError("internal: publish with regions pending")  # pragma: no cover
