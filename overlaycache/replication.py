@@ -24,7 +24,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -303,6 +303,16 @@ class Replicator:
             self._changed_since_publish = True
             self._cv.notify_all()
 
+    def requeue(self, regions: Iterable[int]) -> None:
+        """Put regions back into the pending set (durably): a step that dropped them failed."""
+        with self._cv:
+            for r in regions:
+                self.pending.set(r)
+            self._persist_map_locked()
+            if self._dirty_since is None:
+                self._dirty_since = time.monotonic()
+            self._cv.notify_all()
+
     def _persist_map_locked(self) -> None:
         a = int.from_bytes(self.pending.to_bytes(), "little")
         b = int.from_bytes(self.inflight.to_bytes(), "little")
@@ -485,7 +495,7 @@ class Replicator:
                 if self._stopping:
                     return
             try:
-                self.ship()
+                self.vol._ship_pending(self)
                 backoff = 0.5
                 if self.degraded:
                     self.degraded = False

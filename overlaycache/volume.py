@@ -678,8 +678,8 @@ class Volume:
             self._live()
             top = self._overlays[-1]
             self._rw.acquire_write()
+            pos, end = offset, offset + len(view)
             try:
-                pos, end = offset, offset + len(view)
                 while pos < end:
                     r = pos // rs
                     intra = pos - r * rs
@@ -688,8 +688,8 @@ class Volume:
                     pos += take
             finally:
                 self._rw.release_write()
-                if repl is not None:
-                    repl.note_written(offset // rs, (offset + len(view) - 1) // rs)
+                if repl is not None and pos > offset:  # the regions written, even if a later one failed
+                    repl.note_written(offset // rs, (pos - 1) // rs)
         if repl is not None and repl.mode == "sync":
             self.flush()
             repl.ship_after_write(offset // rs, (offset + len(view) - 1) // rs)
@@ -1058,13 +1058,38 @@ class Volume:
                 raise InvalidArgumentError("label must be a non-empty string")
             if any(s.label == label for s in self.snapshots()):
                 raise InvalidArgumentError(f"a snapshot labelled {label!r} exists on the secondary")
-        repl.ship()
+        self._ship_pending(repl)
         with self._wlock:
             self.flush()
-            repl.ship()
+            self._ship_pending(repl)
             repl.wait_idle()
-            repl.ship()
+            self._ship_pending(repl)
             return repl.publish(label)
+
+    def _ship_pending(self, repl: Replicator) -> int:
+        """Ship every pending region. During a distributed overlay, a pending region that cannot be
+        read is lost (see :meth:`_lost_in_overlay`) instead of failing the shipment."""
+        if self._do is None:
+            return repl.ship()
+        lost: set[int] = set()
+        n = repl.ship(skip_unreadable=lost)
+        if lost:
+            self._lost_in_overlay(lost)
+        return n
+
+    def _lost_in_overlay(self, lost: set[int]) -> None:
+        """Regions written during the distributed overlay could not be read for shipping: their
+        newest versions are gone. Recorded (``distributed_overlay["lost"]``), logged, and no longer
+        pending; reads of them fail until they are written again."""
+        with self._wlock:
+            self._mark(lost, "io")
+            do = self._do
+            if do is not None:
+                do["lost"] = sorted(set(do["lost"]) | lost)
+                self._store_meta()
+        _log.error("%s: regions %s written during the distributed overlay cannot be read; their newest "
+                   "versions are lost (the secondary has their last replicated ones)", self.path,
+                   _ranges(sorted(lost)))
 
     def snapshots(self) -> list[Snapshot]:
         """The PIT snapshots of this volume on the secondary, oldest first."""
@@ -1132,14 +1157,28 @@ class Volume:
 
     def _detected(self, exc: RegionUnavailableError) -> bool:
         """A local read failed: mark the regions, and begin the distributed overlay if there is a
-        secondary. Returns whether the read can be retried (served from the secondary)."""
-        if not exc.regions or self.readonly:
+        secondary. Returns whether the read can be retried (served from the secondary now)."""
+        if not exc.regions or self.readonly or exc.reason == "remote":
             return False
-        self._mark(exc.regions, exc.reason)
+        new = self._mark(exc.regions, exc.reason)
         if self._repl is None:
             return False
-        self.begin_distributed_overlay()
+        if self._do is not None:
+            # Retry only if a region moved to R; a failed PO region has no other copy of its data.
+            return any(self._location(r) == CODE_R for r in new)
+        self._begin_for_read(exc.regions)
         return True
+
+    def _begin_for_read(self, regions: Iterable[int]) -> None:
+        """Begin the distributed overlay so that ``regions`` can be read; a secondary that cannot
+        be reached makes them unavailable for now (a later read tries again)."""
+        try:
+            self.begin_distributed_overlay()
+        except StoreError as exc:
+            regs = sorted(regions)
+            raise RegionUnavailableError(
+                f"{self.path}: regions {_ranges(regs)} are not valid locally and the distributed "
+                f"overlay cannot begin: {exc}", regs, "secondary unavailable") from exc
 
     def mark_unavailable(self, regions: Iterable[int]) -> None:
         """Declare regions unreadable (lost device or link); with a secondary, this begins the
@@ -1178,21 +1217,26 @@ class Volume:
                 return Snapshot(do["snapshot_id"], do["snapshot"], do["started_at"], None)
             self.flush()
             lost: set[int] = set()
-            repl.ship(skip_unreadable=lost)
-            repl.wait_idle()
-            repl.ship(skip_unreadable=lost)
-            snap = repl.publish(f"distributed-overlay-{int(time.time())}")
-            # Kept locally: the remote image must open even while the secondary is unreachable.
-            _write_file_atomic(os.path.join(self.path, DO_MANIFEST), repl.last_manifest)
-            layer = self._meta["next_layer"]
-            self._meta["distributed_overlay"] = {
-                "layer": layer, "snapshot": snap.seq, "snapshot_id": snap.id,
-                "started_at": snap.created_at, "lost": sorted(lost),
-            }
             try:
-                self._push_overlay()
+                repl.ship(skip_unreadable=lost)
+                repl.wait_idle()
+                repl.ship(skip_unreadable=lost)
+                snap = repl.publish(f"distributed-overlay-{int(time.time())}")
+                # Kept locally: the remote image must open even while the secondary is unreachable.
+                _write_file_atomic(os.path.join(self.path, DO_MANIFEST), repl.last_manifest)
+                layer = self._meta["next_layer"]
+                self._meta["distributed_overlay"] = {
+                    "layer": layer, "snapshot": snap.seq, "snapshot_id": snap.id,
+                    "started_at": snap.created_at, "lost": sorted(lost),
+                }
+                try:
+                    self._push_overlay()
+                except BaseException:
+                    self._meta["distributed_overlay"] = None
+                    raise
             except BaseException:
-                self._meta["distributed_overlay"] = None
+                # Not begun: the unreadable regions stay pending, to be found (and reported) again.
+                repl.requeue(lost)
                 raise
             self._start_routing()
         if lost:
@@ -1364,6 +1408,11 @@ class Volume:
             b = min(offset + n, (first + j) * rs)
             part = view[a - offset : b - offset]
             if remote:
+                if self._do is None and self._repl is not None and not self.readonly:
+                    # It could not begin before (secondary unreachable): try again.
+                    self._begin_for_read(first + k for k, c in enumerate(codes) if c == CODE_R)
+                    self.readinto(a, view[a - offset :])
+                    return
                 if self._do is None:
                     regs = range(first + i, first + j)
                     reason = self._unavail_reason.get(regs[0], "unavailable")
@@ -1384,7 +1433,7 @@ class Volume:
                     except RegionUnavailableError as exc:
                         if not self._detected(exc):
                             raise
-                        self._read_routed(a, part)  # that region is R now
+                        self.readinto(a, part)  # that region is R now
                         break
             i = j
         if failed:

@@ -94,34 +94,20 @@ def test_forced_replication_killed(tmp_path: Path, moto: MotoServer, where: str,
     ff.forced_replication_killed(tmp_path, moto, where, k, reopen)
 
 
-# -- known bugs (volume.py, being rewritten elsewhere): strict xfails that flip when fixed ----------
-BUG_LOST = ("volume.py begin_distributed_overlay: the unsynced regions it found unreadable are "
-            "dropped from the replication map even when shipping or publishing then fails")
-BUG_NO_RETRY = ("volume.py _read_routed: with a secondary attached but no distributed overlay (it "
-                "failed to begin), unavailable regions raise 'attach a secondary' and nothing retries")
-BUG_WRITE = ("volume.py write: a write over several regions changes the first ones, then raises for "
-             "an uncached R region it only partly covers")
-BUG_NOTE = ("volume.py write: the finally clause notes every region of a refused write as changed; "
-            "PITs then fail (region not valid locally) and the async shipper spins")
-
-
-@pytest.mark.xfail(reason=BUG_LOST, raises=AssertionError, strict=True)
+# -- regressions: failed begins, refused writes -----------------------------------------------------
 @pytest.mark.parametrize("where", ["regions", "manifest"])
 def test_lost_regions_survive_a_failed_begin(tmp_path: Path, moto: MotoServer, where: str) -> None:
     ff.lost_regions_survive_a_failed_begin(tmp_path, moto, where)
 
 
-@pytest.mark.xfail(reason=BUG_NO_RETRY, raises=RegionUnavailableError, strict=True)
 def test_read_after_a_failed_begin_retries_it(tmp_path: Path, moto: MotoServer) -> None:
     ff.read_after_a_failed_begin_retries_it(tmp_path, moto)
 
 
-@pytest.mark.xfail(reason=BUG_WRITE, raises=AssertionError, strict=True)
 def test_write_across_a_remote_region_is_all_or_nothing(tmp_path: Path, moto: MotoServer) -> None:
     ff.write_across_a_remote_region_is_all_or_nothing(tmp_path, moto)
 
 
-@pytest.mark.xfail(reason=BUG_NOTE, raises=AssertionError, strict=True)
 @pytest.mark.parametrize("mode", ["periodic", "async"])
 def test_refused_partial_write_leaves_replication_alone(tmp_path: Path, moto: MotoServer, mode: str) -> None:
     ff.refused_partial_write_leaves_replication_alone(tmp_path, moto, mode)

@@ -156,3 +156,31 @@ def test_read_only_open_names_remote_regions(tmp_path: Path, s3_store: Any) -> N
         with pytest.raises(RegionUnavailableError) as info:
             ro.read(RS, 3 * RS)
         assert info.value.regions == (2,)
+
+
+@pytest.mark.parametrize("mode", ["periodic", "async"])
+def test_overlay_region_lost_before_shipping(tmp_path: Path, s3_store: Any, mode: str) -> None:
+    """A region written during the distributed overlay whose overlay file fails before it is
+    shipped: recorded as lost, no longer pending (the shipper does not spin on it), reads of it
+    fail, and PITs go on without it."""
+    vol = Volume.create(tmp_path / "vol", N * RS, region_size=RS, secondary=s3_store, replication=mode,
+                        period=3600 if mode == "periodic" else None)
+    with vol:
+        vol.write(0, b"a" * (4 * RS))
+        vol.replicate()
+        vol.mark_unavailable([3])
+        top = vol._overlays[-1]
+        if mode == "async":
+            vol._repl.stop()  # type: ignore[union-attr]  # keep region 1 pending until the file fails
+        vol.write(RS, b"b" * RS)
+        vol.flush()
+        os.truncate(top.data_path, 0)
+        snap = vol.snapshot()
+        assert vol.distributed_overlay is not None and vol.distributed_overlay["lost"] == [1]
+        assert vol.replication_lag.regions == 0
+        with pytest.raises(RegionUnavailableError) as info:
+            vol.read(0, 2 * RS)
+        assert info.value.regions == (1,)
+        assert vol.read(2 * RS, 2 * RS) == b"a" * (2 * RS)  # PB and R still served
+        with vol.remote_image(snap) as img:
+            assert img.read(RS, RS) == b"a" * RS  # the last replicated version
