@@ -27,6 +27,7 @@ IMPLEMENTATION = "cython"
 cdef extern from "_oc.h" nogil:
     int oc_install_sigbus_handler()
     int oc_guarded_copy(void *dst, const void *src, size_t n)
+    int oc_guarded_copy_probe(void *dst, const void *src, size_t n, const void *probe)
     int oc_guarded_hash(const void *key, size_t length, unsigned char *out)
     void oc_mmh3_x64_128(const void *key, size_t length, unsigned char *out)
     void oc_init_tables()
@@ -598,10 +599,22 @@ cdef class DataFile:
 
 cdef struct _Layer:
     const unsigned char *data
+    const unsigned char *end  # data + mapped length
     uint64_t *present     # NULL: holds every region (the base)
     uint64_t *which       # NULL: region r lives at r * region_size
     uint64_t *verified    # NULL: never verify
     const unsigned char *sums
+
+
+cdef inline int _check_sum(const unsigned char *src, Py_ssize_t rlen, Py_ssize_t region_size,
+                           const unsigned char *want) noexcept nogil:
+    """0 if the region at ``src`` matches the checksum ``want``; -1 if it cannot be read, -3 if not."""
+    cdef unsigned char digest[16]
+    if rlen > region_size:
+        rlen = region_size
+    if oc_guarded_hash(src, rlen, digest) != 0:
+        return -1
+    return 0 if memcmp(digest, want, 16) == 0 else -3
 
 
 cdef class Stack:
@@ -633,6 +646,7 @@ cdef class Stack:
     cdef int npo
     cdef const uint64_t *unavail
     cdef const unsigned char *cdata
+    cdef const unsigned char *cend
     cdef const int64_t *cslots
     cdef uint64_t *cverified
     cdef const unsigned char *csums
@@ -666,6 +680,7 @@ cdef class Stack:
         for i, (datafile, present, which, sumbuf, verified) in enumerate(layers):
             f = datafile
             self.layers[i].data = f.base
+            self.layers[i].end = f.base + f.length
             if present is not None:
                 bm = present
                 self.layers[i].present = bm.words
@@ -744,6 +759,7 @@ cdef class Stack:
         self.npo = po_layers
         self.ccapacity = capacity
         self.cdata = cache.base
+        self.cend = cache.base + cache.length
         self.cslots = <const int64_t *>sl.view.buf
         self.csums = <const unsigned char *>sm.view.buf
         self.cverified = verified.words
@@ -767,6 +783,8 @@ cdef class Stack:
         region ``bad``; 4 at a remote region when ``misses`` is NULL. A routed stack serves R regions from the cache; those it cannot serve are
         skipped and listed in ``misses`` (``r``: not cached, ``-r - 1``: cached copy damaged)."""
         cdef Py_ssize_t pos = offset, end = offset + length, r, intra, n, rlen, slot
+        cdef const unsigned char *probe
+        cdef int rc
         cdef int64_t k
         cdef int l
         cdef const unsigned char *src
@@ -793,6 +811,9 @@ cdef class Stack:
                 else:
                     slot = k - 1
                     src = self.cdata + (slot << self.shift)
+                    probe = src + self.region_size
+                    if probe >= self.cend:
+                        probe = NULL
                     if not _bit(self.cverified, slot):
                         rlen = self.size - (r << self.shift)
                         if rlen > self.region_size:
@@ -805,7 +826,11 @@ cdef class Stack:
                             continue
                         oc_atomic_or64(<unsigned long long *>&self.cverified[slot >> 6],
                                        (<uint64_t>1) << (slot & 63))
-                    if oc_guarded_copy(out + (pos - offset), src + intra, n) != 0:
+                    rc = oc_guarded_copy_probe(out + (pos - offset), src + intra, n, probe)
+                    if rc == -2:
+                        rc = _check_sum(src, self.size - (r << self.shift), self.region_size,
+                                        self.csums + 16 * slot)
+                    if rc != 0:
                         misses[nmiss[0]] = -r - 1
                         nmiss[0] += 1
                 pos += n
@@ -815,6 +840,11 @@ cdef class Stack:
             if layer.which != NULL and _bit(layer.which, r):
                 slot += self.num_regions
             src = layer.data + (slot << self.shift)
+            # Copied with a probe of the page after the region (see oc_guarded_copy_probe), so that
+            # a file truncated inside the region's last page is not read as zeros.
+            probe = src + self.region_size
+            if probe >= layer.end:
+                probe = NULL
             if layer.verified != NULL and not _bit(layer.verified, r):
                 rlen = self.size - (r << self.shift)
                 if rlen > self.region_size:
@@ -827,7 +857,10 @@ cdef class Stack:
                     return 2
                 oc_atomic_or64(<unsigned long long *>&layer.verified[r >> 6],
                                (<uint64_t>1) << (r & 63))
-            if oc_guarded_copy(out + (pos - offset), src + intra, n) != 0:
+            rc = oc_guarded_copy_probe(out + (pos - offset), src + intra, n, probe)
+            if rc == -2:  # the file ends at or inside this region: good only if it matches its checksum
+                rc = _check_sum(src, self.size - (r << self.shift), self.region_size, layer.sums + 16 * r)
+            if rc != 0:
                 bad[0] = r
                 return 1
             pos += n

@@ -76,6 +76,32 @@ static int oc_guarded_copy(void *dst, const void *src, size_t n)
     return 0;
 }
 
+/* As oc_guarded_copy, then read one byte at probe (if not NULL) under the same guard: a file
+   truncated inside the last page of the copied range reads as zeros there without a SIGBUS, but
+   the page after it (probe) is then past the end of the file and faults. Returns 0, -1 (the copy
+   faulted) or -2 (only the probe did: the caller checks the bytes another way). */
+static int oc_guarded_copy_probe(void *dst, const void *src, size_t n, const void *probe)
+{
+    sigjmp_buf target;
+    volatile int copied = 0;
+    if (sigsetjmp(target, 0)) {
+        oc_jump_target = NULL;
+        OC_BARRIER();
+        return copied ? -2 : -1;
+    }
+    oc_jump_target = &target;
+    OC_BARRIER();
+    memcpy(dst, src, n);
+    OC_BARRIER();
+    copied = 1;
+    OC_BARRIER();
+    if (probe != NULL)
+        (void)*(const volatile unsigned char *)probe;
+    OC_BARRIER();
+    oc_jump_target = NULL;
+    return 0;
+}
+
 /* ---- MurmurHash3 x64-128, seed 0, as in the mmh3 package's mmh3_x64_128_digest ---- */
 
 static inline uint64_t oc_rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }

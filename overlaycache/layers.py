@@ -207,6 +207,29 @@ class BaseLayer(Layer):
     def stack_entry(self) -> tuple[Any, Any, Any, bytearray, Any]:
         return (self.data, None, None, self.sums, self.verified)
 
+    def repair(self) -> bool:
+        """Make the base file writable again before regions are folded into it: a file truncated
+        under the volume gets its length back (the lost tail reads as zeros, and its regions fail
+        their checksums until rewritten). Returns whether it had to.
+
+        Raises
+        ------
+        MediaError
+            The file on disk is not the one the volume has open (deleted or replaced).
+        """
+        try:
+            on_disk = os.stat(self.data_path)
+        except FileNotFoundError as exc:
+            raise MediaError(f"{self.data_path}: deleted under the volume") from exc
+        st = os.fstat(self._fd)
+        if (on_disk.st_dev, on_disk.st_ino) != (st.st_dev, st.st_ino):
+            raise MediaError(f"{self.data_path}: replaced under the volume")
+        if st.st_size >= self.geo.size:
+            return False
+        os.ftruncate(self._fd, self.geo.size)
+        os.fsync(self._fd)
+        return True
+
     def close(self) -> None:
         self.data.close()
         os.close(self._fd)

@@ -1543,12 +1543,20 @@ class Volume:
                 return out
         return [r for r in range(self._geo.num_regions) if sa(r) != sb(r)]
 
-    def restore(self, image: Any, progress: Callable[[int, int], None] | None = None) -> list[int]:
+    def restore(self, image: Any, progress: Callable[[int, int], None] | None = None,
+                fold: bool = True) -> list[int]:
         """Make the volume equal to ``image`` (a PIT snapshot or recovery image), writing only the
         regions that differ, and end the distributed overlay; returns the regions rewritten.
 
         Reads and writes keep working meanwhile; a write that lands during the restore is kept
         only if it comes after the restored region (the restore writes through the normal path).
+        ``progress(done, total)`` is called after each region.
+
+        With ``fold`` the overlays are then merged into the base (:meth:`merge_down` until one
+        empty overlay is left), so that the base is whole again; as with ``merge_down``, local
+        snapshots whose images were the layers merged away are released. A base file that was
+        truncated gets its length back first; one that was deleted or replaced keeps the overlays
+        (logged), as does any region that fails its checksum while merging.
         """
         self._check_writable()
         img = image if isinstance(image, RecoveryImage) else self.image(image)
@@ -1574,4 +1582,33 @@ class Volume:
                     pass
         _log.warning("%s: restored to PIT %s (%d regions rewritten); distributed overlay ended",
                      self.path, img.snapshot.id, len(todo))
+        if fold:
+            self._fold_into_base()
         return todo
+
+    def _fold_into_base(self) -> None:
+        """Merge every overlay into the base (see :meth:`restore`)."""
+        with self._wlock:
+            assert self._base is not None
+            try:
+                if self._base.repair():
+                    _log.warning("%s: base file was truncated; its length is back", self.path)
+            except MediaError as exc:
+                _log.error("%s: cannot fold the overlays into the base: %s", self.path, exc)
+                return
+            released = {s["id"] for s in self._meta["snapshots"]}
+        while True:
+            with self._wlock:
+                if not any(ov.present.any() for ov in self._overlays):
+                    break
+                if len(self._overlays) == 1:
+                    self._push_overlay()
+                try:
+                    self._merge_oldest()
+                except RegionUnavailableError as exc:
+                    _log.error("%s: folding into the base stopped, the overlays are kept: %s", self.path, exc)
+                    return
+        released -= {s["id"] for s in self._meta["snapshots"]}
+        if released:
+            _log.warning("%s: local snapshots %s were released by folding the overlays into the base",
+                         self.path, sorted(released))

@@ -3,6 +3,7 @@ routing of reads per region (PO, PB, R), and persistence."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -228,10 +229,33 @@ def test_two_recovery_images_side_by_side_then_restore(tmp_path: Path, s3_store:
         assert vol.distributed_overlay is None and vol.unavailable == frozenset()
         assert chars(vol) == "1 b c z e f 4 h"
         assert vol.location_map() == ["PB"] * 8
-        assert vol.merge_down() > 0  # the base may be written again
-        assert chars(vol) == "1 b c z e f 4 h"
+        assert vol.layer_map() == [0] * 8  # folded into the base
+        put(vol, 6, "5")
+        assert vol.merge_down() == 1  # the base may be written again
+        assert chars(vol) == "1 b c z e f 5 h"
     with Volume.open(tmp_path / "vol", secondary=s3_store) as again:
-        assert chars(again) == "1 b c z e f 4 h" and again.distributed_overlay is None
+        assert chars(again) == "1 b c z e f 5 h" and again.distributed_overlay is None
+
+
+def test_restore_after_the_base_file_was_truncated(tmp_path: Path, s3_store: Any) -> None:
+    """The base loses its tail under a live volume: reads fail over to the secondary; restoring
+    gives the file its length back and folds everything into it, so the volume then reads whole
+    with no secondary at all."""
+    vol = fig3_primary(tmp_path, s3_store, True)
+    with vol:
+        vol.merge_down()
+        vol.merge_down()
+        t = vol.snapshot("T")
+        os.truncate(tmp_path / "vol" / "base.data", 5 * RS + 100)
+        assert chars(vol) == "1 b c z e f 4 h"  # regions 5..7 detected, served remotely
+        assert vol.location_map() == ["PB"] * 5 + ["R"] * 3
+        put(vol, 7, "!")
+        assert vol.restore(t) == [5, 6, 7]
+        assert vol.layer_map() == [0] * 8
+        assert os.path.getsize(tmp_path / "vol" / "base.data") == 8 * RS
+    with Volume.open(tmp_path / "vol") as again:
+        assert chars(again) == "1 b c z e f 4 h"
+        assert again.scrub() == []
 
 
 class SwitchableStore(CountingStore):
