@@ -25,6 +25,7 @@ from overlaycache.errors import (
     VolumeClosedError,
     VolumeLockedError,
 )
+from overlaycache.hydration import Hydration
 from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
 from overlaycache.replication import Lag
 from overlaycache.snapshots import LocalSnapshot, Snapshot
@@ -40,6 +41,7 @@ __all__ = [
     "CloneMismatchError",
     "CorruptionError",
     "FormatError",
+    "Hydration",
     "InvalidArgumentError",
     "InvalidBufferError",
     "Lag",

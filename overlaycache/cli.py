@@ -212,9 +212,12 @@ def demo_failover(endpoint: str, key_id: str | None, secret: str | None, bucket:
                     show("clone of T5: write Q->1 in the clone only", _chars(clone, 8))
                 show("the volume is unchanged", _chars(vol, 8))
             say(f"diff T5..T6: regions {vol.diff(t5, t6)}")
+            hyd = vol.hydrate()
+            show(f"hydrate: {hyd.installed} remote regions copied back", vol.location_map())
             rewritten = vol.restore(t5)
             show(f"restore T5: rewrote regions {','.join(map(str, rewritten))}", _chars(vol, 8))
             show("location map: distributed overlay ended", vol.location_map())
+            show("layer map: all folded into the base (0)", [str(x) for x in vol.layer_map()])
         store.close()
     finally:
         if tmp is not None:

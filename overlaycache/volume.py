@@ -44,6 +44,7 @@ from overlaycache.errors import (
 from overlaycache.cache import RegionCache
 from overlaycache.clone import Clone, open_clone
 from overlaycache.failover import CODE_NAMES, CODE_R, UnavailableMap, location_codes
+from overlaycache.hydration import IDLE, Hydration
 from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
 from overlaycache.layers import BaseLayer, Geometry, Overlay, fsync_dir
 from overlaycache.replication import Lag, Replicator
@@ -219,6 +220,8 @@ class Volume:
         self._readahead_window = window
         self._ra_next = 0  # first region not yet scanned for readahead
         self._last_end = -1  # where the last routed read ended
+        self._io_count = 0  # foreground reads and writes during a distributed overlay (hydration yields)
+        self._hydration: Hydration | None = None
         self._scratch = bytearray(self._geo.region_size)
         try:
             self._unavail = UnavailableMap(path, self._geo.num_regions)
@@ -432,6 +435,10 @@ class Volume:
         """Flush, release every image and file, and drop the lock (idempotent)."""
         if self._stack is None:
             return
+        hyd = self._hydration
+        if hyd is not None:
+            hyd.cancel()
+            hyd.wait()
         if self._repl is not None:
             self._repl.stop()  # before taking the lock: a periodic snapshot may be waiting for it
         with self._wlock:
@@ -628,6 +635,7 @@ class Volume:
                     if not self._detected(exc):
                         raise
                     continue
+                self._io_count += 1
                 if misses:
                     self._serve_misses(offset, buffer, nbytes, misses)
                 if self._readahead_window:
@@ -673,7 +681,10 @@ class Volume:
         repl = self._repl
         if repl is not None:
             repl.throttle()
-        remote = self._remote_edges(offset, len(view)) if self._unavail.any() else {}
+        remote: dict[int, bytes] = {}
+        if self._unavail.any():
+            self._io_count += 1
+            remote = self._remote_edges(offset, len(view))
         with self._wlock:
             self._live()
             top = self._overlays[-1]
@@ -1298,6 +1309,66 @@ class Volume:
             assert img is not None
         return img
 
+    def hydrate(self, progress: Callable[[int, int], None] | None = None, *, background: bool = False,
+                rate: float | None = None, idle: float = IDLE) -> Hydration:
+        """Copy the remote (R) regions of the distributed overlay to local storage.
+
+        Each R region is fetched from the PIT (through the region cache) and installed whole in the
+        top overlay: the volume then reads everything locally, and the restore that ends the
+        distributed overlay folds those regions into the base. They are not shipped again (the
+        secondary has them). Foreground I/O goes first: a batch waits until ``idle`` seconds pass
+        without reads or writes; ``rate`` caps the bytes installed per second.
+        ``progress(done, total)`` is called after each batch.
+
+        Returns the :class:`Hydration` handle: finished, or running in a background thread if
+        ``background`` (one at a time: the running one is returned). A region the secondary cannot
+        serve stops the run (``Hydration.error``; raised too when not in the background).
+        """
+        self._check_writable()
+        with self._wlock:
+            running = self._hydration
+            if running is not None and not running.finished:
+                return running
+            if self._do is None:
+                regions: list[int] = []
+            else:
+                codes = location_codes(self._po_maps(), self._unavail.bits, 0, self._geo.num_regions)
+                regions = [r for r, c in enumerate(codes) if c == CODE_R]
+            hyd = self._hydration = Hydration(self, regions, progress, rate, idle)
+        if background:
+            hyd._start()
+        else:
+            hyd.run()
+            if hyd.error is not None:
+                raise hyd.error
+        return hyd
+
+    def _hydrate_batch(self, regions: list[int]) -> int:
+        """Install the PIT's version of the regions still R; returns how many were installed."""
+        with self._wlock:
+            self._live()
+            want = [r for r in regions if self._do is not None and self._location(r) == CODE_R]
+        if not want:
+            return 0
+        img = self._remote_pit()
+        got, errors = img.fetch_many(want)
+        if errors:
+            raise self._fetch_failure(errors, "cannot be fetched for hydration")
+        installed = 0
+        with self._wlock:
+            if self._do is None:
+                return 0
+            top = self._overlays[-1]
+            self._rw.acquire_write()
+            try:
+                for r in want:
+                    if self._location(r) == CODE_R:  # not written meanwhile
+                        self._write_region(top, r, 0, memoryview(got[r]))
+                        installed += 1
+            finally:
+                self._rw.release_write()
+        return installed
+
     def clear_cache(self) -> int:
         """Drop every region kept in the remote region cache; returns how many were dropped."""
         self._live()
@@ -1327,13 +1398,20 @@ class Volume:
             a, b = max(offset, r * rs), min(offset + n, r * rs + len(data))
             view[a - offset : b - offset] = memoryview(data)[a - r * rs : b - r * rs]
         if errors:
-            failed = sorted(errors)
-            first = errors[failed[0]]
-            if not isinstance(first, StoreError):
-                raise first
-            raise RegionUnavailableError(
-                f"{self.path}: regions {_ranges(failed)} are not valid locally, not cached, and the "
-                f"secondary cannot serve them: {first}", failed, "secondary unavailable") from first
+            raise self._fetch_failure(errors, "are not valid locally, not cached, and the secondary "
+                                              "cannot serve them")
+
+    def _fetch_failure(self, errors: dict[int, BaseException], what: str) -> BaseException:
+        """The exception for regions that could not be fetched: a store failure becomes a
+        :class:`RegionUnavailableError` naming them all; anything else is raised as it is."""
+        failed = sorted(errors)
+        first = errors[failed[0]]
+        if not isinstance(first, StoreError):
+            return first
+        exc = RegionUnavailableError(f"{self.path}: regions {_ranges(failed)} {what}: {first}", failed,
+                                     "secondary unavailable")
+        exc.__cause__ = first
+        return exc
 
     def _readahead(self, offset: int, n: int) -> None:
         """On sequential reads, start fetching the uncached R regions of the next window."""

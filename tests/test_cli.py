@@ -71,5 +71,7 @@ def test_demo_failover_tells_the_story(tmp_path: Path, moto_endpoint: str) -> No
     assert got["recovery image of T6, at the same time"] == "u b c 7 e f 4 h"
     assert got["clone of T5: write Q->1 in the clone only"] == "1 Q c z e f 4 h"
     assert got["the volume is unchanged"] == "u b c 7 e f 4 h"
-    assert got["restore T5: rewrote regions 0,2,3,5"] == "1 b c z e f 4 h"
+    assert got["hydrate: 2 remote regions copied back"] == "PO PB PO PO PB PO PB PB"
+    assert got["restore T5: rewrote regions 0,3"] == "1 b c z e f 4 h"  # 2 and 5 were hydrated
     assert got["location map: distributed overlay ended"] == "PB PB PB PB PB PB PB PB"
+    assert got["layer map: all folded into the base (0)"] == "0 0 0 0 0 0 0 0"

@@ -271,7 +271,18 @@ class FailoverMachine(RuleBasedStateMachine):
         assert vol.distributed_overlay is None
         assert vol.unavailable == frozenset()
         assert vol.location_map() == ["PB"] * self.nregions
+        assert vol.layer_map() == [0] * self.nregions  # folded into the base
         assert vol.diff(sid) == []
+
+    @precondition(lambda self: self.do_active)
+    @rule()
+    def hydrate(self) -> None:
+        vol = self._live()
+        remote = {r for r, code in enumerate(self._expected_locations()) if code == "R"}
+        hyd = vol.hydrate()
+        event(f"hydrated {'some' if remote else 'no'} regions")
+        assert (hyd.total, hyd.installed, hyd.error) == (len(remote), len(remote), None)
+        self.do_written |= remote  # local now, not shipped: the secondary has these versions
 
     # -- clones of PITs ---------------------------------------------------------------------------------
     @precondition(lambda self: self.pits and len(self.clones) < 2)

@@ -184,3 +184,79 @@ def test_overlay_region_lost_before_shipping(tmp_path: Path, s3_store: Any, mode
         assert vol.read(2 * RS, 2 * RS) == b"a" * (2 * RS)  # PB and R still served
         with vol.remote_image(snap) as img:
             assert img.read(RS, RS) == b"a" * RS  # the last replicated version
+
+
+def test_hydration_makes_the_volume_independent_of_the_secondary(tmp_path: Path, s3_store: Any) -> None:
+    from test_failover import SwitchableStore
+
+    store = SwitchableStore(s3_store)
+    remote = list(range(0, N, 3))
+    vol, data = degraded(tmp_path, store, remote)
+    with vol:
+        vol.write(6 * RS, b"w" * RS)  # written during the overlay: PO, not hydrated
+        want = bytearray(data)
+        want[6 * RS : 7 * RS] = b"w" * RS
+        assert vol.read(0, 2 * RS) == want[: 2 * RS]  # region 0 fetched and cached first
+        puts = len(store.region_puts)
+        seen: list[tuple[int, int]] = []
+        hyd = vol.hydrate(lambda done, total: seen.append((done, total)))
+        assert hyd.finished and hyd.error is None
+        assert (hyd.total, hyd.installed) == (len(remote) - 1, len(remote) - 1)
+        assert seen[-1] == (hyd.total, hyd.total) and seen == sorted(seen)
+        assert len(store.region_gets) == len(remote) - 1  # each fetched once (0 by the read, 6 never)
+        assert "R" not in vol.location_map()
+        vol.snapshot()
+        assert len(store.region_puts) - puts == 1  # only region 6: hydrated regions are not shipped
+        assert vol.hydrate().total == 0
+        store.down = True
+        assert vol.read(0, N * RS) == want
+    store.down = False
+    with Volume.open(tmp_path / "vol", secondary=store) as vol:
+        store.down = True
+        assert vol.read(0, N * RS) == want
+        store.down = False
+        assert vol.restore(vol.snapshots()[-1]) == []
+        assert vol.layer_map() == [0] * N and vol.distributed_overlay is None
+        assert vol.read(0, N * RS) == want
+
+
+def test_background_hydration_beside_foreground_io(tmp_path: Path, s3_store: Any) -> None:
+    remote = list(range(1, N, 2))
+    vol, data = degraded(tmp_path, s3_store, remote)
+    with vol:
+        hyd = vol.hydrate(background=True, idle=0.001)
+        assert vol.hydrate(background=True) is hyd or hyd.finished
+        want = bytearray(data)
+        rnd = random.Random(3)
+        while not hyd.finished:
+            r = rnd.randrange(N)
+            if rnd.random() < 0.3:
+                vol.write(r * RS, bytes([r]) * RS)
+                want[r * RS : (r + 1) * RS] = bytes([r]) * RS
+            assert vol.read(r * RS, RS) == want[r * RS : (r + 1) * RS]
+        assert hyd.wait(60) and hyd.error is None and hyd.done == hyd.total
+        assert "R" not in vol.location_map()
+        assert vol.read(0, N * RS) == want
+
+
+def test_hydration_rate_cancel_and_secondary_down(tmp_path: Path, s3_store: Any) -> None:
+    from test_failover import SwitchableStore
+
+    from overlaycache.errors import InvalidArgumentError
+
+    store = SwitchableStore(s3_store)
+    vol, data = degraded(tmp_path, store, list(range(N)))
+    with vol:
+        with pytest.raises(InvalidArgumentError):
+            vol.hydrate(rate=0)
+        hyd = vol.hydrate(background=True, rate=RS)  # one region a second: cancelled long before the end
+        hyd.cancel()
+        assert hyd.wait(30) and hyd.done < N and hyd.error is None
+        store.down = True
+        with pytest.raises(RegionUnavailableError) as info:
+            vol.hydrate()
+        assert info.value.reason == "secondary unavailable" and len(info.value.regions) > 0
+        store.down = False
+        assert vol.hydrate().error is None
+        assert vol.location_map() == ["PO"] * N
+        assert vol.read(0, N * RS) == data
