@@ -254,9 +254,12 @@ class Replicator:
     def _resync(self) -> None:
         """Mark every region whose current checksum differs from the secondary's record."""
         sums = self.vol._current_checksums()
+        remote_now = self.vol._remote_regions()  # not valid locally: nothing to compare or ship
         marked = 0
         with self._cv:
             for r in range(self.vol.num_regions):
+                if r in remote_now:
+                    continue
                 seq, csum = self.remote.get(r)
                 remote_sum = bytes(self._zero[16 * r : 16 * r + 16]) if seq == 0 else csum
                 if sums[16 * r : 16 * r + 16] != remote_sum:

@@ -264,14 +264,17 @@ class Volume:
         mode = mode or (known or {}).get("mode") or "async"
         if period is None and known:
             period = known.get("period")
-        resync = not known or known.get("location") != location or bool(known.get("resync"))
+        # Not closed cleanly last time: a region may have been shipped from a write that was never
+        # flushed and is now lost locally, so the secondary's records are checked against ours.
+        unclean = known is not None and not known.get("clean", False)
+        resync = not known or known.get("location") != location or bool(known.get("resync")) or unclean
         self._repl = Replicator(self, store, mode, period, sync_policy, max_lag_regions, workers,
                                 resync=False)
         if known and known.get("location") != location:
             self._repl.remote.reset()
         if resync:
             self._repl._resync()
-        self._meta["secondary"] = {"location": location, "mode": mode, "period": period}
+        self._meta["secondary"] = {"location": location, "mode": mode, "period": period, "clean": False}
         self._store_meta()
         self._repl.start()
 
@@ -442,6 +445,7 @@ class Volume:
         if self._repl is not None:
             self._repl.stop()  # before taking the lock: a periodic snapshot may be waiting for it
         with self._wlock:
+            committed = False
             try:
                 if not self.readonly:
                     if self._repl is not None:
@@ -451,11 +455,17 @@ class Volume:
                     top.checkpoint()
                     if self._unavail.dirty:
                         self._unavail.store()
+                    committed = True
             finally:
-                if self._repl is not None:
-                    self._repl.close()
-                    self._repl = None
-                self._teardown()
+                try:
+                    if self._repl is not None:
+                        self._repl.close()
+                        self._repl = None
+                        if committed:  # everything shipped was flushed: no check needed on open
+                            self._meta["secondary"]["clean"] = True
+                            self._store_meta()
+                finally:
+                    self._teardown()
 
     def _teardown(self) -> None:
         for img in list(self._images):
@@ -1135,6 +1145,14 @@ class Volume:
         if do is None:
             return []
         return [ov.present for ov in reversed(self._overlays) if ov.id >= do["layer"]]
+
+    def _remote_regions(self) -> set[int]:
+        """The regions read from the remote PIT (R) now."""
+        if self._do is None:
+            return set()
+        with self._wlock:
+            codes = location_codes(self._po_maps(), self._unavail.bits, 0, self._geo.num_regions)
+        return {r for r, c in enumerate(codes) if c == CODE_R}
 
     def _location(self, r: int) -> int:
         return location_codes(self._po_maps(), self._unavail.bits, r, 1)[0]
