@@ -1442,8 +1442,8 @@ class Volume:
         self._last_end = offset + n
         start = max(self._ra_next, (offset + n + rs - 1) // rs)
         stop = min(self._geo.num_regions, (offset + n) // rs + self._readahead_window)
-        if stop - start < max(1, self._readahead_window // 4):
-            return  # scan in batches: a scan costs more than the check
+        if start >= stop or (stop - start < self._readahead_window // 4 and stop < self._geo.num_regions):
+            return  # scan in batches (a scan costs more than this check), but always up to the end
         cache, img = self._region_cache, self._remote
         if cache is None or img is None or cache.slot_table is None:
             return
