@@ -256,11 +256,18 @@ class RemoteImage:
                 errors[regions[0]] = exc
             return got, errors
         with self._lock:
+            ahead = {r for r in regions if r in self._inflight}  # prefetches under way
             futures = [(r, self._submit(r)) for r in regions]
         for r, fut in futures:
             try:
                 got[r] = fut.result()
             except Exception as exc:  # noqa: BLE001 - reported per region to the caller
+                if r in ahead:  # a prefetch started earlier failed: this read tries once itself
+                    try:
+                        got[r] = self._fetch(r)
+                        continue
+                    except Exception as again:  # noqa: BLE001
+                        exc = again
                 errors[r] = exc
         return got, errors
 

@@ -193,7 +193,7 @@ class Volume:
     def __init__(self, path: str, meta: dict[str, Any], readonly: bool, lock_fd: int,
                  secondary: Any = None, replication: str | None = None, period: float | None = None,
                  sync_policy: str = "degrade", max_lag_regions: int | None = None, workers: int = 16,
-                 verify: str = "always", cache_regions: int = 4096) -> None:
+                 verify: str = "always", cache_regions: int = 4096, readahead: int = READAHEAD_BYTES) -> None:
         self.path = path
         self.readonly = readonly
         self._lock_fd = lock_fd
@@ -214,7 +214,9 @@ class Volume:
         self._workers = workers
         # Sequential reads prefetch the R regions of the next READAHEAD_BYTES; at most half the cache
         # unless it holds the whole volume, so that prefetched regions are not evicted before use.
-        window = max(1, READAHEAD_BYTES // self._geo.region_size)
+        if type(readahead) is not int or readahead < 0:
+            raise InvalidArgumentError(f"readahead must be a number of bytes >= 0, got {readahead!r}")
+        window = readahead // self._geo.region_size
         if cache_regions < self._geo.num_regions:
             window = min(window, cache_regions // 2)
         self._readahead_window = window
@@ -297,7 +299,7 @@ class Volume:
     def create(cls, path: str | os.PathLike[str], size: int, region_size: int = 65536, secondary: Any = None,
                replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
                max_lag_regions: int | None = None, workers: int = 16, verify: str = "always",
-               cache_regions: int = 4096) -> Volume:
+               cache_regions: int = 4096, readahead: int = READAHEAD_BYTES) -> Volume:
         """Create a volume of ``size`` zero bytes in the directory ``path`` and open it.
 
         Parameters
@@ -329,6 +331,10 @@ class Volume:
         cache_regions : int
             Capacity of the local cache of regions read from the secondary (``cache/`` in the
             volume's directory; kept across restarts).
+        readahead : int
+            During a distributed overlay, sequential reads prefetch the uncached remote regions of
+            the next ``readahead`` bytes (default 64 MiB, at most half the cache unless it holds the
+            whole volume); 0 turns it off.
         verify : {"always", "sampled", "scrub-only"}
             Checksum verification of local reads: "always" (default) verifies every region the
             first time it is read after open (then remembers it, as ZFS's ARC does); "sampled"
@@ -366,13 +372,13 @@ class Volume:
         _write_meta(path, meta)
         return cls.open(path, secondary=secondary, replication=replication, period=period,
                         sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers,
-                        verify=verify, cache_regions=cache_regions)
+                        verify=verify, cache_regions=cache_regions, readahead=readahead)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], readonly: bool = False, secondary: Any = None,
              replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
              max_lag_regions: int | None = None, workers: int = 16, verify: str = "always",
-             cache_regions: int = 4096) -> Volume:
+             cache_regions: int = 4096, readahead: int = READAHEAD_BYTES) -> Volume:
         """Open an existing volume; the replication arguments are those of :meth:`create`.
 
         Without ``replication``, a volume opened with its secondary resumes the mode it had. A
@@ -405,7 +411,7 @@ class Volume:
             if not readonly:
                 cls._remove_orphans(path, meta)
             return cls(path, meta, readonly, lock_fd, secondary, replication, period, sync_policy,
-                       max_lag_regions, workers, verify, cache_regions)
+                       max_lag_regions, workers, verify, cache_regions, readahead)
         except BaseException:
             os.close(lock_fd)
             raise

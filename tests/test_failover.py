@@ -54,8 +54,9 @@ class CountingStore:
 
 def fig3_primary(tmp_path: Path, store: Any, replicate_region_6: bool) -> Volume:
     """Regions a..h, then the Fig. 2 writes and 4->6; synchronized at T4 (region 6 optional)."""
+    # No readahead: these tests count the GETs of each read (readahead: tests/test_routing.py).
     vol = Volume.create(tmp_path / "vol", 8 * RS, region_size=RS, secondary=store, replication="periodic",
-                        period=3600)
+                        period=3600, readahead=0)
     for r, ch in enumerate("abcdefgh"):
         put(vol, r, ch)
     put(vol, 0, "x")
@@ -280,7 +281,7 @@ def test_remote_cache_is_reused_across_restarts_and_verified(tmp_path: Path, s3_
         vol.mark_unavailable([2, 3, 5])
         assert chars(vol) == "1 b c z e f 4 h"
         assert len(store.region_gets) == 3
-    with Volume.open(tmp_path / "vol", secondary=store) as vol:
+    with Volume.open(tmp_path / "vol", secondary=store, readahead=0) as vol:
         assert chars(vol) == "1 b c z e f 4 h"
         assert len(store.region_gets) == 3  # served from the cache file, no new GET
     # Damage the cached copy of one region: it is dropped and fetched again, never returned.
@@ -288,7 +289,7 @@ def test_remote_cache_is_reused_across_restarts_and_verified(tmp_path: Path, s3_
     raw = bytearray(data.read_bytes())
     raw[raw.index(b"c" * 64) + 10] ^= 0xFF
     data.write_bytes(bytes(raw))
-    with Volume.open(tmp_path / "vol", secondary=store) as vol:
+    with Volume.open(tmp_path / "vol", secondary=store, readahead=0) as vol:
         assert chars(vol) == "1 b c z e f 4 h"
         assert len(store.region_gets) == 4
         assert vol._region_cache is not None and vol._region_cache.dropped == 1
