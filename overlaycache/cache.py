@@ -75,6 +75,7 @@ class RegionCache:
         self._bound: Any = None
         self.hits = self.misses = self.dropped = 0
         self._index_fd = self._open_index()
+        self._free = [slot for slot in reversed(range(capacity)) if self._entries[slot] is None]
         self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
         length = capacity * region_size
         if os.fstat(self._data_fd).st_size != length:
@@ -188,9 +189,12 @@ class RegionCache:
             slot = self._victim()
             with self._exclusive():
                 self._forget(slot)
+                if self._free and self._free[-1] == slot:
+                    self._free.pop()  # the evicted slot is taken at once
                 try:
                     self.data.write(slot * self.region_size, data)
                 except MediaError:
+                    self._free.append(slot)
                     _log.warning("%s: cannot write the cache; region %d not cached", self.data_path, region)
                     return
                 self.sums[16 * slot : 16 * slot + 16] = csum
@@ -211,6 +215,9 @@ class RegionCache:
             os.ftruncate(self._data_fd, self.capacity * self.region_size)
 
     def _victim(self) -> int:
+        """A free slot if there is one, else CLOCK's choice (never an entry while slots are free)."""
+        if self._free:
+            return self._free.pop()
         while True:
             slot = self._hand
             self._hand = (self._hand + 1) % self.capacity
@@ -224,6 +231,7 @@ class RegionCache:
         if entry is not None:
             self._slots.pop((entry[0], entry[1]), None)
             self._entries[slot] = None
+            self._free.append(slot)
             if self._table is not None and self._table[entry[0]] == slot + 1:
                 self._table[entry[0]] = 0
             self.verified.clear(slot)

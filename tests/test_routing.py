@@ -260,3 +260,29 @@ def test_hydration_rate_cancel_and_secondary_down(tmp_path: Path, s3_store: Any)
         assert vol.hydrate().error is None
         assert vol.location_map() == ["PO"] * N
         assert vol.read(0, N * RS) == data
+
+
+def test_cache_fills_free_slots_before_evicting(tmp_path: Path) -> None:
+    """A dropped entry's slot is reused before any other entry is evicted; when full, CLOCK evicts
+    one entry per fill and every entry left reads back verified, also after reopening."""
+    from overlaycache._impl import core
+    from overlaycache.cache import RegionCache
+
+    def body(r: int, seq: int) -> bytes:
+        return bytes([r, seq]) * (RS // 2)
+
+    cache = RegionCache(str(tmp_path), RS, 4)
+    for r in range(3):
+        cache.put(r, 1, bytes(core.checksum(body(r, 1))), body(r, 1))
+    cache.drop(0, 1)
+    cache.put(5, 1, bytes(core.checksum(body(5, 1))), body(5, 1))
+    cache.put(6, 1, bytes(core.checksum(body(6, 1))), body(6, 1))
+    assert {k for k in [(1, 1), (2, 1), (5, 1), (6, 1)] if k in cache} == {(1, 1), (2, 1), (5, 1), (6, 1)}
+    cache.put(7, 1, bytes(core.checksum(body(7, 1))), body(7, 1))  # full: exactly one evicted
+    assert len(cache) == 4 and (7, 1) in cache
+    kept = [(r, s) for r, s in [(1, 1), (2, 1), (5, 1), (6, 1), (7, 1)] if (r, s) in cache]
+    cache.close()
+    again = RegionCache(str(tmp_path), RS, 4)
+    for r, s in kept:
+        assert again.get(r, s, bytes(core.checksum(body(r, s))), RS) == body(r, s)
+    again.close()
