@@ -201,6 +201,7 @@ class Volume:
         self.id: str = meta["id"]
         self._geo = _check_geometry(meta["size"], meta["region_size"])
         self._wlock = threading.RLock()
+        self._merge_lock = threading.RLock()  # one merge at a time; close waits for it
         self._rw = core.RWLock()
         self._images: set[VirtualImage] = set()
         self._base: BaseLayer | None = None
@@ -448,6 +449,12 @@ class Volume:
         if hyd is not None:
             hyd.cancel()
             hyd.wait()
+        with self._merge_lock:  # a fold copying into the base finishes its overlay first
+            self._close()
+
+    def _close(self) -> None:
+        if self._stack is None:
+            return
         if self._repl is not None:
             self._repl.stop()  # before taking the lock: a periodic snapshot may be waiting for it
         with self._wlock:
@@ -932,7 +939,7 @@ class Volume:
         finished on the next open.
         """
         self._check_writable()
-        with self._wlock:
+        with self._merge_lock, self._wlock:
             self._live()
             if self._do is not None:
                 raise InvalidArgumentError(
@@ -943,8 +950,14 @@ class Volume:
             return self._merge_oldest()
 
     def _merge_oldest(self) -> int:
-        assert self._base is not None
-        base, ov = self._base, self._overlays[0]
+        """Fold the oldest overlay into the base; the caller holds ``_wlock`` throughout."""
+        ov, regions = self._merge_begin()
+        self._merge_copy(ov, regions)
+        return self._merge_end(ov, regions)
+
+    def _merge_begin(self) -> tuple[Overlay, list[int]]:
+        """Record the merge of the oldest overlay (released snapshots first); under ``_wlock``."""
+        ov = self._overlays[0]
         dropped = [s for s in self._meta["snapshots"] if s["layer"] == 0]
         if dropped or self._meta.get("merging") != ov.id:
             self._meta["snapshots"] = [s for s in self._meta["snapshots"] if s["layer"] != 0]
@@ -953,8 +966,13 @@ class Volume:
             gone = {s["id"] for s in dropped}
             for img in [i for i in self._images if i.snapshot.id in gone]:
                 self._close_image(img)
-        geo = self._geo
-        regions = [r for a, b in ov.present.runs() for r in range(a, b)]
+        return ov, [r for a, b in ov.present.runs() for r in range(a, b)]
+
+    def _merge_copy(self, ov: Overlay, regions: list[int]) -> None:
+        """Copy ``ov``'s regions into the base, verified. Needs no lock when ``ov`` is not the top
+        overlay: nothing else writes either, and readers see ``ov``, which shadows those regions."""
+        assert self._base is not None
+        base, geo = self._base, self._geo
         try:
             for r in regions:
                 off = ov.slot_offset(r, int(ov.which.test(r)))
@@ -971,9 +989,15 @@ class Volume:
             base.data.sync()
             base.store_sums(regions)
         except BaseException:
-            self._meta["merging"] = None
-            self._store_meta()
+            with self._wlock:
+                self._meta["merging"] = None
+                self._store_meta()
             raise
+
+    def _merge_end(self, ov: Overlay, regions: list[int]) -> int:
+        """Drop the merged overlay from the layers; under ``_wlock``."""
+        assert self._base is not None
+        base = self._base
         self._rw.acquire_write()
         try:
             for r in regions:
@@ -1700,16 +1724,21 @@ class Volume:
                 return
             released = {s["id"] for s in self._meta["snapshots"]}
         while True:
-            with self._wlock:
-                if not any(ov.present.any() for ov in self._overlays):
-                    break
-                if len(self._overlays) == 1:
-                    self._push_overlay()
+            with self._merge_lock:
+                with self._wlock:
+                    self._live()
+                    if self._do is not None or not any(ov.present.any() for ov in self._overlays):
+                        break  # done, or a distributed overlay began meanwhile: the base is not written
+                    if len(self._overlays) == 1:
+                        self._push_overlay()
+                    ov, regions = self._merge_begin()
                 try:
-                    self._merge_oldest()
+                    self._merge_copy(ov, regions)  # writes go on meanwhile (to the top overlay)
                 except RegionUnavailableError as exc:
                     _log.error("%s: folding into the base stopped, the overlays are kept: %s", self.path, exc)
                     return
+                with self._wlock:
+                    self._merge_end(ov, regions)
         released -= {s["id"] for s in self._meta["snapshots"]}
         if released:
             _log.warning("%s: local snapshots %s were released by folding the overlays into the base",

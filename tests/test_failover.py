@@ -310,3 +310,32 @@ def test_secondary_down_cached_regions_still_served(tmp_path: Path, s3_store: An
         assert info.value.regions == (3, 5) and info.value.reason == "secondary unavailable"
         store.down = False
         assert chars(vol) == "1 b c z e f 4 h"
+
+
+def test_writes_go_on_while_restore_folds(tmp_path: Path, s3_store: Any) -> None:
+    """The fold copies an overlay into the base without the volume's lock: a write from another
+    thread completes meanwhile (it would wait forever behind the lock, failing the join)."""
+    import threading
+
+    vol = fig3_primary(tmp_path, s3_store, True)
+    with vol:
+        t = vol.snapshot("T")
+        vol.mark_unavailable([2])
+        put(vol, 0, "u")
+        copy = vol._merge_copy
+        seen: list[bytes] = []
+
+        def copy_with_a_write(ov: Any, regions: list[int]) -> None:
+            if not seen:
+                writer = threading.Thread(target=lambda: (put(vol, 7, "!"), seen.append(vol.read(7 * RS, 1))))
+                writer.start()
+                writer.join(30)
+                assert not writer.is_alive() and seen == [b"!"]
+            copy(ov, regions)
+
+        vol._merge_copy = copy_with_a_write  # type: ignore[method-assign]
+        assert vol.restore(t) == [0, 2]
+        assert chars(vol) == "1 b c z e f 4 !"
+        assert vol.layer_map() == [0] * 8  # the write was folded too
+    with Volume.open(tmp_path / "vol") as again:
+        assert chars(again) == "1 b c z e f 4 !"
