@@ -26,9 +26,6 @@ Contract
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import os
 import threading
 import time
@@ -36,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from overlaycache._impl import core
+from overlaycache._util import byte_view, check_int, lock_directory, read_json_checked, write_json_atomic
 from overlaycache.errors import (
     CloneMismatchError,
     FormatError,
@@ -46,7 +44,6 @@ from overlaycache.errors import (
     RegionUnavailableError,
     SnapshotNotFoundError,
     VolumeClosedError,
-    VolumeLockedError,
 )
 from overlaycache.layers import Geometry, Overlay, fsync_dir
 from overlaycache.snapshots import LocalSnapshot, Snapshot
@@ -179,24 +176,8 @@ class CloneInfo:
         return None
 
 
-def _descriptor_checksum(obj: dict[str, Any]) -> str:
-    body = {k: v for k, v in obj.items() if k != "checksum"}
-    return bytes(core.checksum(json.dumps(body, sort_keys=True).encode())).hex()
-
-
 def _write_descriptor(directory: str, info: CloneInfo) -> None:
-    obj = info.to_json()
-    obj["checksum"] = _descriptor_checksum(obj)
-    final = os.path.join(directory, DESCRIPTOR_NAME)
-    tmp = final + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    fsync_dir(directory)
+    write_json_atomic(directory, DESCRIPTOR_NAME, info.to_json())
 
 
 def read_descriptor(path: str | os.PathLike[str]) -> CloneInfo:
@@ -209,29 +190,9 @@ def read_descriptor(path: str | os.PathLike[str]) -> CloneInfo:
         newer format.
     """
     path = os.fspath(path)
+    hint = " (an interrupted creation: remove the directory)" if os.path.isdir(path) and os.listdir(path) else ""
+    obj = read_json_checked(path, DESCRIPTOR_NAME, DESCRIPTOR_KIND, DESCRIPTOR_VERSION, "clone", hint)
     name = os.path.join(path, DESCRIPTOR_NAME)
-    if not os.path.isdir(path):
-        raise FormatError(f"{path}: not an overlaycache clone (not a directory)", path)
-    try:
-        with open(name, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError as exc:
-        hint = " (an interrupted creation: remove the directory)" if os.listdir(path) else ""
-        raise FormatError(f"{path}: not an overlaycache clone (no {DESCRIPTOR_NAME}){hint}", name) from exc
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{name}: truncated or corrupted ({exc})", name) from exc
-    if not isinstance(obj, dict) or obj.get("kind") != DESCRIPTOR_KIND:
-        raise FormatError(f"{name}: not an overlaycache clone descriptor", name)
-    version = obj.get("version")
-    if not isinstance(version, int):
-        raise FormatError(f"{name}: missing format version", name)
-    if version > DESCRIPTOR_VERSION:
-        raise FormatError(f"{name}: format version {version} is newer than this overlaycache "
-                          f"({DESCRIPTOR_VERSION})", name)
-    if obj.get("checksum") != _descriptor_checksum(obj):
-        raise FormatError(f"{name}: checksum mismatch (file corrupted)", name)
     try:
         return CloneInfo.from_json(obj)
     except (KeyError, TypeError, ValueError) as exc:
@@ -239,32 +200,7 @@ def read_descriptor(path: str | os.PathLike[str]) -> CloneInfo:
 
 
 def _lock(path: str) -> int:
-    lock_path = os.path.join(path, "lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise VolumeLockedError(f"{path}: clone is open elsewhere") from exc
-        raise
-    return fd
-
-
-def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentError(f"{name} must be an int, got {type(value).__name__}")
-    return value
-
-
-def _byte_view(data: Any) -> memoryview:
-    try:
-        view = memoryview(data)
-    except TypeError as exc:
-        raise InvalidBufferError(f"expected a bytes-like object, got {type(data).__name__}") from exc
-    if not view.c_contiguous:
-        raise InvalidBufferError("buffer must be C-contiguous")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    return lock_directory(path, False, "clone is open elsewhere")
 
 
 class Clone:
@@ -468,8 +404,8 @@ class Clone:
         return ov
 
     def _check_range(self, offset: Any, length: Any) -> None:
-        _check_int("offset", offset)
-        _check_int("length", length)
+        check_int("offset", offset)
+        check_int("length", length)
         if offset < 0 or length < 0 or offset + length > self._geo.size:
             raise OutOfRangeError(f"bytes [{offset}, {offset + length}) out of the clone [0, {self._geo.size})")
 
@@ -542,7 +478,7 @@ class Clone:
         OutOfRangeError, VolumeClosedError, RegionUnavailableError
             As :meth:`read`.
         """
-        view = _byte_view(buffer)
+        view = byte_view(buffer)
         if view.readonly:
             raise InvalidBufferError("a writable buffer is required")
         self._check_range(offset, len(view))
@@ -565,7 +501,7 @@ class Clone:
         VolumeClosedError
             The clone, or the image under it, is closed.
         """
-        view = _byte_view(data)
+        view = byte_view(data)
         self._check_range(offset, len(view))
         n = len(view)
         with self._lock:

@@ -15,9 +15,6 @@ Contract
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import logging
 import os
 import threading
@@ -27,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from overlaycache._impl import core
+from overlaycache._util import byte_view, check_int, lock_directory, read_json_checked, write_json_atomic
 from overlaycache.errors import (
     FormatError,
     InvalidArgumentError,
@@ -39,7 +37,6 @@ from overlaycache.errors import (
     StaleStackError,
     StoreError,
     VolumeClosedError,
-    VolumeLockedError,
 )
 from overlaycache.cache import RegionCache
 from overlaycache.clone import Clone, open_clone
@@ -74,15 +71,9 @@ def _write_file_atomic(path: str, data: bytes) -> None:
     fsync_dir(os.path.dirname(path))
 
 
-def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentError(f"{name} must be an int, got {type(value).__name__}")
-    return value
-
-
 def _check_geometry(size: Any, region_size: Any) -> Geometry:
-    size = _check_int("size", size)
-    region_size = _check_int("region_size", region_size)
+    size = check_int("size", size)
+    region_size = check_int("region_size", region_size)
     if size <= 0:
         raise InvalidArgumentError(f"size must be > 0, got {size}")
     if region_size & (region_size - 1) or not MIN_REGION_SIZE <= region_size <= MAX_REGION_SIZE:
@@ -92,49 +83,13 @@ def _check_geometry(size: Any, region_size: Any) -> Geometry:
     return Geometry(size, region_size)
 
 
-def _meta_checksum(meta: dict[str, Any]) -> str:
-    body = {k: v for k, v in meta.items() if k != "checksum"}
-    return bytes(core.checksum(json.dumps(body, sort_keys=True).encode())).hex()
-
-
 def _write_meta(directory: str, meta: dict[str, Any]) -> None:
-    meta = dict(meta)
-    meta["checksum"] = _meta_checksum(meta)
-    data = json.dumps(meta, indent=1, sort_keys=True).encode() + b"\n"
-    final = os.path.join(directory, META_NAME)
-    tmp = final + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    fsync_dir(directory)
+    write_json_atomic(directory, META_NAME, meta)
 
 
 def _read_meta(directory: str) -> dict[str, Any]:
+    meta = read_json_checked(directory, META_NAME, META_KIND, META_VERSION, "volume")
     path = os.path.join(directory, META_NAME)
-    if not os.path.isdir(directory):
-        raise FormatError(f"{directory}: not an overlaycache volume (not a directory)", directory)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError as exc:
-        raise FormatError(f"{directory}: not an overlaycache volume (no {META_NAME})", path) from exc
-    try:
-        meta = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: truncated or corrupted ({exc})", path) from exc
-    if not isinstance(meta, dict) or meta.get("kind") != META_KIND:
-        raise FormatError(f"{path}: not an overlaycache volume description", path)
-    version = meta.get("version")
-    if not isinstance(version, int):
-        raise FormatError(f"{path}: missing format version", path)
-    if version > META_VERSION:
-        raise FormatError(f"{path}: format version {version} is newer than this overlaycache ({META_VERSION})", path)
-    if meta.get("checksum") != _meta_checksum(meta):
-        raise FormatError(f"{path}: checksum mismatch (file corrupted)", path)
     try:
         _check_geometry(meta["size"], meta["region_size"])
         for key in ("id", "layers", "next_layer", "snapshots", "next_snapshot"):
@@ -145,16 +100,6 @@ def _read_meta(directory: str) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError, OverlayCacheError) as exc:
         raise FormatError(f"{path}: invalid contents ({exc})", path) from exc
     return meta
-
-
-def _buffer(data: Any) -> memoryview:
-    try:
-        view = memoryview(data)
-    except TypeError as exc:
-        raise InvalidBufferError(f"expected a bytes-like object, got {type(data).__name__}") from exc
-    if not view.c_contiguous:
-        raise InvalidBufferError("buffer must be C-contiguous")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
 def _ranges(regions: Iterable[int]) -> str:
@@ -395,18 +340,7 @@ class Volume:
         """
         path = os.fspath(path)
         meta = _read_meta(path)
-        lock_path = os.path.join(path, "lock")
-        try:
-            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise FormatError(f"{lock_path}: cannot open lock file: {exc.strerror}", lock_path) from exc
-        try:
-            fcntl.flock(lock_fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(lock_fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise VolumeLockedError(f"{path}: volume is open for writing elsewhere") from exc
-            raise
+        lock_fd = lock_directory(path, readonly, "volume is open for writing elsewhere")
         try:
             meta = _read_meta(path)  # re-read under the lock
             if not readonly:
@@ -570,8 +504,8 @@ class Volume:
 
     def _region_span(self, first: Any, count: Any) -> int:
         """Check a range of regions; returns its length (``count`` None: up to the end)."""
-        _check_int("first", first)
-        n: int = self._geo.num_regions - first if count is None else _check_int("count", count)
+        check_int("first", first)
+        n: int = self._geo.num_regions - first if count is None else check_int("count", count)
         if first < 0 or n < 0 or first + n > self._geo.num_regions:
             raise OutOfRangeError(f"regions [{first}, {first + n}) out of [0, {self._geo.num_regions})")
         return n
@@ -590,8 +524,8 @@ class Volume:
         return [ids[i] for i in found]
 
     def _check_range(self, offset: Any, length: Any) -> None:
-        _check_int("offset", offset)
-        _check_int("length", length)
+        check_int("offset", offset)
+        check_int("length", length)
         if offset < 0 or length < 0 or offset + length > self._geo.size:
             raise OutOfRangeError(f"bytes [{offset}, {offset + length}) out of the volume [0, {self._geo.size})")
 
@@ -643,7 +577,7 @@ class Volume:
             As :meth:`read`; also for a read-only buffer.
         """
         if type(offset) is not int:
-            _check_int("offset", offset)
+            check_int("offset", offset)
         while True:
             stack = self._stack
             if stack is None:
@@ -665,7 +599,7 @@ class Volume:
                     self._readahead(offset, nbytes)
                 return nbytes
             if self._unavail.any():
-                view = _buffer(buffer)
+                view = byte_view(buffer)
                 if view.readonly:
                     raise InvalidBufferError("a writable buffer is required")
                 self._check_range(offset, len(view))
@@ -694,7 +628,7 @@ class Volume:
         RegionUnavailableError
             A partial write needs the rest of a region that cannot be read.
         """
-        view = _buffer(data)
+        view = byte_view(data)
         self._check_range(offset, len(view))
         self._check_writable()
         if not len(view):
@@ -1249,7 +1183,7 @@ class Volume:
             A region number is not in the volume.
         """
         self._check_writable()
-        regs = [_check_int("region", r) for r in regions]
+        regs = [check_int("region", r) for r in regions]
         for r in regs:
             if not 0 <= r < self._geo.num_regions:
                 raise OutOfRangeError(f"region {r} out of [0, {self._geo.num_regions})")

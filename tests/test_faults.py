@@ -24,6 +24,7 @@ import overlaycache
 from overlaycache import layers as layers_mod
 from overlaycache import volume as volume_mod
 from overlaycache._core_py import checksum as py_checksum
+from overlaycache._util import json_checksum
 from overlaycache.errors import (
     FormatError,
     InvalidArgumentError,
@@ -32,7 +33,7 @@ from overlaycache.errors import (
     VolumeClosedError,
     VolumeLockedError,
 )
-from overlaycache.volume import Volume, _meta_checksum
+from overlaycache.volume import Volume
 
 RS = 4096
 NREG = 8
@@ -376,10 +377,10 @@ def test_newer_format_version_is_refused(vol_path: Path) -> None:
     saved = meta_file.read_bytes()
     meta = json.loads(saved)
     meta["version"] = volume_mod.META_VERSION + 1
-    meta["checksum"] = _meta_checksum(meta)
+    meta["checksum"] = json_checksum(meta)
     meta_file.write_text(json.dumps(meta, indent=1, sort_keys=True))
     # Sanity: the file is otherwise valid, so the version is the only thing at fault.
-    assert json.loads(meta_file.read_bytes())["checksum"] == _meta_checksum(meta)
+    assert json.loads(meta_file.read_bytes())["checksum"] == json_checksum(meta)
     with pytest.raises(FormatError) as err:
         Volume.open(vol_path)
     assert type(err.value) is FormatError
