@@ -40,7 +40,7 @@ from overlaycache.errors import (
 )
 from overlaycache.cache import RegionCache
 from overlaycache.clone import Clone, open_clone
-from overlaycache.failover import CODE_NAMES, CODE_R, UnavailableMap, location_codes
+from overlaycache.failover import CODE_NAMES, CODE_PO, CODE_R, UnavailableMap, location_codes
 from overlaycache.hydration import IDLE, Hydration
 from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
 from overlaycache.layers import BaseLayer, Geometry, Overlay, fsync_dir
@@ -138,7 +138,8 @@ class Volume:
     def __init__(self, path: str, meta: dict[str, Any], readonly: bool, lock_fd: int,
                  secondary: Any = None, replication: str | None = None, period: float | None = None,
                  sync_policy: str = "degrade", max_lag_regions: int | None = None, workers: int = 16,
-                 verify: str = "always", cache_regions: int = 4096, readahead: int = READAHEAD_BYTES) -> None:
+                 verify: str = "always", cache_regions: int = 4096, readahead: int = READAHEAD_BYTES,
+                 remote_fraction: float | None = None) -> None:
         self.path = path
         self.readonly = readonly
         self._lock_fd = lock_fd
@@ -166,6 +167,11 @@ class Volume:
         if cache_regions < self._geo.num_regions:
             window = min(window, cache_regions // 2)
         self._readahead_window = window
+        if remote_fraction is not None and (isinstance(remote_fraction, bool)
+                                            or not isinstance(remote_fraction, (int, float))
+                                            or not 0 < remote_fraction <= 1):
+            raise InvalidArgumentError(f"remote_fraction must be in (0, 1] or None, got {remote_fraction!r}")
+        self._remote_fraction = remote_fraction
         self._ra_next = 0  # first region not yet scanned for readahead
         self._last_end = -1  # where the last routed read ended
         self._io_count = 0  # foreground reads and writes during a distributed overlay (hydration yields)
@@ -245,7 +251,8 @@ class Volume:
     def create(cls, path: str | os.PathLike[str], size: int, region_size: int = 65536, secondary: Any = None,
                replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
                max_lag_regions: int | None = None, workers: int = 16, verify: str = "always",
-               cache_regions: int = 4096, readahead: int = READAHEAD_BYTES) -> Volume:
+               cache_regions: int = 4096, readahead: int = READAHEAD_BYTES,
+               remote_fraction: float | None = None) -> Volume:
         """Create a volume of ``size`` zero bytes in the directory ``path`` and open it.
 
         Parameters
@@ -281,6 +288,11 @@ class Volume:
             During a distributed overlay, sequential reads prefetch the uncached remote regions of
             the next ``readahead`` bytes (default 64 MiB, at most half the cache unless it holds the
             whole volume); 0 turns it off.
+        remote_fraction : float, optional
+            During a distributed overlay, a read with at least this fraction of its regions remote
+            (R) reads its still-valid local (PB) regions from the PIT too, where they are identical,
+            instead of from a device that is mostly failing (seed [0088]); regions written since
+            the overlay began (PO) are always local. None (default) turns it off.
         verify : {"always", "sampled", "scrub-only"}
             Checksum verification of local reads: "always" (default) verifies every region the
             first time it is read after open (then remembers it, as ZFS's ARC does); "sampled"
@@ -318,13 +330,15 @@ class Volume:
         _write_meta(path, meta)
         return cls.open(path, secondary=secondary, replication=replication, period=period,
                         sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers,
-                        verify=verify, cache_regions=cache_regions, readahead=readahead)
+                        verify=verify, cache_regions=cache_regions, readahead=readahead,
+                        remote_fraction=remote_fraction)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], readonly: bool = False, secondary: Any = None,
              replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
              max_lag_regions: int | None = None, workers: int = 16, verify: str = "always",
-             cache_regions: int = 4096, readahead: int = READAHEAD_BYTES) -> Volume:
+             cache_regions: int = 4096, readahead: int = READAHEAD_BYTES,
+             remote_fraction: float | None = None) -> Volume:
         """Open an existing volume; the replication arguments are those of :meth:`create`.
 
         Without ``replication``, a volume opened with its secondary resumes the mode it had. A
@@ -346,7 +360,7 @@ class Volume:
             if not readonly:
                 cls._remove_orphans(path, meta)
             return cls(path, meta, readonly, lock_fd, secondary, replication, period, sync_policy,
-                       max_lag_regions, workers, verify, cache_regions, readahead)
+                       max_lag_regions, workers, verify, cache_regions, readahead, remote_fraction)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -583,6 +597,8 @@ class Volume:
             if stack is None:
                 raise VolumeClosedError(f"{self.path}: volume is closed")
             if stack.routed:
+                if self._remote_fraction is not None and self._read_mostly_remote(stack, offset, buffer):
+                    return len(byte_view(buffer))
                 try:
                     got: tuple[int, list[int]] = stack.readinto_routed(offset, buffer)
                     nbytes, misses = got
@@ -1360,6 +1376,42 @@ class Volume:
         n = len(cache)
         cache.clear()
         return n
+
+    def _read_mostly_remote(self, stack: Any, offset: int, buffer: Any) -> bool:
+        """Serve a read whose share of R regions reaches ``remote_fraction`` from the PIT alone
+        (PO regions excepted: the PIT does not have them); returns False, reading nothing, for
+        any other read. PB regions are the same version in the PIT (not written since it)."""
+        view = byte_view(buffer)
+        if view.readonly:
+            raise InvalidBufferError("a writable buffer is required")
+        n = len(view)
+        self._check_range(offset, n)
+        if n == 0:
+            return False
+        rs = self._geo.region_size
+        first, last = offset // rs, (offset + n - 1) // rs
+        codes = location_codes(self._po_maps(), self._unavail.bits, first, last - first + 1)
+        assert self._remote_fraction is not None
+        if codes.count(CODE_R) < self._remote_fraction * len(codes):
+            return False
+        self._io_count += 1
+        got, errors = self._remote_pit().fetch_many([first + i for i, c in enumerate(codes) if c != CODE_PO])
+        for i, c in enumerate(codes):
+            r = first + i
+            a, b = max(offset, r * rs), min(offset + n, (r + 1) * rs)
+            data = got.get(r)
+            if data is not None:
+                view[a - offset : b - offset] = memoryview(data)[a - r * rs : b - r * rs]
+            elif c != CODE_R:  # PO, or PB the secondary could not give: local
+                try:
+                    stack.readinto(a, view[a - offset : b - offset])
+                except (StaleStackError, RegionUnavailableError):
+                    return False  # the normal path retries and deals with it
+        failed = {r: exc for r, exc in errors.items() if codes[r - first] == CODE_R}
+        if failed:
+            raise self._fetch_failure(failed, "are not valid locally, not cached, and the secondary "
+                                              "cannot serve them")
+        return True
 
     def _serve_misses(self, offset: int, buffer: Any, n: int, misses: list[int]) -> None:
         """Fetch the R regions the read kernel could not serve from the cache and copy them into

@@ -286,3 +286,37 @@ def test_cache_fills_free_slots_before_evicting(tmp_path: Path) -> None:
     for r, s in kept:
         assert again.get(r, s, bytes(core.checksum(body(r, s))), RS) == body(r, s)
     again.close()
+
+
+def test_mostly_remote_reads_come_from_the_pit(tmp_path: Path, s3_store: Any) -> None:
+    """With remote_fraction, a read whose regions are mostly R takes its PB regions from the PIT
+    too (the device is mostly failing), PO regions locally; other reads are routed as usual. With
+    the secondary down, the PB regions of such a read fall back to the local copy."""
+    from test_failover import SwitchableStore
+
+    from overlaycache.errors import InvalidArgumentError
+
+    store = SwitchableStore(s3_store)
+    data = random.Random(5).randbytes(N * RS)
+    with Volume.create(tmp_path / "vol", N * RS, region_size=RS, secondary=store, replication="periodic",
+                       period=3600, readahead=0, remote_fraction=0.5) as vol:
+        vol.write(0, data)
+        vol.replicate()
+        vol.mark_unavailable([0, 1, 2, 8])  # regions 0..3: three of four remote
+        vol.write(3 * RS, b"3" * RS)  # PO
+        want = bytearray(data)
+        want[3 * RS : 4 * RS] = b"3" * RS
+        assert vol.location_map(0, 5) == ["R", "R", "R", "PO", "PB"]
+        assert vol.read(0, 5 * RS) == want[: 5 * RS]  # 3 of 5 remote: PB region 4 from the PIT too
+        assert sorted(int(k.split("/")[-2], 16) for k in store.region_gets) == [0, 1, 2, 4]
+        store.region_gets.clear()
+        assert vol.read(6 * RS, 4 * RS) == want[6 * RS : 10 * RS]  # 1 of 4 remote: routed as usual
+        assert [int(k.split("/")[-2], 16) for k in store.region_gets] == [8]
+        store.down = True
+        vol.clear_cache()
+        with pytest.raises(RegionUnavailableError) as info:
+            vol.read(0, 6 * RS)
+        assert info.value.regions == (0, 1, 2)
+        assert vol.read(4 * RS, RS) == want[4 * RS : 5 * RS]
+    with pytest.raises(InvalidArgumentError):
+        Volume.open(tmp_path / "vol", remote_fraction=1.5)
