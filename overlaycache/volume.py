@@ -1327,11 +1327,7 @@ class Volume:
             running = self._hydration
             if running is not None and not running.finished:
                 return running
-            if self._do is None:
-                regions: list[int] = []
-            else:
-                codes = location_codes(self._po_maps(), self._unavail.bits, 0, self._geo.num_regions)
-                regions = [r for r, c in enumerate(codes) if c == CODE_R]
+            regions = sorted(self._remote_regions())
             hyd = self._hydration = Hydration(self, regions, progress, rate, idle)
         if background:
             hyd._start()
