@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -152,6 +153,21 @@ def pid(name: str) -> int | None:
     except (OSError, ValueError):
         return None
     return value
+
+
+def kill(pid: int, what: str, timeout: float = 30.0) -> None:
+    """SIGKILL ``pid`` and wait until it is dead (a zombie counts as dead)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                if any(line.split()[1:2] == ["Z"] for line in f if line.startswith("State:")):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.02)  # polling for the kernel to finish the kill; not a synchronization guess
+    raise AssertionError(f"{what} (PID {pid}) survived SIGKILL")
 
 
 def _hmac(key: bytes, msg: str) -> bytes:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import servers
 from conftest import HERE, make_store, pid_of
 from helpers import random_writes
 from store_contract import StoreContract
@@ -77,21 +78,6 @@ def test_wrong_credentials_are_one_line(server: str, real_store: Any) -> None:
     assert real_store.endpoint in msg and real_store.bucket in msg and "wrong-secret-value" not in msg
 
 
-def _kill(pid: int) -> None:
-    """SIGKILL ``pid`` and wait until it is dead (a zombie counts as dead)."""
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                if any(line.split()[1:2] == ["Z"] for line in f if line.startswith("State:")):
-                    return
-        except FileNotFoundError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"process {pid} survived SIGKILL")
-
-
 def _restart_seaweedfs() -> None:
     subprocess.run(["bash", str(HERE / "start.sh"), "seaweedfs"], check=True,
                    env={**os.environ, "OC_KEEP_DATA": "1"})
@@ -109,7 +95,7 @@ def test_seaweedfs_killed_mid_replication_then_restarted(tmp_path: Path, real_se
         first = vol.snapshot("before")
         before = bytes(model)
         _fill(vol, model, rnd, 200)  # shipping in the background now
-        _kill(pid_of("seaweedfs"))
+        servers.kill(pid_of("seaweedfs"), "seaweedfs")
         _fill(vol, model, rnd, 20)  # writes go on while the secondary is down
         assert vol.replication_lag.regions > 0
         with pytest.raises(SecondaryUnavailableError):

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,17 +81,7 @@ class SeaweedServer:
         """SIGKILL: no goodbye, every connection is cut."""
         pid, self._pid = self._pid, None
         assert pid is not None, "stopped twice"
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    if any(line.split()[1:2] == ["Z"] for line in f if line.startswith("State:")):
-                        return
-            except FileNotFoundError:
-                return
-            time.sleep(0.02)  # polling for the kernel to finish the kill; not a synchronization guess
-        raise AssertionError(f"seaweedfs (PID {pid}) survived SIGKILL")
+        servers.kill(pid, "seaweedfs")
 
     def close(self) -> None:
         """Kill it (its data is not needed: SIGTERM can take stop.sh's full 20 s after restarts),
