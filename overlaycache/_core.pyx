@@ -18,6 +18,7 @@ from overlaycache.errors import (
     InvalidBufferError,
     MediaError,
     OutOfRangeError,
+    Reason,
     RegionUnavailableError,
     StaleStackError,
 )
@@ -911,13 +912,13 @@ cdef class Stack:
         if rc == 1:
             raise RegionUnavailableError(
                 f"region {bad} cannot be read (I/O error or file truncated)",
-                regions=(bad,), reason="io")
+                regions=(bad,), reason=Reason.IO)
         if rc == 4:
             raise RegionUnavailableError(
                 f"region {bad} is remote and not cached: read it with readinto_routed",
-                regions=(bad,), reason="remote")
+                regions=(bad,), reason=Reason.REMOTE)
         raise RegionUnavailableError(
-            f"region {bad} does not match its checksum", regions=(bad,), reason="checksum")
+            f"region {bad} does not match its checksum", regions=(bad,), reason=Reason.CHECKSUM)
 
     cdef int _read_raw(self, Py_ssize_t offset, unsigned char *out, Py_ssize_t n,
                        bint lock) except -1:

@@ -20,6 +20,7 @@ from overlaycache.errors import (
     InvalidBufferError,
     MediaError,
     OutOfRangeError,
+    Reason,
     RegionUnavailableError,
     StaleStackError,
 )
@@ -353,7 +354,7 @@ class Stack:
         k = slots[r]
         if misses is None and k != -1:
             raise RegionUnavailableError(f"region {r} is remote and not cached: read it with readinto_routed",
-                                         regions=(r,), reason="remote")
+                                         regions=(r,), reason=Reason.REMOTE)
         if k == -1:
             out[:] = bytes(len(out))
             return True
@@ -410,13 +411,13 @@ class Stack:
                     rlen = min(self.region_size, self.size - r * self.region_size)
                     if datafile.checksum(base, rlen) != bytes(_readonly_view(sums)[16 * r : 16 * r + 16]):
                         raise RegionUnavailableError(
-                            f"region {r} does not match its checksum", regions=(r,), reason="checksum"
+                            f"region {r} does not match its checksum", regions=(r,), reason=Reason.CHECKSUM
                         )
                     verified.set(r)
                 datafile.readinto(base + intra, out[pos - offset : pos - offset + take])
             except MediaError as exc:
                 raise RegionUnavailableError(
-                    f"region {r} cannot be read (I/O error or file truncated)", regions=(r,), reason="io"
+                    f"region {r} cannot be read (I/O error or file truncated)", regions=(r,), reason=Reason.IO
                 ) from exc
             pos += take
         return n

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 _log = logging.getLogger(__name__)
 
@@ -31,4 +32,10 @@ def _choose() -> ModuleType:
         return _core_py
 
 
-core: ModuleType = _choose()
+if TYPE_CHECKING:
+    # Both implementations have the API of the stub ``_core.pyi``, which mypy checks every use against.
+    from overlaycache import _core as core
+else:
+    core = _choose()
+
+__all__ = ["core"]

@@ -6,7 +6,7 @@ a local snapshot) without touching the primary volume or the secondary.
 Contract
 --------
 * A clone is a directory holding one overlay (``overlay-1.*``, the same shadow-paged, journaled and
-  checksummed format as a volume's overlays, see :mod:`overlaycache.layers`), a descriptor
+  checksummed format as a volume's overlays, see :mod:`overlaycache.local.layers`), a descriptor
   ``clone.json`` and a ``lock`` file. The descriptor is written last, so a directory without it is
   an interrupted creation, never a clone.
 * A region written in the clone is read from its overlay; every other region from the image under
@@ -33,19 +33,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from overlaycache._impl import core
-from overlaycache._util import byte_view, check_int, lock_directory, read_json_checked, write_json_atomic
+from overlaycache._fs import lock_directory, read_json_checked, write_json_atomic
+from overlaycache.local.geometry import byte_view
 from overlaycache.errors import (
     CloneMismatchError,
     FormatError,
     InvalidArgumentError,
     InvalidBufferError,
     MediaError,
-    OutOfRangeError,
+    Reason,
     RegionUnavailableError,
     SnapshotNotFoundError,
     VolumeClosedError,
 )
-from overlaycache.layers import Geometry, Overlay, fsync_dir
+from overlaycache._fs import fsync_dir
+from overlaycache.local.geometry import Geometry
+from overlaycache.local.layers import Overlay
 from overlaycache.snapshots import LocalSnapshot, Snapshot
 
 if TYPE_CHECKING:
@@ -403,12 +406,6 @@ class Clone:
         _check_image_open(self.image, self.path)
         return ov
 
-    def _check_range(self, offset: Any, length: Any) -> None:
-        check_int("offset", offset)
-        check_int("length", length)
-        if offset < 0 or length < 0 or offset + length > self._geo.size:
-            raise OutOfRangeError(f"bytes [{offset}, {offset + length}) out of the clone [0, {self._geo.size})")
-
     def _read_own(self, ov: Overlay, r: int, intra: int, out: memoryview) -> None:
         """Read ``out`` at ``intra`` in region ``r`` from the overlay, verifying the region's
         checksum on its first read since open."""
@@ -418,12 +415,12 @@ class Clone:
                 rlen = self._geo.region_length(r)
                 if bytes(ov.data.checksum(off, rlen)) != bytes(ov.sums[16 * r : 16 * r + 16]):
                     raise RegionUnavailableError(
-                        f"{ov.data_path}: region {r} of the clone does not match its checksum", (r,), "checksum")
+                        f"{ov.data_path}: region {r} of the clone does not match its checksum", (r,), Reason.CHECKSUM)
                 ov.verified.set(r)
             ov.data.readinto(off + intra, out)
         except MediaError as exc:
             raise RegionUnavailableError(
-                f"{ov.data_path}: region {r} of the clone cannot be read: {exc}", (r,), "io") from exc
+                f"{ov.data_path}: region {r} of the clone cannot be read: {exc}", (r,), Reason.IO) from exc
 
     def _read_locked(self, ov: Overlay, offset: int, view: memoryview) -> None:
         n = len(view)
@@ -462,7 +459,7 @@ class Clone:
         RegionUnavailableError
             A region of the clone cannot be read or does not match its checksum.
         """
-        self._check_range(offset, length)
+        self._geo.check_range(offset, length, "clone")
         buf = bytearray(length)
         with self._lock:
             self._read_locked(self._usable(), offset, memoryview(buf))
@@ -481,7 +478,7 @@ class Clone:
         view = byte_view(buffer)
         if view.readonly:
             raise InvalidBufferError("a writable buffer is required")
-        self._check_range(offset, len(view))
+        self._geo.check_range(offset, len(view), "clone")
         with self._lock:
             self._read_locked(self._usable(), offset, view)
         return len(view)
@@ -502,7 +499,7 @@ class Clone:
             The clone, or the image under it, is closed.
         """
         view = byte_view(data)
-        self._check_range(offset, len(view))
+        self._geo.check_range(offset, len(view), "clone")
         n = len(view)
         with self._lock:
             ov = self._usable()
@@ -522,7 +519,7 @@ class Clone:
             filled: dict[int, bytearray] = {}
             for r, intra, piece in {pieces[0][0]: pieces[0], pieces[-1][0]: pieces[-1]}.values():
                 rlen = self._geo.region_length(r)
-                if (intra == 0 and len(piece) == rlen) or ov.dirty.test(r):
+                if not ov.needs_current(r, intra, len(piece)):
                     continue
                 region = bytearray(rlen)
                 if ov.present.test(r):
@@ -531,33 +528,9 @@ class Clone:
                     self.image.readinto(r * rs, region)
                 filled[r] = region
             for r, intra, piece in pieces:
-                self._write_region(ov, r, intra, piece, filled.get(r))
+                fill = filled.get(r)
+                ov.write_region(r, intra, piece, None if fill is None else memoryview(fill))
         return n
-
-    def _write_region(self, ov: Overlay, r: int, intra: int, piece: memoryview, region: bytearray | None) -> None:
-        """Write ``piece`` at ``intra`` in region ``r``; ``region`` holds the region's current bytes
-        when the write is partial and the region is not dirty."""
-        in_place = ov.dirty.test(r)
-        # As in a volume's overlay: a dirty region's slot holds no durable version and is patched
-        # in place; otherwise the other slot is written, leaving the durable version untouched.
-        if in_place:
-            slot = int(ov.which.test(r))
-        else:
-            slot = int(not ov.which.test(r)) if ov.present.test(r) else 0
-        off = ov.slot_offset(r, slot)
-        if region is None:
-            ov.data.write(off + intra, piece)
-        else:
-            region[intra : intra + len(piece)] = piece
-            ov.data.write(off, region)
-        if not in_place:
-            if slot:
-                ov.which.set(r)
-            else:
-                ov.which.clear(r)
-            ov.present.set(r)
-            ov.dirty.set(r)
-        ov.verified.set(r)
 
     def flush(self) -> None:
         """Make every write so far durable (data first, then the journal that points at it).

@@ -7,9 +7,11 @@ the builtin that fits, so ``except ValueError`` or ``except OSError`` keep worki
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 
 __all__ = [
+    "Reason",
     "OverlayCacheError",
     "InvalidArgumentError",
     "InvalidBufferError",
@@ -29,6 +31,26 @@ __all__ = [
     "ObjectExistsError",
     "StoreAccessError",
 ]
+
+
+class Reason(enum.StrEnum):
+    """Why regions cannot be read (:attr:`RegionUnavailableError.reason`).
+
+    A ``StrEnum``: each member equals its string value (``Reason.IO == "io"``).
+    """
+
+    #: An I/O error, or a file truncated under its mapping (SIGBUS caught by the core).
+    IO = "io"
+    #: The bytes do not match their checksum.
+    CHECKSUM = "checksum"
+    #: Declared lost by the operator (:meth:`Volume.mark_unavailable`).
+    DECLARED = "declared"
+    #: Not valid locally and no copy to read them from (no distributed overlay, or read-only).
+    UNAVAILABLE = "unavailable"
+    #: Not valid locally, not cached, and the secondary cannot serve them now.
+    SECONDARY_UNAVAILABLE = "secondary unavailable"
+    #: Internal, from the read kernel: a remote region that is not cached; the caller fetches it.
+    REMOTE = "remote"
 
 
 class OverlayCacheError(Exception):
@@ -116,14 +138,14 @@ class RegionUnavailableError(OverlayCacheError, OSError):
     ----------
     regions : tuple of int
         The regions that failed, in increasing order (may be empty when not known).
-    reason : str
-        ``"io"`` or ``"checksum"`` (or a free-form reason).
+    reason : Reason
+        Why (a :class:`Reason`; equal to its string value).
     """
 
-    def __init__(self, message: str, regions: Iterable[int] = (), reason: str = "io") -> None:
+    def __init__(self, message: str, regions: Iterable[int] = (), reason: Reason | str = Reason.IO) -> None:
         super().__init__(message)
         self.regions = tuple(sorted(regions))
-        self.reason = reason
+        self.reason = Reason(reason)
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
@@ -141,7 +163,7 @@ class MediaError(RegionUnavailableError):
     """
 
     def __init__(self, message: str, path: str | None = None, offset: int | None = None) -> None:
-        super().__init__(message, (), "io")
+        super().__init__(message, (), Reason.IO)
         self.path = path
         self.offset = offset
 

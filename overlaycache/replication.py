@@ -38,7 +38,7 @@ from overlaycache.errors import (
     SecondaryUnavailableError,
     StoreError,
 )
-from overlaycache.layers import zero_checksums
+from overlaycache.local.layers import zero_checksums
 from overlaycache.snapshots import RECORD, Snapshot, encode_manifest, manifest_key, region_key, snapshot_id
 
 if TYPE_CHECKING:

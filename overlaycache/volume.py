@@ -5,7 +5,7 @@ Contract
 * A read of a region returns exactly the bytes of the newest layer holding it, never a mix of
   versions: reads hold the volume's read lock, writes its write lock.
 * Writes go to the top overlay. A region whose current version is durable is never overwritten in
-  place (see :mod:`overlaycache.layers`), so after :meth:`Volume.flush` returns, a crash at any
+  place (see :mod:`overlaycache.local.layers`), so after :meth:`Volume.flush` returns, a crash at any
   later moment reopens with every flushed byte and each region whole.
 * Metadata (``volume.json``) is replaced atomically: temp file, fsync, rename, fsync of the directory.
 * One writer process at a time (``flock`` on ``lock``); read-only opens share the lock.
@@ -23,15 +23,15 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from overlaycache._fs import fsync_dir, lock_directory, read_json_checked, write_file_atomic, write_json_atomic
 from overlaycache._impl import core
-from overlaycache._util import byte_view, check_int, lock_directory, read_json_checked, write_json_atomic
 from overlaycache.errors import (
     FormatError,
     InvalidArgumentError,
     InvalidBufferError,
     MediaError,
-    OutOfRangeError,
     OverlayCacheError,
+    Reason,
     RegionUnavailableError,
     SnapshotNotFoundError,
     StaleStackError,
@@ -40,10 +40,12 @@ from overlaycache.errors import (
 )
 from overlaycache.cache import RegionCache
 from overlaycache.clone import Clone, open_clone
-from overlaycache.failover import CODE_NAMES, CODE_PO, CODE_R, UnavailableMap, location_codes
+from overlaycache.failover import CODE_NAMES, CODE_PO, CODE_R, location_codes
 from overlaycache.hydration import IDLE, Hydration
 from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
-from overlaycache.layers import BaseLayer, Geometry, Overlay, fsync_dir
+from overlaycache.local.geometry import byte_view, check_geometry, check_int
+from overlaycache.local.layers import BaseLayer, Overlay
+from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.replication import Lag, Replicator
 from overlaycache.snapshots import LocalSnapshot, Snapshot, decode_manifest, find_snapshot, manifest_key
 
@@ -52,35 +54,11 @@ _log = logging.getLogger(__name__)
 META_NAME = "volume.json"
 META_KIND = "overlaycache-volume"
 META_VERSION = 1
-MIN_REGION_SIZE = 4 << 10
-MAX_REGION_SIZE = 64 << 20
 MAX_OVERLAYS = 250
 VERIFY_POLICIES = ("always", "sampled", "scrub-only")
 _SAMPLE = 16  # "sampled" verification: one region in this many
 DO_MANIFEST = "distributed-overlay.manifest"
 READAHEAD_BYTES = 64 << 20
-
-
-def _write_file_atomic(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
-
-
-def _check_geometry(size: Any, region_size: Any) -> Geometry:
-    size = check_int("size", size)
-    region_size = check_int("region_size", region_size)
-    if size <= 0:
-        raise InvalidArgumentError(f"size must be > 0, got {size}")
-    if region_size & (region_size - 1) or not MIN_REGION_SIZE <= region_size <= MAX_REGION_SIZE:
-        raise InvalidArgumentError(
-            f"region_size must be a power of two in [{MIN_REGION_SIZE}, {MAX_REGION_SIZE}], got {region_size}"
-        )
-    return Geometry(size, region_size)
 
 
 def _write_meta(directory: str, meta: dict[str, Any]) -> None:
@@ -91,7 +69,7 @@ def _read_meta(directory: str) -> dict[str, Any]:
     meta = read_json_checked(directory, META_NAME, META_KIND, META_VERSION, "volume")
     path = os.path.join(directory, META_NAME)
     try:
-        _check_geometry(meta["size"], meta["region_size"])
+        check_geometry(meta["size"], meta["region_size"])
         for key in ("id", "layers", "next_layer", "snapshots", "next_snapshot"):
             meta[key]
         if not meta["layers"] or not all(isinstance(i, int) and i > 0 for i in meta["layers"]):
@@ -145,7 +123,7 @@ class Volume:
         self._lock_fd = lock_fd
         self._meta = meta
         self.id: str = meta["id"]
-        self._geo = _check_geometry(meta["size"], meta["region_size"])
+        self._geo = check_geometry(meta["size"], meta["region_size"])
         self._wlock = threading.RLock()
         self._merge_lock = threading.RLock()  # one merge at a time; close waits for it
         self._rw = core.RWLock()
@@ -155,7 +133,7 @@ class Volume:
         self._stack: Any = None
         self._repl: Replicator | None = None
         self._remote: RemoteImage | None = None
-        self._unavail_reason: dict[int, str] = {}  # why, for messages (not persisted)
+        self._unavail_reason: dict[int, Reason] = {}  # why, for messages (not persisted)
         self._cache_regions = cache_regions
         self._region_cache: RegionCache | None = None
         self._workers = workers
@@ -303,7 +281,7 @@ class Volume:
         InvalidArgumentError
             Bad size or region size, or ``path`` is not empty.
         """
-        geo = _check_geometry(size, region_size)
+        geo = check_geometry(size, region_size)
         path = os.fspath(path)
         if os.path.exists(path):
             if not os.path.isdir(path) or os.listdir(path):
@@ -516,32 +494,18 @@ class Volume:
         if old is not None:
             old.release()
 
-    def _region_span(self, first: Any, count: Any) -> int:
-        """Check a range of regions; returns its length (``count`` None: up to the end)."""
-        check_int("first", first)
-        n: int = self._geo.num_regions - first if count is None else check_int("count", count)
-        if first < 0 or n < 0 or first + n > self._geo.num_regions:
-            raise OutOfRangeError(f"regions [{first}, {first + n}) out of [0, {self._geo.num_regions})")
-        return n
-
     def layer_map(self, first: int = 0, count: int | None = None) -> list[int]:
         """Which layer serves each region of ``[first, first + count)``: an overlay id, or 0 for the base.
 
         Computed with the core's batch ``resolve`` over the overlay bitmaps.
         """
-        n = self._region_span(first, count)
+        n = self._geo.region_span(first, count)
         with self._wlock:
             self._live()
             newest_first = list(reversed(self._overlays))
             ids = [ov.id for ov in newest_first] + [0]
             found = core.resolve([ov.present for ov in newest_first], first, n)
         return [ids[i] for i in found]
-
-    def _check_range(self, offset: Any, length: Any) -> None:
-        check_int("offset", offset)
-        check_int("length", length)
-        if offset < 0 or length < 0 or offset + length > self._geo.size:
-            raise OutOfRangeError(f"bytes [{offset}, {offset + length}) out of the volume [0, {self._geo.size})")
 
     def _check_writable(self) -> None:
         self._live()
@@ -563,7 +527,7 @@ class Volume:
         RegionUnavailableError
             A region cannot be read locally (I/O error, truncated file, checksum mismatch).
         """
-        self._check_range(offset, length)
+        self._geo.check_range(offset, length)
         while True:
             stack = self._stack
             if stack is not None and stack.routed:
@@ -618,7 +582,7 @@ class Volume:
                 view = byte_view(buffer)
                 if view.readonly:
                     raise InvalidBufferError("a writable buffer is required")
-                self._check_range(offset, len(view))
+                self._geo.check_range(offset, len(view))
                 self._read_routed(offset, view)
                 return len(view)
             try:
@@ -645,7 +609,7 @@ class Volume:
             A partial write needs the rest of a region that cannot be read.
         """
         view = byte_view(data)
-        self._check_range(offset, len(view))
+        self._geo.check_range(offset, len(view))
         self._check_writable()
         if not len(view):
             return 0
@@ -702,21 +666,11 @@ class Volume:
         """Write ``piece`` at ``intra`` in region ``r``; the caller holds both locks. ``fetched``
         has the PIT's bytes of R regions written in part (see :meth:`_remote_edges`)."""
         rlen = self._geo.region_length(r)
-        full = intra == 0 and len(piece) == rlen
+        # Not valid locally (even a version in the top overlay): the rest comes from the PIT.
         remote = bool(self._unavail.bits.test(r)) and self._location(r) == CODE_R
-        in_place = bool(top.dirty.test(r))
-        # A dirty region's current slot holds no durable version: patch it in place (its checksum
-        # is computed once, at commit). Otherwise shadow-write the other slot, so the durable
-        # version (if any) stays untouched until the next commit.
-        slot = int(top.which.test(r)) if in_place else (int(not top.which.test(r)) if top.present.test(r) else 0)
-        off = top.slot_offset(r, slot)
-        if full:
-            top.data.write(off, piece)
-        elif in_place and not remote:
-            top.data.write(off + intra, piece)
-        else:
+        if top.needs_current(r, intra, len(piece)) or (remote and len(piece) != rlen):
             region = memoryview(self._scratch)[:rlen]
-            if remote:  # the rest of the region is not valid locally
+            if remote:
                 got = (fetched or {}).get(r)
                 if got is not None:
                     region[:] = got
@@ -724,16 +678,9 @@ class Volume:
                     self._read_region_remote(r, region)
             else:
                 self._stack.readinto_locked(r * self._geo.region_size, region)
-            region[intra : intra + len(piece)] = piece
-            top.data.write(off, region)
-        if not in_place:
-            if slot:
-                top.which.set(r)
-            else:
-                top.which.clear(r)
-            top.present.set(r)
-            top.dirty.set(r)
-        top.verified.set(r)
+            top.write_region(r, intra, piece, region)
+        else:
+            top.write_region(r, intra, piece)
         if self._unavail.bits.test(r) and self._do is None:
             # The top overlay now holds a whole, fresh version: the region is readable again.
             self._unavail.discard(r)
@@ -931,10 +878,10 @@ class Volume:
                     if ov.data.checksum(off, rlen) != bytes(ov.sums[16 * r : 16 * r + 16]):
                         raise RegionUnavailableError(
                             f"{ov.data_path}: region {r} does not match its checksum; merge aborted",
-                            (r,), "checksum")
+                            (r,), Reason.CHECKSUM)
                     ov.data.copy_to(off, base.data, r * geo.region_size, rlen)
                 except MediaError as exc:
-                    raise RegionUnavailableError(f"region {r}: {exc}; merge aborted", (r,), "io") from exc
+                    raise RegionUnavailableError(f"region {r}: {exc}; merge aborted", (r,), Reason.IO) from exc
                 base.sums[16 * r : 16 * r + 16] = ov.sums[16 * r : 16 * r + 16]
             base.data.sync()
             base.store_sums(regions)
@@ -986,7 +933,7 @@ class Volume:
             The region is not valid locally (its newest local version is lost).
         """
         if self._unavail.bits.test(r) and self._location(r) == CODE_R:
-            raise RegionUnavailableError(f"region {r} is not valid locally", (r,), "unavailable")
+            raise RegionUnavailableError(f"region {r} is not valid locally", (r,), Reason.UNAVAILABLE)
         while True:
             try:
                 return bytes(self._live().read(r * self._geo.region_size, self._geo.region_length(r)))
@@ -1083,7 +1030,7 @@ class Volume:
         newest versions are gone. Recorded (``distributed_overlay["lost"]``), logged, and no longer
         pending; reads of them fail until they are written again."""
         with self._wlock:
-            self._mark(lost, "io")
+            self._mark(lost, Reason.IO)
             do = self._do
             if do is not None:
                 do["lost"] = sorted(set(do["lost"]) | lost)
@@ -1143,14 +1090,14 @@ class Volume:
         PO: written since the distributed overlay began; PB: the local layers below it, still
         valid; R: the remote PIT snapshot. Computed with the core's batch ``resolve`` kernel.
         """
-        n = self._region_span(first, count)
+        n = self._geo.region_span(first, count)
         with self._wlock:
             self._live()
             codes = location_codes(self._po_maps(), self._unavail.bits, first, n)
         names = CODE_NAMES
         return [names[c] for c in codes]
 
-    def _mark(self, regions: Iterable[int], reason: str = "io") -> list[int]:
+    def _mark(self, regions: Iterable[int], reason: Reason = Reason.IO) -> list[int]:
         """Record ``regions`` as unavailable (durably); returns the newly marked ones."""
         new = []
         with self._wlock:
@@ -1167,7 +1114,7 @@ class Volume:
     def _detected(self, exc: RegionUnavailableError) -> bool:
         """A local read failed: mark the regions, and begin the distributed overlay if there is a
         secondary. Returns whether the read can be retried (served from the secondary now)."""
-        if not exc.regions or self.readonly or exc.reason == "remote":
+        if not exc.regions or self.readonly or exc.reason is Reason.REMOTE:
             return False
         new = self._mark(exc.regions, exc.reason)
         if self._repl is None:
@@ -1187,7 +1134,7 @@ class Volume:
             regs = sorted(regions)
             raise RegionUnavailableError(
                 f"{self.path}: regions {_ranges(regs)} are not valid locally and the distributed "
-                f"overlay cannot begin: {exc}", regs, "secondary unavailable") from exc
+                f"overlay cannot begin: {exc}", regs, Reason.SECONDARY_UNAVAILABLE) from exc
 
     def mark_unavailable(self, regions: Iterable[int]) -> None:
         """Declare regions unreadable (lost device or link); with a secondary, this begins the
@@ -1199,11 +1146,8 @@ class Volume:
             A region number is not in the volume.
         """
         self._check_writable()
-        regs = [check_int("region", r) for r in regions]
-        for r in regs:
-            if not 0 <= r < self._geo.num_regions:
-                raise OutOfRangeError(f"region {r} out of [0, {self._geo.num_regions})")
-        self._mark(regs, "declared")
+        regs = [self._geo.check_region(r) for r in regions]
+        self._mark(regs, Reason.DECLARED)
         if self._repl is not None and regs:
             self.begin_distributed_overlay()
 
@@ -1232,7 +1176,7 @@ class Volume:
                 repl.ship(skip_unreadable=lost)
                 snap = repl.publish(f"distributed-overlay-{int(time.time())}")
                 # Kept locally: the remote image must open even while the secondary is unreachable.
-                _write_file_atomic(os.path.join(self.path, DO_MANIFEST), repl.last_manifest)
+                write_file_atomic(os.path.join(self.path, DO_MANIFEST), repl.last_manifest)
                 layer = self._meta["next_layer"]
                 self._meta["distributed_overlay"] = {
                     "layer": layer, "snapshot": snap.seq, "snapshot_id": snap.id,
@@ -1295,11 +1239,11 @@ class Volume:
         img = self._remote
         if img is None:
             if self._do is None:
-                raise RegionUnavailableError("no distributed overlay: nothing to read remotely", (), "unavailable")
+                raise RegionUnavailableError("no distributed overlay: nothing to read remotely", (), Reason.UNAVAILABLE)
             if self.readonly:
                 raise RegionUnavailableError(
                     f"{self.path}: open the volume read-write with its secondary to read remote regions",
-                    (), "unavailable")
+                    (), Reason.UNAVAILABLE)
             with self._wlock:
                 if self._remote is None:
                     self._start_routing()
@@ -1381,7 +1325,7 @@ class Volume:
         if view.readonly:
             raise InvalidBufferError("a writable buffer is required")
         n = len(view)
-        self._check_range(offset, n)
+        self._geo.check_range(offset, n)
         if n == 0:
             return False
         rs = self._geo.region_size
@@ -1439,7 +1383,7 @@ class Volume:
         if not isinstance(first, StoreError):
             return first
         exc = RegionUnavailableError(f"{self.path}: regions {_ranges(failed)} {what}: {first}", failed,
-                                     "secondary unavailable")
+                                     Reason.SECONDARY_UNAVAILABLE)
         exc.__cause__ = first
         return exc
 
@@ -1473,7 +1417,7 @@ class Volume:
             span = range(offset // rs, (offset + len(out) - 1) // rs + 1)
             raise RegionUnavailableError(
                 f"{self.path}: regions {_ranges(span)} are served by the secondary: open the volume "
-                "read-write with its secondary to read them", span, "unavailable")
+                "read-write with its secondary to read them", span, Reason.UNAVAILABLE)
         img = self._remote_pit()
         try:
             img.readinto(offset, out)
@@ -1481,7 +1425,7 @@ class Volume:
             regs = [r for r in range(offset // rs, (offset + len(out) - 1) // rs + 1) if not img.cached(r)]
             raise RegionUnavailableError(
                 f"{self.path}: regions {_ranges(regs)} are not valid locally, not cached, and the "
-                f"secondary cannot serve them: {exc}", regs, "secondary unavailable") from exc
+                f"secondary cannot serve them: {exc}", regs, Reason.SECONDARY_UNAVAILABLE) from exc
 
     def _read_region_remote(self, r: int, out: memoryview) -> None:
         """Fetch region ``r`` of the PIT into ``out`` holding the stack's lock for writing: straight
@@ -1489,13 +1433,13 @@ class Volume:
         if self._do is None:
             raise RegionUnavailableError(
                 f"{self.path}: region {r} is unavailable locally and there is no distributed overlay "
-                "(attach a secondary)", (r,), "unavailable")
+                "(attach a secondary)", (r,), Reason.UNAVAILABLE)
         try:
             out[:] = self._remote_pit()._fetch(r, keep=False)
         except StoreError as exc:
             raise RegionUnavailableError(
                 f"{self.path}: region {r} is not valid locally and the secondary cannot serve it: {exc}",
-                (r,), "secondary unavailable") from exc
+                (r,), Reason.SECONDARY_UNAVAILABLE) from exc
 
     def _read_routed(self, offset: int, view: memoryview) -> None:
         """Read ``len(view)`` bytes at ``offset``, each region from its location (PO, PB or R)."""
@@ -1523,7 +1467,7 @@ class Volume:
                     return
                 if self._do is None:
                     regs = range(first + i, first + j)
-                    reason = self._unavail_reason.get(regs[0], "unavailable")
+                    reason = self._unavail_reason.get(regs[0], Reason.UNAVAILABLE)
                     raise RegionUnavailableError(
                         f"{self.path}: regions {_ranges(regs)} are unavailable locally ({reason}) "
                         "and there is no distributed overlay (attach a secondary)", regs, reason)
@@ -1586,7 +1530,7 @@ class Volume:
             if progress is not None and (r % step == 0 or r == n - 1):
                 progress(r + 1, n)
         if bad and not self.readonly:
-            self._mark(bad, "checksum")
+            self._mark(bad, Reason.CHECKSUM)
             if self._repl is not None:
                 self.begin_distributed_overlay()
         return bad

@@ -23,7 +23,7 @@ import pytest
 
 from overlaycache import Volume
 from overlaycache.errors import RegionUnavailableError, SecondaryUnavailableError, StoreError
-from overlaycache.failover import UnavailableMap
+from overlaycache.local.unavailable import UnavailableMap
 
 RS = 4096
 #: Bound on any single blocking step of a scenario: a hang fails the test instead of the run.

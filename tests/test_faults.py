@@ -21,10 +21,10 @@ from types import ModuleType
 import pytest
 
 import overlaycache
-from overlaycache import layers as layers_mod
+from overlaycache.local import layers as layers_mod
 from overlaycache import volume as volume_mod
 from overlaycache._core_py import checksum as py_checksum
-from overlaycache._util import json_checksum
+from overlaycache._fs import json_checksum
 from overlaycache.errors import (
     FormatError,
     InvalidArgumentError,

@@ -28,7 +28,7 @@ from hypothesis.stateful import (
 )
 
 from overlaycache import _core_py
-from overlaycache import layers as layers_mod
+from overlaycache.local import layers as layers_mod
 from overlaycache import volume as volume_mod
 from overlaycache.errors import InvalidArgumentError, SnapshotNotFoundError, VolumeClosedError
 from overlaycache.images import VirtualImage

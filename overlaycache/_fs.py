@@ -1,5 +1,13 @@
-"""Helpers shared by the volume and its clones: argument checks, checksummed JSON descriptors
-written atomically, and the directory lock."""
+"""Durable file operations shared by every local file of a volume or clone.
+
+Contract
+--------
+* :func:`write_file_atomic` replaces a file so that a crash leaves either the old or the new
+  contents, never a mix: temp file, fsync, rename, fsync of the directory.
+* :func:`write_json_atomic` does the same for a JSON descriptor carrying a checksum of itself, which
+  :func:`read_json_checked` verifies (with its kind and format version) before anything trusts it.
+* :func:`lock_directory` takes the ``flock`` that makes one writer process at a time.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +18,37 @@ import os
 from typing import Any
 
 from overlaycache._impl import core
-from overlaycache.errors import FormatError, InvalidArgumentError, InvalidBufferError, VolumeLockedError
-from overlaycache.layers import fsync_dir
+from overlaycache.errors import FormatError, VolumeLockedError
 
 
-def check_int(name: str, value: Any) -> int:
-    """``value`` if it is an int (not a bool); else :class:`InvalidArgumentError`."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentError(f"{name} must be an int, got {type(value).__name__}")
-    return value
+def fsync_dir(path: str) -> None:
+    """fsync a directory so that renames and creations in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def byte_view(data: Any) -> memoryview:
-    """A flat byte view of any C-contiguous buffer; else :class:`InvalidBufferError`."""
+def write_file_new(path: str, data: bytes) -> None:
+    """Create (or truncate) ``path`` with ``data`` and fsync it; the caller fsyncs the directory."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)
-    except TypeError as exc:
-        raise InvalidBufferError(f"expected a bytes-like object, got {type(data).__name__}") from exc
-    if not view.c_contiguous:
-        raise InvalidBufferError("buffer must be C-contiguous")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (temp file, fsync, rename, fsync of
+    the directory)."""
+    tmp = path + ".tmp"
+    write_file_new(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def json_checksum(obj: dict[str, Any]) -> str:
@@ -39,20 +58,10 @@ def json_checksum(obj: dict[str, Any]) -> str:
 
 
 def write_json_atomic(directory: str, name: str, obj: dict[str, Any]) -> None:
-    """Write ``obj`` with its checksum to ``directory/name``: temp file, fsync, rename, fsync of
-    the directory."""
+    """Write ``obj`` with its checksum to ``directory/name`` (see :func:`write_file_atomic`)."""
     obj = dict(obj)
     obj["checksum"] = json_checksum(obj)
-    final = os.path.join(directory, name)
-    tmp = final + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    fsync_dir(directory)
+    write_file_atomic(os.path.join(directory, name), json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n")
 
 
 def read_json_checked(directory: str, name: str, kind: str, max_version: int, what: str,

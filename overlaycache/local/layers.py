@@ -30,8 +30,10 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
+from overlaycache._fs import write_file_new
 from overlaycache._impl import core
 from overlaycache.errors import FormatError, MediaError, OverlayCacheError
+from overlaycache.local.geometry import Geometry
 
 _log = logging.getLogger(__name__)
 
@@ -46,15 +48,6 @@ _BATCH_MAGIC = b"OCJB"
 _RECORD = struct.Struct("<QB7x16s")  # region, slot (0 or 1), checksum
 # Checkpoint the journal into the table once it is this large.
 JOURNAL_CHECKPOINT_BYTES = 8 << 20
-
-
-def fsync_dir(path: str) -> None:
-    """fsync a directory so that renames and creations in it are durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def zero_checksums(size: int, region_size: int) -> bytearray:
@@ -112,30 +105,6 @@ def _open_data(path: str, length: int, writable: bool) -> tuple[int, Any]:
         raise
 
 
-def _write_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class Geometry:
-    """Size and region size of a volume, and the derived region count."""
-
-    __slots__ = ("size", "region_size", "num_regions")
-
-    def __init__(self, size: int, region_size: int) -> None:
-        self.size = size
-        self.region_size = region_size
-        self.num_regions = (size + region_size - 1) // region_size
-
-    def region_length(self, r: int) -> int:
-        """Bytes in region ``r`` (the last one may be partial)."""
-        return min(self.region_size, self.size - r * self.region_size)
-
-
 class Layer:
     """What every layer has: a data file, a checksum table, and a verified-regions bitmap."""
 
@@ -179,7 +148,7 @@ class BaseLayer(Layer):
         finally:
             os.close(fd)
         head = _pack_header(_BASE_MAGIC, geo.region_size, geo.num_regions, geo.size)
-        _write_file(os.path.join(directory, "base.sums"), head + bytes(zero_checksums(geo.size, geo.region_size)))
+        write_file_new(os.path.join(directory, "base.sums"), head + bytes(zero_checksums(geo.size, geo.region_size)))
 
     def _load_sums(self) -> bytearray:
         try:
@@ -277,8 +246,8 @@ class Overlay(Layer):
             os.close(fd)
         nw = 8 * ((geo.num_regions + 63) // 64)
         head = _pack_header(_TABLE_MAGIC, geo.region_size, geo.num_regions, geo.size)
-        _write_file(prefix + ".table", head + bytes(2 * nw + 16 * geo.num_regions))
-        _write_file(prefix + ".journal", b"")
+        write_file_new(prefix + ".table", head + bytes(2 * nw + 16 * geo.num_regions))
+        write_file_new(prefix + ".journal", b"")
 
     @staticmethod
     def remove_files(directory: str, layer_id: int) -> None:
@@ -349,6 +318,45 @@ class Overlay(Layer):
     def slot_offset(self, r: int, slot: int) -> int:
         """Byte offset of region ``r``'s slot ``slot`` (0 or 1) in the data file."""
         return (r + slot * self.geo.num_regions) * self.geo.region_size
+
+    def needs_current(self, r: int, intra: int, length: int) -> bool:
+        """Whether a write of ``length`` bytes at ``intra`` in region ``r`` needs the region's current
+        bytes (see :meth:`write_region`): it covers the region in part, and the region has no
+        version written since the last commit to patch in place."""
+        return not (intra == 0 and length == self.geo.region_length(r)) and not self.dirty.test(r)
+
+    def write_region(self, r: int, intra: int, piece: memoryview, current: memoryview | None = None) -> None:
+        """Write ``piece`` at ``intra`` in region ``r`` (shadow paging: the one place that does).
+
+        A region written since the last commit holds no durable version in its current slot: it is
+        patched in place (its checksum is computed once, at commit). Otherwise the region's other
+        slot is written whole, so the durable version (if any) stays untouched until the next
+        commit. ``current``, which must be given when :meth:`needs_current` says so, holds the
+        region's current bytes (from the layers below, or the remote PIT when the region's local
+        versions are not valid, even one in this overlay); it is patched with ``piece`` and
+        written whole.
+        """
+        in_place = bool(self.dirty.test(r))
+        if in_place:
+            slot = int(self.which.test(r))
+        else:
+            slot = int(not self.which.test(r)) if self.present.test(r) else 0
+        off = self.slot_offset(r, slot)
+        if current is not None:
+            current[intra : intra + len(piece)] = piece
+            self.data.write(off, current)
+        elif self.needs_current(r, intra, len(piece)):
+            raise OverlayCacheError(f"internal: a partial write of region {r} without its current bytes")
+        else:
+            self.data.write(off + intra, piece)
+        if not in_place:
+            if slot:
+                self.which.set(r)
+            else:
+                self.which.clear(r)
+            self.present.set(r)
+            self.dirty.set(r)
+        self.verified.set(r)
 
     def hash_dirty(self) -> list[int]:
         """Compute the checksums of the regions written since the last commit; returns them."""

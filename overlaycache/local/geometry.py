@@ -1,0 +1,83 @@
+"""Geometry of a volume (size, region size, region count) and the checks of the arguments that
+address it: integers, byte ranges, region ranges and buffers.
+
+Every public entry point checks its arguments here before anything reaches the core, so bad input
+is an :class:`~overlaycache.errors.OverlayCacheError` (also the matching builtin), never a crash.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from overlaycache.errors import InvalidArgumentError, InvalidBufferError, OutOfRangeError
+
+MIN_REGION_SIZE = 4 << 10
+MAX_REGION_SIZE = 64 << 20
+
+
+class Geometry:
+    """Size and region size of a volume, and the derived region count."""
+
+    __slots__ = ("size", "region_size", "num_regions")
+
+    def __init__(self, size: int, region_size: int) -> None:
+        self.size = size
+        self.region_size = region_size
+        self.num_regions = (size + region_size - 1) // region_size
+
+    def region_length(self, r: int) -> int:
+        """Bytes in region ``r`` (the last one may be partial)."""
+        return min(self.region_size, self.size - r * self.region_size)
+
+    def check_range(self, offset: Any, length: Any, what: str = "volume") -> None:
+        """Check that ``[offset, offset + length)`` is a byte range inside the ``what``."""
+        check_int("offset", offset)
+        check_int("length", length)
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfRangeError(f"bytes [{offset}, {offset + length}) out of the {what} [0, {self.size})")
+
+    def region_span(self, first: Any, count: Any) -> int:
+        """Check a range of regions; returns its length (``count`` None: up to the end)."""
+        check_int("first", first)
+        n: int = self.num_regions - first if count is None else check_int("count", count)
+        if first < 0 or n < 0 or first + n > self.num_regions:
+            raise OutOfRangeError(f"regions [{first}, {first + n}) out of [0, {self.num_regions})")
+        return n
+
+    def check_region(self, r: Any) -> int:
+        """``r`` if it is a region number of the volume."""
+        check_int("region", r)
+        if not 0 <= r < self.num_regions:
+            raise OutOfRangeError(f"region {r} out of [0, {self.num_regions})")
+        return int(r)
+
+
+def check_geometry(size: Any, region_size: Any) -> Geometry:
+    """The geometry of a volume of ``size`` bytes cut into regions of ``region_size``, checked."""
+    size = check_int("size", size)
+    region_size = check_int("region_size", region_size)
+    if size <= 0:
+        raise InvalidArgumentError(f"size must be > 0, got {size}")
+    if region_size & (region_size - 1) or not MIN_REGION_SIZE <= region_size <= MAX_REGION_SIZE:
+        raise InvalidArgumentError(
+            f"region_size must be a power of two in [{MIN_REGION_SIZE}, {MAX_REGION_SIZE}], got {region_size}"
+        )
+    return Geometry(size, region_size)
+
+
+def check_int(name: str, value: Any) -> int:
+    """``value`` if it is an int (not a bool); else :class:`InvalidArgumentError`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def byte_view(data: Any) -> memoryview:
+    """A flat byte view of any C-contiguous buffer; else :class:`InvalidBufferError`."""
+    try:
+        view = memoryview(data)
+    except TypeError as exc:
+        raise InvalidBufferError(f"expected a bytes-like object, got {type(data).__name__}") from exc
+    if not view.c_contiguous:
+        raise InvalidBufferError("buffer must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
