@@ -23,10 +23,9 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from overlaycache._fs import fsync_dir, lock_directory, read_json_checked, write_file_atomic, write_json_atomic
+from overlaycache._fs import fsync_dir, lock_directory, write_file_atomic
 from overlaycache._impl import core
 from overlaycache.errors import (
-    FormatError,
     InvalidArgumentError,
     InvalidBufferError,
     MediaError,
@@ -45,39 +44,25 @@ from overlaycache.hydration import IDLE, Hydration
 from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
 from overlaycache.local.geometry import byte_view, check_geometry, check_int
 from overlaycache.local.layers import BaseLayer, Overlay
+from overlaycache.local.meta import (
+    DistributedOverlayState,
+    SecondaryRecord,
+    VolumeMeta,
+    read_meta,
+    remove_meta_temp,
+    write_meta,
+)
 from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.replication import Lag, Replicator
 from overlaycache.snapshots import LocalSnapshot, Snapshot, decode_manifest, find_snapshot, manifest_key
 
 _log = logging.getLogger(__name__)
 
-META_NAME = "volume.json"
-META_KIND = "overlaycache-volume"
-META_VERSION = 1
 MAX_OVERLAYS = 250
 VERIFY_POLICIES = ("always", "sampled", "scrub-only")
 _SAMPLE = 16  # "sampled" verification: one region in this many
 DO_MANIFEST = "distributed-overlay.manifest"
 READAHEAD_BYTES = 64 << 20
-
-
-def _write_meta(directory: str, meta: dict[str, Any]) -> None:
-    write_json_atomic(directory, META_NAME, meta)
-
-
-def _read_meta(directory: str) -> dict[str, Any]:
-    meta = read_json_checked(directory, META_NAME, META_KIND, META_VERSION, "volume")
-    path = os.path.join(directory, META_NAME)
-    try:
-        check_geometry(meta["size"], meta["region_size"])
-        for key in ("id", "layers", "next_layer", "snapshots", "next_snapshot"):
-            meta[key]
-        if not meta["layers"] or not all(isinstance(i, int) and i > 0 for i in meta["layers"]):
-            raise ValueError("bad layer list")
-        [LocalSnapshot.from_json(s) for s in meta["snapshots"]]
-    except (KeyError, TypeError, ValueError, OverlayCacheError) as exc:
-        raise FormatError(f"{path}: invalid contents ({exc})", path) from exc
-    return meta
 
 
 def _ranges(regions: Iterable[int]) -> str:
@@ -113,7 +98,7 @@ class Volume:
         Opened without write access.
     """
 
-    def __init__(self, path: str, meta: dict[str, Any], readonly: bool, lock_fd: int,
+    def __init__(self, path: str, meta: VolumeMeta, readonly: bool, lock_fd: int,
                  secondary: Any = None, replication: str | None = None, period: float | None = None,
                  sync_policy: str = "degrade", max_lag_regions: int | None = None, workers: int = 16,
                  verify: str = "always", cache_regions: int = 4096, readahead: int = READAHEAD_BYTES,
@@ -122,8 +107,8 @@ class Volume:
         self.readonly = readonly
         self._lock_fd = lock_fd
         self._meta = meta
-        self.id: str = meta["id"]
-        self._geo = check_geometry(meta["size"], meta["region_size"])
+        self.id: str = meta.id
+        self._geo = meta.geometry
         self._wlock = threading.RLock()
         self._merge_lock = threading.RLock()  # one merge at a time; close waits for it
         self._rw = core.RWLock()
@@ -158,12 +143,12 @@ class Volume:
         try:
             self._unavail = UnavailableMap(path, self._geo.num_regions)
             self._base = BaseLayer(path, self._geo, not readonly)
-            for layer_id in meta["layers"]:
+            for layer_id in meta.layers:
                 self._overlays.append(Overlay(path, layer_id, self._geo, not readonly))
             self._apply_verify_policy(verify)
             self._stack = self._build_stack(self._overlays[-1].id)
-            if meta.get("merging") is not None and not readonly:
-                _log.info("%s: finishing an interrupted merge of overlay %s", path, meta["merging"])
+            if meta.merging is not None and not readonly:
+                _log.info("%s: finishing an interrupted merge of overlay %s", path, meta.merging)
                 with self._wlock:
                     self._merge_oldest()
             if not readonly:
@@ -182,31 +167,30 @@ class Volume:
     def _attach(self, store: Any, mode: str | None, period: float | None, sync_policy: str,
                 max_lag_regions: int | None, workers: int) -> None:
         """Start replication to ``store``, or note that changes go untracked while detached."""
-        known = self._meta.get("secondary")
+        known = self._meta.secondary
         if store is None:
             if mode is not None:
                 raise InvalidArgumentError("replication needs a secondary store")
-            if known and not known.get("resync"):
+            if known is not None and not known.resync:
                 # Opened without its secondary: changes made now are not tracked, so compare
                 # checksums with the secondary's records when it is attached again.
-                known["resync"] = True
+                known.resync = True
                 self._store_meta()
             return
         location = str(getattr(store, "location", repr(store)))
-        mode = mode or (known or {}).get("mode") or "async"
-        if period is None and known:
-            period = known.get("period")
+        mode = mode or (known.mode if known is not None else None) or "async"
+        if period is None and known is not None:
+            period = known.period
         # Not closed cleanly last time: a region may have been shipped from a write that was never
         # flushed and is now lost locally, so the secondary's records are checked against ours.
-        unclean = known is not None and not known.get("clean", False)
-        resync = not known or known.get("location") != location or bool(known.get("resync")) or unclean
+        resync = known is None or known.location != location or known.resync or not known.clean
         self._repl = Replicator(self, store, mode, period, sync_policy, max_lag_regions, workers,
                                 resync=False)
-        if known and known.get("location") != location:
+        if known is not None and known.location != location:
             self._repl.remote.reset()
         if resync:
             self._repl._resync()
-        self._meta["secondary"] = {"location": location, "mode": mode, "period": period, "clean": False}
+        self._meta.secondary = SecondaryRecord(location, mode, period, clean=False)
         self._store_meta()
         self._repl.start()
 
@@ -292,20 +276,9 @@ class Volume:
         Overlay.create(path, 1, geo)
         if replication is not None and secondary is None:
             raise InvalidArgumentError("replication needs a secondary store")
-        meta = {
-            "kind": META_KIND,
-            "version": META_VERSION,
-            "id": uuid.uuid4().hex,
-            "size": geo.size,
-            "region_size": geo.region_size,
-            "created_at": time.time(),
-            "layers": [1],
-            "next_layer": 2,
-            "snapshots": [],
-            "next_snapshot": 1,
-            "merging": None,
-        }
-        _write_meta(path, meta)
+        meta = VolumeMeta(id=uuid.uuid4().hex, size=geo.size, region_size=geo.region_size,
+                          created_at=time.time(), layers=[1], next_layer=2, snapshots=[], next_snapshot=1)
+        write_meta(path, meta)
         return cls.open(path, secondary=secondary, replication=replication, period=period,
                         sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers,
                         verify=verify, cache_regions=cache_regions, readahead=readahead,
@@ -331,10 +304,10 @@ class Volume:
             Another process (or another open in this one) has it open for writing.
         """
         path = os.fspath(path)
-        meta = _read_meta(path)
+        read_meta(path)  # a clear error for what is not a volume, before creating a lock file in it
         lock_fd = lock_directory(path, readonly, "volume is open for writing elsewhere")
         try:
-            meta = _read_meta(path)  # re-read under the lock
+            meta = read_meta(path)  # under the lock
             if not readonly:
                 cls._remove_orphans(path, meta)
             return cls(path, meta, readonly, lock_fd, secondary, replication, period, sync_policy,
@@ -344,17 +317,15 @@ class Volume:
             raise
 
     @staticmethod
-    def _remove_orphans(path: str, meta: dict[str, Any]) -> None:
+    def _remove_orphans(path: str, meta: VolumeMeta) -> None:
         """Delete overlay files a crash left behind that no layer list names."""
-        keep = {f"overlay-{i}" for i in meta["layers"]}
+        keep = {f"overlay-{i}" for i in meta.layers}
         for name in os.listdir(path):
             stem = name.rsplit(".", 1)[0]
             if stem.startswith("overlay-") and stem not in keep:
                 _log.info("%s: removing orphan %s", path, name)
                 os.unlink(os.path.join(path, name))
-        tmp = os.path.join(path, META_NAME + ".tmp")
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        remove_meta_temp(path)
 
     def __enter__(self) -> Volume:
         return self
@@ -401,7 +372,8 @@ class Volume:
                         self._repl.close()
                         self._repl = None
                         if committed:  # everything shipped was flushed: no check needed on open
-                            self._meta["secondary"]["clean"] = True
+                            assert self._meta.secondary is not None
+                            self._meta.secondary.clean = True
                             self._store_meta()
                 finally:
                     self._teardown()
@@ -475,7 +447,7 @@ class Volume:
         stack = self._build_stack(self._overlays[-1].id)
         do, cache = self._do, self._region_cache
         if routed and do is not None and cache is not None and cache.slot_table is not None:
-            npo = sum(1 for ov in self._overlays if ov.id >= do["layer"])
+            npo = sum(1 for ov in self._overlays if ov.id >= do.layer)
             try:
                 stack.route(npo, self._unavail.bits, cache.data, cache.slot_table, cache.verified, cache.sums)
             except BaseException:
@@ -513,8 +485,8 @@ class Volume:
             raise InvalidArgumentError(f"{self.path}: volume is open read-only")
 
     def _store_meta(self) -> None:
-        self._meta["layers"] = [ov.id for ov in self._overlays]
-        _write_meta(self.path, self._meta)
+        self._meta.layers = [ov.id for ov in self._overlays]
+        write_meta(self.path, self._meta)
 
     # -- data path ---------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
@@ -703,7 +675,7 @@ class Volume:
     def local_snapshots(self) -> list[LocalSnapshot]:
         """The local snapshots, oldest first."""
         self._live()
-        return [LocalSnapshot.from_json(s) for s in self._meta["snapshots"]]
+        return list(self._meta.snapshots)
 
     def _find_snapshot(self, snapshot: Any) -> LocalSnapshot:
         snaps = self.local_snapshots()
@@ -738,14 +710,14 @@ class Volume:
         with self._wlock:
             self._live()
             top = self._overlays[-1]
-            snap = LocalSnapshot(str(self._meta["next_snapshot"]), label, time.time(), top.id)
-            saved = (list(self._meta["snapshots"]), self._meta["next_snapshot"])
-            self._meta["next_snapshot"] += 1
-            self._meta["snapshots"].append(snap.to_json())
+            snap = LocalSnapshot(str(self._meta.next_snapshot), label, time.time(), top.id)
+            saved = (list(self._meta.snapshots), self._meta.next_snapshot)
+            self._meta.next_snapshot += 1
+            self._meta.snapshots.append(snap)
             try:
                 self._push_overlay()
             except BaseException:
-                self._meta["snapshots"], self._meta["next_snapshot"] = saved
+                self._meta.snapshots, self._meta.next_snapshot = saved
                 raise
         _log.info("%s: local snapshot %s (%s) at layer %d", self.path, snap.id, label, top.id)
         return snap
@@ -757,10 +729,10 @@ class Volume:
         top = self._overlays[-1]
         top.commit()
         top.checkpoint()
-        new_id = self._meta["next_layer"]
+        new_id = self._meta.next_layer
         Overlay.create(self.path, new_id, self._geo)
         fsync_dir(self.path)
-        self._meta["next_layer"] = new_id + 1
+        self._meta.next_layer = new_id + 1
         overlay = Overlay(self.path, new_id, self._geo, True)
         self._rw.acquire_write()
         try:
@@ -855,12 +827,12 @@ class Volume:
     def _merge_begin(self) -> tuple[Overlay, list[int]]:
         """Record the merge of the oldest overlay (released snapshots first); under ``_wlock``."""
         ov = self._overlays[0]
-        dropped = [s for s in self._meta["snapshots"] if s["layer"] == 0]
-        if dropped or self._meta.get("merging") != ov.id:
-            self._meta["snapshots"] = [s for s in self._meta["snapshots"] if s["layer"] != 0]
-            self._meta["merging"] = ov.id
+        dropped = [s for s in self._meta.snapshots if s.layer == 0]
+        if dropped or self._meta.merging != ov.id:
+            self._meta.snapshots = [s for s in self._meta.snapshots if s.layer != 0]
+            self._meta.merging = ov.id
             self._store_meta()
-            gone = {s["id"] for s in dropped}
+            gone = {s.id for s in dropped}
             for img in [i for i in self._images if i.snapshot.id in gone]:
                 self._close_image(img)
         return ov, [r for a, b in ov.present.runs() for r in range(a, b)]
@@ -887,7 +859,7 @@ class Volume:
             base.store_sums(regions)
         except BaseException:
             with self._wlock:
-                self._meta["merging"] = None
+                self._meta.merging = None
                 self._store_meta()
             raise
 
@@ -900,10 +872,9 @@ class Volume:
             for r in regions:
                 base.verified.set(r)
             self._overlays.pop(0)
-            for s in self._meta["snapshots"]:
-                if s["layer"] == ov.id:
-                    s["layer"] = 0
-            self._meta["merging"] = None
+            self._meta.snapshots = [LocalSnapshot(s.id, s.label, s.created_at, 0) if s.layer == ov.id else s
+                                    for s in self._meta.snapshots]
+            self._meta.merging = None
             self._store_meta()
             old = [self._stack]
             self._stack = self._build_live_stack()
@@ -1033,7 +1004,7 @@ class Volume:
             self._mark(lost, Reason.IO)
             do = self._do
             if do is not None:
-                do["lost"] = sorted(set(do["lost"]) | lost)
+                do.lost = sorted(set(do.lost) | lost)
                 self._store_meta()
         _log.error("%s: regions %s written during the distributed overlay cannot be read; their newest "
                    "versions are lost (the secondary has their last replicated ones)", self.path,
@@ -1052,9 +1023,8 @@ class Volume:
 
     # -- unavailable regions and the distributed overlay ---------------------------------------------
     @property
-    def _do(self) -> dict[str, Any] | None:
-        do: dict[str, Any] | None = self._meta.get("distributed_overlay")
-        return do
+    def _do(self) -> DistributedOverlayState | None:
+        return self._meta.distributed_overlay
 
     @property
     def unavailable(self) -> frozenset[int]:
@@ -1065,13 +1035,13 @@ class Volume:
     def distributed_overlay(self) -> dict[str, Any] | None:
         """The active distributed overlay: its first layer, PIT snapshot id and lost regions; or None."""
         do = self._do
-        return dict(do) if do is not None else None
+        return do.to_json() if do is not None else None
 
     def _po_maps(self) -> list[Any]:
         do = self._do
         if do is None:
             return []
-        return [ov.present for ov in reversed(self._overlays) if ov.id >= do["layer"]]
+        return [ov.present for ov in reversed(self._overlays) if ov.id >= do.layer]
 
     def _remote_regions(self) -> set[int]:
         """The regions read from the remote PIT (R) now."""
@@ -1167,7 +1137,7 @@ class Volume:
         with self._wlock:
             do = self._do
             if do is not None:
-                return Snapshot(do["snapshot_id"], do["snapshot"], do["started_at"], None)
+                return Snapshot(do.snapshot_id, do.snapshot, do.started_at, None)
             self.flush()
             lost: set[int] = set()
             try:
@@ -1177,15 +1147,13 @@ class Volume:
                 snap = repl.publish(f"distributed-overlay-{int(time.time())}")
                 # Kept locally: the remote image must open even while the secondary is unreachable.
                 write_file_atomic(os.path.join(self.path, DO_MANIFEST), repl.last_manifest)
-                layer = self._meta["next_layer"]
-                self._meta["distributed_overlay"] = {
-                    "layer": layer, "snapshot": snap.seq, "snapshot_id": snap.id,
-                    "started_at": snap.created_at, "lost": sorted(lost),
-                }
+                layer = self._meta.next_layer
+                self._meta.distributed_overlay = DistributedOverlayState(
+                    layer, snap.seq, snap.id, snap.created_at, sorted(lost))
                 try:
                     self._push_overlay()
                 except BaseException:
-                    self._meta["distributed_overlay"] = None
+                    self._meta.distributed_overlay = None
                     raise
             except BaseException:
                 # Not begun: the unreadable regions stay pending, to be found (and reported) again.
@@ -1211,7 +1179,7 @@ class Volume:
             with open(path, "rb") as f:
                 manifest = decode_manifest(f.read(), path)
         except FileNotFoundError:
-            manifest = decode_manifest(self._replicator().store.get(manifest_key(self.id, do["snapshot"])))
+            manifest = decode_manifest(self._replicator().store.get(manifest_key(self.id, do.snapshot)))
         if self._region_cache is None:
             self._region_cache = RegionCache(os.path.join(self.path, "cache"), self._geo.region_size,
                                              min(self._cache_regions, self._geo.num_regions), lock=self._rw)
@@ -1625,7 +1593,7 @@ class Volume:
             self._unavail_reason.clear()
             self._unavail.store()
             if self._do is not None:
-                self._meta["distributed_overlay"] = None
+                self._meta.distributed_overlay = None
                 self._store_meta()
                 self._stop_routing()
                 try:
@@ -1648,7 +1616,7 @@ class Volume:
             except MediaError as exc:
                 _log.error("%s: cannot fold the overlays into the base: %s", self.path, exc)
                 return
-            released = {s["id"] for s in self._meta["snapshots"]}
+            released = {s.id for s in self._meta.snapshots}
         while True:
             with self._merge_lock:
                 with self._wlock:
@@ -1665,7 +1633,7 @@ class Volume:
                     return
                 with self._wlock:
                     self._merge_end(ov, regions)
-        released -= {s["id"] for s in self._meta["snapshots"]}
+        released -= {s.id for s in self._meta.snapshots}
         if released:
             _log.warning("%s: local snapshots %s were released by folding the overlays into the base",
                          self.path, sorted(released))

@@ -21,8 +21,9 @@ from types import ModuleType
 import pytest
 
 import overlaycache
-from overlaycache.local import layers as layers_mod
+from overlaycache import _impl
 from overlaycache import volume as volume_mod
+from overlaycache.local import meta as meta_mod
 from overlaycache._core_py import checksum as py_checksum
 from overlaycache._fs import json_checksum
 from overlaycache.errors import (
@@ -63,8 +64,10 @@ IMPL_NAMES = [m.IMPLEMENTATION for m in IMPLEMENTATIONS]
 def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """Run the test with each core implementation behind the volume (compiled, pure Python)."""
     mod: ModuleType = request.param
-    monkeypatch.setattr(volume_mod, "core", mod)
-    monkeypatch.setattr(layers_mod, "core", mod)
+    default = _impl.core
+    for name, module in list(sys.modules.items()):
+        if name.startswith("overlaycache.") and getattr(module, "core", None) is default:
+            monkeypatch.setattr(module, "core", mod)
     return mod
 
 
@@ -277,13 +280,13 @@ def test_merge_refuses_a_corrupt_overlay_region(impl: ModuleType, vol_path: Path
             vol.merge_down()
         assert (info.value.regions, info.value.reason) == ((6,), "checksum")
         assert [ov.id for ov in vol._overlays] == [2, 3]
-        assert vol._meta["merging"] is None
+        assert vol._meta.merging is None
         good = {q: 1 for q in range(NREG) if q != 6}
         assert_regions(vol, good)
         with vol.image(snap) as img:
             assert img.read(4 * RS, RS) == content(4, 1)
     with Volume.open(vol_path) as vol:  # no merge is resumed, nothing was lost
-        assert vol._meta["merging"] is None
+        assert vol._meta.merging is None
         assert [ov.id for ov in vol._overlays] == [2, 3]
         assert_regions(vol, good)
         with vol.image("s") as img:
@@ -376,7 +379,7 @@ def test_newer_format_version_is_refused(vol_path: Path) -> None:
     meta_file = vol_path / "volume.json"
     saved = meta_file.read_bytes()
     meta = json.loads(saved)
-    meta["version"] = volume_mod.META_VERSION + 1
+    meta["version"] = meta_mod.META_VERSION + 1
     meta["checksum"] = json_checksum(meta)
     meta_file.write_text(json.dumps(meta, indent=1, sort_keys=True))
     # Sanity: the file is otherwise valid, so the version is the only thing at fault.

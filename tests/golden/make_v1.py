@@ -37,7 +37,7 @@ def build(path: str) -> None:
 
 def normalise(path: str) -> None:
     """Fixed id and times, so the files are reproducible."""
-    from overlaycache.volume import _write_meta
+    from overlaycache._fs import write_json_atomic
 
     with open(os.path.join(path, "volume.json")) as f:
         meta = json.load(f)
@@ -46,7 +46,7 @@ def normalise(path: str) -> None:
     meta["created_at"] = 0.0
     for snap in meta["snapshots"]:
         snap["created_at"] = 0.0
-    _write_meta(path, meta)
+    write_json_atomic(path, "volume.json", meta)
     os.unlink(os.path.join(path, "lock"))
 
 
