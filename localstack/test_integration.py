@@ -15,10 +15,10 @@ import pytest
 import servers
 from conftest import HERE, make_store, pid_of
 from helpers import random_writes
-from store_contract import StoreContract
 
 from overlaycache import Volume
 from overlaycache.errors import SecondaryUnavailableError, StoreAccessError
+from overlaycache.testing.store_contract import StoreContract
 
 RS = 16 << 10
 
