@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import servers
 from conftest import HERE, make_store, pid_of
-from helpers import random_writes
 
 from overlaycache import Volume
 from overlaycache.errors import SecondaryUnavailableError, StoreAccessError
+from overlaycache.testing.patterns import random_writes
 from overlaycache.testing.store_contract import StoreContract
 
 RS = 16 << 10

@@ -6,7 +6,7 @@ from types import ModuleType
 
 import pytest
 
-from cores import IMPLEMENTATIONS
+from overlaycache.testing.cores import IMPLEMENTATIONS
 
 
 @pytest.fixture(params=IMPLEMENTATIONS, ids=[m.IMPLEMENTATION for m in IMPLEMENTATIONS])

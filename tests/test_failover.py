@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import region_chars
 
 from overlaycache import Volume
 from overlaycache.errors import InvalidArgumentError, OutOfRangeError, RegionUnavailableError
+from overlaycache.testing.patterns import region_chars
 
 RS = 4096
 

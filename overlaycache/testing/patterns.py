@@ -1,9 +1,12 @@
-"""Small helpers shared by the test modules (and the integration suite)."""
+"""Data patterns for tests: random writes mirrored in a bytes model, and the one-character-per-region
+view of an image used by the worked examples."""
 
 from __future__ import annotations
 
 import random
 from typing import Any
+
+__all__ = ["random_writes", "region_chars"]
 
 
 def region_chars(img: Any, region_size: int, n: int = 8) -> str:
