@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import servers
-from conftest import HERE
 
 from overlaycache.testing import faults as ff
+from overlaycache.testing import servers
 
+HERE = Path(__file__).parent
 LOOPBACK = "127.0.0.1"
 
 
