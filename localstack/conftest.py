@@ -13,7 +13,10 @@ from typing import Any
 
 import pytest
 
-from overlaycache.testing import servers
+# Detailed assertion messages in the shared harnesses too; registered before they are imported.
+pytest.register_assert_rewrite("overlaycache.testing")
+
+from overlaycache.testing import servers  # noqa: E402
 
 HERE = Path(__file__).parent
 NAMES = ("localstack", "seaweedfs")
