@@ -1,6 +1,6 @@
 """Check the S3 behaviour that overlaycache relies on, against the servers ``start.sh`` runs.
 
-Run after ``localstack/start.sh``, with any Python that has boto3::
+Run after ``localstack/start.sh``, with the Python that has overlaycache (and so boto3) installed::
 
     python3 localstack/check_servers.py [--json] [localstack] [seaweedfs]
 
@@ -39,8 +39,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from servers import ENDPOINTS, Endpoint, wait_ready
+from overlaycache.testing.servers import ENDPOINTS, Endpoint, wait_ready
 
 # No retries: we want to see each server's first answer, including 409/412/503.
 _CONFIG = Config(

@@ -6,22 +6,19 @@ A server that cannot be installed or started fails the run; these tests never sk
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+# Detailed assertion messages in the shared harnesses too; registered before they are imported.
+pytest.register_assert_rewrite("overlaycache.testing")
+
+from overlaycache.testing import servers  # noqa: E402
+
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-import servers  # noqa: E402
-
 NAMES = ("localstack", "seaweedfs")
 
 
@@ -51,18 +48,6 @@ def real_servers() -> Iterator[dict[str, Any]]:
         subprocess.run(["bash", str(HERE / "stop.sh"), *need], check=False)
 
 
-def make_store(name: str, bucket: str | None = None, **kwargs: Any) -> Any:
-    """An S3Store of server ``name``, on ``bucket`` or on a new bucket."""
-    from overlaycache.store import S3Store
-
-    ep = servers.ENDPOINTS[name]
-    store = S3Store(bucket or f"oc-it-{uuid.uuid4().hex[:12]}", prefix="appliance-1", endpoint_url=ep.endpoint_url,
-                    aws_access_key_id=ep.aws_access_key_id, aws_secret_access_key=ep.aws_secret_access_key,
-                    region_name=ep.region_name, **kwargs)
-    store.create_bucket()
-    return store
-
-
 @pytest.fixture(params=NAMES)
 def server(request: pytest.FixtureRequest, real_servers: dict[str, Any]) -> str:
     """Each real server in turn."""
@@ -71,11 +56,6 @@ def server(request: pytest.FixtureRequest, real_servers: dict[str, Any]) -> str:
 
 @pytest.fixture
 def real_store(server: str) -> Iterator[Any]:
-    store = make_store(server, max_attempts=3, read_timeout=10)
+    store = servers.make_store(server, max_attempts=3, read_timeout=10)
     yield store
     store.close()
-
-
-def pid_of(name: str) -> int:
-    with open(os.path.join(servers.RUN_DIR, f"{name}.pid")) as f:
-        return int(f.read().strip())

@@ -37,6 +37,8 @@ export OC_SERVERS_RUN="${RUN}" OC_LOCALSTACK_PORT="${LS_PORT}" OC_SEAWEEDFS_S3_P
 export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,${NO_PROXY}}" no_proxy="127.0.0.1,localhost${no_proxy:+,${no_proxy}}"
 
 PY="$(command -v python3)"
+# Run by its path: it needs only the standard library, not an installed overlaycache.
+SERVERS_PY="${HERE}/../overlaycache/testing/servers.py"
 log() { printf '[start] %s\n' "$*" >&2; }
 
 running() { # running NAME: true if NAME's PID file names a live process (a zombie is not live)
@@ -76,7 +78,7 @@ wait_up() {
   local name="$1" pid t0 t1
   pid="$(cat "${RUN}/${name}.pid")"
   t0="$(date +%s.%N)"
-  if ! "${PY}" "${HERE}/servers.py" wait "${name}" "${TIMEOUT}" >/dev/null \
+  if ! "${PY}" "${SERVERS_PY}" wait "${name}" "${TIMEOUT}" >/dev/null \
     || ! kill -0 "${pid}" 2>/dev/null; then
     log "ERROR: ${name} did not come up within ${TIMEOUT}s; last lines of ${RUN}/${name}.log:"
     tail -n 40 "${RUN}/${name}.log" >&2 || true
@@ -135,7 +137,7 @@ start_seaweedfs() {
   done
   [[ "${OC_KEEP_DATA:-0}" == 1 ]] || rm -rf "${dir}"
   mkdir -p "${dir}/data" "${dir}/admin" "${dir}/tmp"
-  "${PY}" "${HERE}/servers.py" seaweedfs-s3-config >"${dir}/s3.json"
+  "${PY}" "${SERVERS_PY}" seaweedfs-s3-config >"${dir}/s3.json"
   # -ip/-ip.bind: without them weed binds 0.0.0.0 and advertises a guessed address;
   # -master.telemetry=false: otherwise it reports to telemetry.seaweedfs.com.
   # -s3.autoCreateBucket=false: a PUT into a missing bucket must fail as on AWS (NoSuchBucket).
@@ -187,11 +189,11 @@ for name in "${names[@]}"; do
   if [[ -n "${fresh[${name}]:-}" ]]; then
     wait_up "${name}" || status=1
   else
-    "${PY}" "${HERE}/servers.py" wait "${name}" 10 >/dev/null || {
+    "${PY}" "${SERVERS_PY}" wait "${name}" 10 >/dev/null || {
       log "ERROR: ${name} is running but does not answer"
       status=1
     }
   fi
 done
 [[ ${status} -eq 0 ]] || exit "${status}"
-"${PY}" "${HERE}/servers.py" show "${names[@]}"
+"${PY}" "${SERVERS_PY}" show "${names[@]}"

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import servers
-from conftest import HERE, make_store, pid_of
-from helpers import random_writes
-from store_contract import StoreContract
 
 from overlaycache import Volume
 from overlaycache.errors import SecondaryUnavailableError, StoreAccessError
+from overlaycache.testing import servers
+from overlaycache.testing.patterns import random_writes
+from overlaycache.testing.store_contract import StoreContract
 
+HERE = Path(__file__).parent
 RS = 16 << 10
 
 
@@ -57,7 +57,7 @@ def test_replication_end_to_end(tmp_path: Path, server: str, real_store: Any, mo
             assert last.created_at > written, "no periodic PIT"
             pits.append((last, bytes(model)))
         vid = vol.id
-    reader = make_store(server, bucket=real_store.bucket)  # a fresh client: the store alone
+    reader = servers.make_store(server, bucket=real_store.bucket)  # a fresh client: the store alone
     assert vid in reader.volumes()
     for snap, want in pits:
         with reader.image(vid, snap.id) as img:
@@ -78,6 +78,12 @@ def test_wrong_credentials_are_one_line(server: str, real_store: Any) -> None:
     assert real_store.endpoint in msg and real_store.bucket in msg and "wrong-secret-value" not in msg
 
 
+def _pid(name: str) -> int:
+    pid = servers.pid(name)
+    assert pid is not None, f"{name} is not running"
+    return pid
+
+
 def _restart_seaweedfs() -> None:
     subprocess.run(["bash", str(HERE / "start.sh"), "seaweedfs"], check=True,
                    env={**os.environ, "OC_KEEP_DATA": "1"})
@@ -85,7 +91,7 @@ def _restart_seaweedfs() -> None:
 
 def test_seaweedfs_killed_mid_replication_then_restarted(tmp_path: Path, real_servers: Any) -> None:
     """kill -9 the server while async shipping runs; after a restart nothing is lost."""
-    store = make_store("seaweedfs", max_attempts=2, read_timeout=5, connect_timeout=2)
+    store = servers.make_store("seaweedfs", max_attempts=2, read_timeout=5, connect_timeout=2)
     rnd = random.Random(7)
     size = 256 * RS
     model = bytearray(size)
@@ -95,7 +101,7 @@ def test_seaweedfs_killed_mid_replication_then_restarted(tmp_path: Path, real_se
         first = vol.snapshot("before")
         before = bytes(model)
         _fill(vol, model, rnd, 200)  # shipping in the background now
-        servers.kill(pid_of("seaweedfs"), "seaweedfs")
+        servers.kill(_pid("seaweedfs"), "seaweedfs")
         _fill(vol, model, rnd, 20)  # writes go on while the secondary is down
         assert vol.replication_lag.regions > 0
         with pytest.raises(SecondaryUnavailableError):
@@ -111,8 +117,8 @@ def test_seaweedfs_killed_mid_replication_then_restarted(tmp_path: Path, real_se
 
 def test_localstack_hung_then_resumed(tmp_path: Path, real_servers: Any) -> None:
     """SIGSTOP the server: requests time out (no hang), writes go on; SIGCONT: replication drains."""
-    store = make_store("localstack", max_attempts=1, read_timeout=1, connect_timeout=1)
-    pid = pid_of("localstack")
+    store = servers.make_store("localstack", max_attempts=1, read_timeout=1, connect_timeout=1)
+    pid = _pid("localstack")
     with Volume.create(tmp_path / "v", 32 * RS, region_size=RS, secondary=store, replication="async") as vol:
         vol.write(0, b"a" * RS)
         vol.replicate()

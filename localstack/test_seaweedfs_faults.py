@@ -1,7 +1,7 @@
 """Integration: the secondary killed under a distributed overlay, on SeaweedFS.
 
-The scenarios of ``tests/failover_faults.py``, with the server a real ``weed mini`` process that
-is SIGKILLed and started again by ``start.sh`` on the same ports with the same data directory
+The scenarios of :mod:`overlaycache.testing.faults`, with the server a real ``weed mini`` process
+that is SIGKILLed and started again by ``start.sh`` on the same ports with the same data directory
 (``OC_KEEP_DATA=1``): the server comes back with everything it had acknowledged.
 
 This module runs its own SeaweedFS instance, on free loopback ports and in its own run directory,
@@ -20,11 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import failover_faults as ff
 import pytest
-import servers
-from conftest import HERE
 
+from overlaycache.testing import faults as ff
+from overlaycache.testing import servers
+
+HERE = Path(__file__).parent
 LOOPBACK = "127.0.0.1"
 
 

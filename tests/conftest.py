@@ -6,7 +6,10 @@ from types import ModuleType
 
 import pytest
 
-from cores import IMPLEMENTATIONS
+# Detailed assertion messages in the shared harnesses too; registered before they are imported.
+pytest.register_assert_rewrite("overlaycache.testing")
+
+from overlaycache.testing.cores import IMPLEMENTATIONS  # noqa: E402
 
 
 @pytest.fixture(params=IMPLEMENTATIONS, ids=[m.IMPLEMENTATION for m in IMPLEMENTATIONS])

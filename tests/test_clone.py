@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import random_writes, region_chars
 
 import overlaycache
 from overlaycache import Clone, CloneMismatchError, LocalStore, Volume
@@ -34,6 +33,7 @@ from overlaycache.errors import (
     VolumeClosedError,
     VolumeLockedError,
 )
+from overlaycache.testing.patterns import random_writes, region_chars
 
 RS = 4096
 NREG = 8

@@ -22,8 +22,7 @@ from overlaycache.errors import (
     RegionUnavailableError,
     StaleStackError,
 )
-
-from cores import IMPLEMENTATIONS
+from overlaycache.testing.cores import IMPLEMENTATIONS
 
 
 def _model_runs(bits: list[bool], start: int, stop: int, value: bool) -> list[tuple[int, int]]:

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import region_chars
 
 from overlaycache import Volume
 from overlaycache.errors import InvalidArgumentError, OutOfRangeError, RegionUnavailableError
+from overlaycache.testing.patterns import region_chars
+from overlaycache.testing.stores import CountingStore, SwitchableStore
 
 RS = 4096
 
@@ -22,34 +23,6 @@ def chars(vol: Any, n: int = 8) -> str:
 
 def put(vol: Volume, region: int, ch: str) -> None:
     vol.write(region * RS, ch.encode() * RS)
-
-
-class CountingStore:
-    """A real store that counts PUTs and GETs of region objects."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.location = inner.location
-        self.region_puts: list[str] = []
-        self.region_gets: list[str] = []
-
-    def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
-        if "/regions/" in key:
-            self.region_puts.append(key)
-        self.inner.put(key, data, if_absent=if_absent)
-
-    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        if "/regions/" in key:
-            self.region_gets.append(key)
-        return bytes(self.inner.get(key, start, length))
-
-    def image(self, volume_id: str, snapshot: Any, cache_regions: int = 64) -> Any:
-        from overlaycache.store.base import StoreReader
-
-        return StoreReader.image(self, volume_id, snapshot, cache_regions)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 def fig3_primary(tmp_path: Path, store: Any, replicate_region_6: bool) -> Volume:
@@ -257,21 +230,6 @@ def test_restore_after_the_base_file_was_truncated(tmp_path: Path, s3_store: Any
     with Volume.open(tmp_path / "vol") as again:
         assert chars(again) == "1 b c z e f 4 h"
         assert again.scrub() == []
-
-
-class SwitchableStore(CountingStore):
-    """A counting store that can be taken offline."""
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__(inner)
-        self.down = False
-
-    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        if self.down:
-            from overlaycache.errors import SecondaryUnavailableError
-
-            raise SecondaryUnavailableError(f"{self.location}: unreachable (test)", self.location)
-        return super().get(key, start, length)
 
 
 def test_remote_cache_is_reused_across_restarts_and_verified(tmp_path: Path, s3_store: Any) -> None:

@@ -2,7 +2,7 @@
 process on a loopback port, stopped (connections refused) and started again on the same port.
 Moto keeps its buckets in the process, so the server comes back with the same data.
 
-The scenarios are in ``failover_faults.py``; the integration suite runs them against SeaweedFS.
+The scenarios are in :mod:`overlaycache.testing.faults`; the integration suite runs them against SeaweedFS.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 
-import failover_faults as ff
-
 from overlaycache.errors import RegionUnavailableError
+from overlaycache.testing import faults as ff
 
 
 class MotoServer:

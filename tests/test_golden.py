@@ -1,23 +1,20 @@
 """Golden files pin the on-disk format: a change to it must be a visible decision.
 
 If a format change is intended, bump the format version, keep reading v1, and regenerate with
-``PYTHONPATH=. python tests/golden/make_v1.py``.
+``python -m overlaycache.testing.golden tests/golden/v1``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from overlaycache import Volume
+from overlaycache.testing import golden as make
 
 GOLDEN = Path(__file__).parent / "golden"
 RS = 4096
-
-sys.path.insert(0, str(GOLDEN))
-import make_v1  # noqa: E402
 
 
 def test_v1_volume_reads_back(tmp_path: Path) -> None:
@@ -32,8 +29,8 @@ def test_v1_volume_reads_back(tmp_path: Path) -> None:
 
 
 def test_v1_files_are_reproduced_byte_for_byte(tmp_path: Path) -> None:
-    make_v1.build(str(tmp_path / "v"))
-    make_v1.normalise(str(tmp_path / "v"))
+    make.build_v1(str(tmp_path / "v"))
+    make.normalise(str(tmp_path / "v"))
     golden = sorted(os.listdir(GOLDEN / "v1"))
     assert sorted(os.listdir(tmp_path / "v")) == golden
     for name in golden:

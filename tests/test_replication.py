@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import random_writes
 
 import overlaycache
 from overlaycache import Volume
@@ -25,6 +24,7 @@ from overlaycache.errors import (
     SnapshotNotFoundError,
 )
 from overlaycache.snapshots import manifest_key, region_key
+from overlaycache.testing.patterns import random_writes
 
 RS = 4096
 

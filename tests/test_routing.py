@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_failover import CountingStore
 
 from overlaycache import Volume
 from overlaycache.errors import RegionUnavailableError
+from overlaycache.testing.stores import CountingStore, SwitchableStore
 
 RS = 4096
 N = 64
@@ -187,8 +187,6 @@ def test_overlay_region_lost_before_shipping(tmp_path: Path, s3_store: Any, mode
 
 
 def test_hydration_makes_the_volume_independent_of_the_secondary(tmp_path: Path, s3_store: Any) -> None:
-    from test_failover import SwitchableStore
-
     store = SwitchableStore(s3_store)
     remote = list(range(0, N, 3))
     vol, data = degraded(tmp_path, store, remote)
@@ -240,8 +238,6 @@ def test_background_hydration_beside_foreground_io(tmp_path: Path, s3_store: Any
 
 
 def test_hydration_rate_cancel_and_secondary_down(tmp_path: Path, s3_store: Any) -> None:
-    from test_failover import SwitchableStore
-
     from overlaycache.errors import InvalidArgumentError
 
     store = SwitchableStore(s3_store)
@@ -292,8 +288,6 @@ def test_mostly_remote_reads_come_from_the_pit(tmp_path: Path, s3_store: Any) ->
     """With remote_fraction, a read whose regions are mostly R takes its PB regions from the PIT
     too (the device is mostly failing), PO regions locally; other reads are routed as usual. With
     the secondary down, the PB regions of such a read fall back to the local copy."""
-    from test_failover import SwitchableStore
-
     from overlaycache.errors import InvalidArgumentError
 
     store = SwitchableStore(s3_store)

@@ -15,7 +15,7 @@ from overlaycache.errors import (
     StoreAccessError,
 )
 from overlaycache.store import S3Store
-from store_contract import StoreContract
+from overlaycache.testing.store_contract import StoreContract
 
 
 class TestStores(StoreContract):

@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import region_chars
 
 import overlaycache
 from overlaycache import (
@@ -20,6 +19,7 @@ from overlaycache import (
     VolumeClosedError,
     VolumeLockedError,
 )
+from overlaycache.testing.patterns import region_chars
 
 RS = 4096
 

@@ -1,6 +1,7 @@
-"""Regenerate tests/golden/v1: a small volume in on-disk format version 1.
+"""Golden volumes: the builders of the files that pin the on-disk format (``tests/golden/``).
 
-Run only on a deliberate format change: ``python tests/golden/make_v1.py``. The volume has three
+``tests/test_golden.py`` rebuilds them and compares byte for byte. Regenerate only on a deliberate
+format change: ``python -m overlaycache.testing.golden tests/golden/v1``. The v1 volume has three
 regions of 4 KiB plus a partial one, a frozen overlay behind a snapshot, a writable overlay with a
 committed journal batch, and one region in each slot.
 """
@@ -12,10 +13,11 @@ import os
 import shutil
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+__all__ = ["build_v1", "normalise"]
 
 
-def build(path: str) -> None:
+def build_v1(path: str) -> None:
+    """Create the v1 golden volume at ``path`` (a new directory); call `normalise` after."""
     from overlaycache import Volume
 
     rs = 4096
@@ -50,9 +52,17 @@ def normalise(path: str) -> None:
     os.unlink(os.path.join(path, "lock"))
 
 
-if __name__ == "__main__":
-    target = os.path.join(HERE, "v1")
+def _main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m overlaycache.testing.golden DIR   (replaces DIR, e.g. tests/golden/v1)",
+              file=sys.stderr)
+        return 2
+    target = argv[0]
     shutil.rmtree(target, ignore_errors=True)
-    build(target)
+    build_v1(target)
     normalise(target)
-    sys.exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,5 +1,9 @@
-"""The secondary killed under a distributed overlay: scenarios shared by the unit suite (a moto
-server in this process) and the integration suite (a SeaweedFS process).
+"""Fault scenarios: the secondary killed under a distributed overlay.
+
+Shared by the unit suite (``tests/test_failover_faults.py``, a moto server in this process) and
+the integration suite (``localstack/test_seaweedfs_faults.py``, a SeaweedFS process). Each scenario
+is a plain function that asserts; a test module calls it with its own server. Imports pytest: for
+test suites only.
 
 A scenario takes a *server*: an object with ``store()`` (an :class:`S3Store` on the scenario's
 bucket, the same bucket every time), ``stop()`` (the server goes away: new connections are refused)
@@ -30,12 +34,38 @@ RS = 4096
 HANG = 120.0
 
 
+__all__ = [
+    "HANG",
+    "RS",
+    "Model",
+    "Server",
+    "Tripwire",
+    "forced_replication_killed",
+    "lost_regions_survive_a_failed_begin",
+    "parallel_remote_read_killed",
+    "read_after_a_failed_begin_retries_it",
+    "refused_partial_write_leaves_replication_alone",
+    "remote_reads_with_the_secondary_killed",
+    "reopen_while_the_secondary_is_down",
+    "version",
+    "write_across_a_remote_region_is_all_or_nothing",
+]
+
+
 class Server(Protocol):
-    def store(self) -> Any: ...
+    """The S3 server a scenario kills and restarts."""
 
-    def stop(self) -> None: ...
+    def store(self) -> Any:
+        """An S3Store on the scenario's bucket (the same bucket on every call)."""
+        ...
 
-    def start(self) -> None: ...
+    def stop(self) -> None:
+        """Stop the server: new connections are refused."""
+        ...
+
+    def start(self) -> None:
+        """Start it again on the same port, with the same data."""
+        ...
 
 
 # -- region versions ------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""The store contract: behaviour every ObjectStore must have.
+"""The store contract: behaviour every ObjectStore must have, as a pytest test class.
 
-Run against LocalStore and moto (tests/test_store.py) and against LocalStack and SeaweedFS
-(localstack/test_integration.py).
+Subclass :class:`StoreContract` in a test module and give it a ``store`` fixture yielding an empty
+store; pytest collects the inherited tests. The project runs it against LocalStore and moto
+(``tests/test_store.py``) and against LocalStack and SeaweedFS (``localstack/test_integration.py``).
+Imports pytest: for test suites only.
 """
 
 from __future__ import annotations
@@ -14,8 +16,15 @@ from overlaycache.errors import ObjectExistsError, ObjectNotFoundError
 from overlaycache.store import ObjectStore
 
 
+__all__ = ["StoreContract"]
+
+
 class StoreContract:
-    """Behaviour every ObjectStore must have; subclasses provide the ``store`` fixture."""
+    """Behaviour every ObjectStore must have; subclasses provide the ``store`` fixture.
+
+    The fixture yields an empty store (no keys under its prefix); the tests write, read, list and
+    delete keys in it, including 1001 keys to cross one listing page.
+    """
 
     def test_put_get_head(self, store: Any) -> None:
         assert isinstance(store, ObjectStore)

@@ -1,24 +1,27 @@
 """Endpoints of the real S3 servers that ``localstack/start.sh`` runs, and a readiness probe.
 
 Both servers listen on 127.0.0.1 only, on fixed ports (overridable through the same environment
-variables that ``start.sh`` reads). This module uses the standard library alone, so that
-``start.sh`` can run it with any Python 3 and a pytest ``conftest.py`` can import it::
+variables that ``start.sh`` reads). At import this module uses the standard library alone, so that
+``start.sh`` can run this file by its path with any Python 3 (without importing overlaycache), and
+the integration suite and ``localstack/check_servers.py`` import it::
 
-    from localstack.servers import ENDPOINTS, wait_ready
+    from overlaycache.testing.servers import ENDPOINTS, wait_ready
     ep = ENDPOINTS["seaweedfs"]
     wait_ready("seaweedfs", timeout=30)
     client = boto3.client("s3", **ep.boto3_kwargs(),
                           config=Config(s3={"addressing_style": "path"}))
 
+`make_store` (an S3Store on one of them) imports overlaycache when called.
+
 The readiness probe is a SigV4-signed ``ListBuckets`` (``GET /``): it succeeds only when the S3
 layer answers *and* accepts the configured credentials, which for SeaweedFS also proves that the
 identities file was loaded.
 
-Command line (used by ``start.sh``)::
+Command line (used by ``start.sh``, which runs this file by its path)::
 
-    python3 servers.py wait NAME [TIMEOUT]   exit 0 once NAME answers, 1 on timeout
-    python3 servers.py show [NAME ...]       print the endpoints
-    python3 servers.py seaweedfs-s3-config   print the SeaweedFS identities JSON
+    python3 overlaycache/testing/servers.py wait NAME [TIMEOUT]   exit 0 once NAME answers, 1 on timeout
+    python3 overlaycache/testing/servers.py show [NAME ...]       print the endpoints
+    python3 overlaycache/testing/servers.py seaweedfs-s3-config   print the SeaweedFS identities JSON
 """
 
 from __future__ import annotations
@@ -35,8 +38,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ENDPOINTS", "RUN_DIR", "Endpoint", "pid", "wait_ready"]
+if TYPE_CHECKING:
+    from overlaycache.store import S3Store
+
+__all__ = ["ENDPOINTS", "RUN_DIR", "Endpoint", "kill", "make_store", "pid", "wait_ready"]
 
 #: Where ``start.sh`` keeps PID files, logs and the servers' data.
 RUN_DIR: str = os.environ.get("OC_SERVERS_RUN", "/tmp/overlaycache-servers")
@@ -168,6 +176,33 @@ def kill(pid: int, what: str, timeout: float = 30.0) -> None:
             return
         time.sleep(0.02)  # polling for the kernel to finish the kill; not a synchronization guess
     raise AssertionError(f"{what} (PID {pid}) survived SIGKILL")
+
+
+def make_store(name: str, bucket: str | None = None, **kwargs: Any) -> S3Store:
+    """Return an S3Store on server ``name``, on ``bucket`` or on a new bucket.
+
+    Parameters
+    ----------
+    name : str
+        A key of `ENDPOINTS`.
+    bucket : str, optional
+        The bucket, created if missing; by default a new one named ``oc-it-<random>``.
+    **kwargs
+        Passed on to :class:`~overlaycache.store.S3Store` (timeouts, retries).
+
+    Returns
+    -------
+    S3Store
+        With prefix ``appliance-1`` and the server's endpoint, credentials and region.
+    """
+    from overlaycache.store import S3Store
+
+    ep = ENDPOINTS[name]
+    store = S3Store(bucket or f"oc-it-{uuid.uuid4().hex[:12]}", prefix="appliance-1", endpoint_url=ep.endpoint_url,
+                    aws_access_key_id=ep.aws_access_key_id, aws_secret_access_key=ep.aws_secret_access_key,
+                    region_name=ep.region_name, **kwargs)
+    store.create_bucket()
+    return store
 
 
 def _hmac(key: bytes, msg: str) -> bytes:
