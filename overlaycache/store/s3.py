@@ -17,7 +17,6 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from overlaycache.store.base import StoreReader
 from overlaycache.errors import (
     ObjectExistsError,
     ObjectNotFoundError,
@@ -25,6 +24,7 @@ from overlaycache.errors import (
     StoreAccessError,
     StoreError,
 )
+from overlaycache.remote.catalog import CatalogMixin
 
 _log = logging.getLogger(__name__)
 
@@ -59,8 +59,11 @@ def translate_boto_error(exc: BaseException, store: S3Store, op: str, key: str |
     return StoreError(f"{where}: {what}: {type(exc).__name__}: {exc}", store.endpoint, store.bucket, key)
 
 
-class S3Store(StoreReader):
+class S3Store(CatalogMixin):
     """An object store in an S3 bucket (AWS, SeaweedFS, LocalStack, MinIO, Ceph RGW, ...).
+
+    The catalog's reads (``volumes()``, ``volume_info()``, ``snapshots()``, ``image()``) come from
+    :class:`~overlaycache.remote.catalog.CatalogMixin`.
 
     Parameters
     ----------
