@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 
 import logging
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -32,6 +33,14 @@ _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "NoSuchBucket",
            "AllAccessDisabled", "InvalidBucketName", "AccountProblem", "ExpiredToken", "InvalidToken"}
 _EXISTS = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` part, for ``location`` and messages."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def translate_boto_error(exc: BaseException, store: S3Store, op: str, key: str | None = None) -> StoreError:
@@ -103,7 +112,7 @@ class S3Store(CatalogMixin):
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.endpoint = endpoint_url or "https://s3.amazonaws.com"
+        self.endpoint = _without_userinfo(endpoint_url) if endpoint_url else "https://s3.amazonaws.com"
         self.location = f"{self.endpoint}/{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.max_attempts = max_attempts
         config = Config(
