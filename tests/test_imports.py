@@ -129,3 +129,6 @@ def test_no_import_cycles() -> None:
 def test_the_store_protocol_knows_nothing_above_it() -> None:
     graph = import_graph()
     assert graph["overlaycache.store.base"] <= {"overlaycache.errors"}
+    # The registry opens backends; it knows no format above the key-value protocol.
+    assert graph["overlaycache.store.registry"] <= {"overlaycache.errors", "overlaycache.store.base",
+                                                    "overlaycache.store.local", "overlaycache.store.s3"}
