@@ -29,7 +29,7 @@ from overlaycache.hydration import Hydration
 from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
 from overlaycache.replication import Lag
 from overlaycache.snapshots import LocalSnapshot, Snapshot
-from overlaycache.store import LocalStore, ObjectStore, S3Store
+from overlaycache.store import LocalStore, ObjectStore, S3Store, open_store
 from overlaycache.volume import Volume
 
 __version__ = "0.1.0"
@@ -67,4 +67,5 @@ __all__ = [
     "VolumeClosedError",
     "VolumeLockedError",
     "__version__",
+    "open_store",
 ]

@@ -39,7 +39,15 @@ from overlaycache.errors import (
     StoreError,
 )
 from overlaycache.local.layers import zero_checksums
-from overlaycache.snapshots import RECORD, Snapshot, encode_manifest, manifest_key, region_key, snapshot_id
+from overlaycache.snapshots import (
+    RECORD,
+    Snapshot,
+    encode_manifest,
+    manifest_key,
+    region_key,
+    snapshot_id,
+    volume_key,
+)
 
 if TYPE_CHECKING:
     from overlaycache.volume import Volume
@@ -234,7 +242,7 @@ class Replicator:
         import json
 
         info = {"format": 1, "id": self.volume_id, "size": self.vol.size, "region_size": self.vol.region_size}
-        key = f"volumes/{self.volume_id}/volume.json"
+        key = volume_key(self.volume_id)
         try:
             self.store.put(key, json.dumps(info, sort_keys=True).encode(), if_absent=True)
         except ObjectExistsError:

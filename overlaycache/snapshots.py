@@ -81,15 +81,29 @@ class Snapshot:
     label: str | None
 
 
+#: Every volume's keys are under ``volumes/<id>/``.
+VOLUMES_PREFIX = "volumes/"
+
+
+def volume_key(volume_id: str) -> str:
+    """Key of a volume's geometry record: ``volumes/<id>/volume.json``."""
+    return f"{VOLUMES_PREFIX}{volume_id}/volume.json"
+
+
 def region_key(volume_id: str, region: int, seq: int) -> str:
     """Key of one region version: ``volumes/<id>/regions/<shard>/<region>/<seq>``."""
     shard = bytes(core.checksum(region.to_bytes(8, "little")))[0]
-    return f"volumes/{volume_id}/regions/{shard:02x}/{region:012x}/{seq:016x}"
+    return f"{VOLUMES_PREFIX}{volume_id}/regions/{shard:02x}/{region:012x}/{seq:016x}"
+
+
+def manifests_prefix(volume_id: str) -> str:
+    """The prefix of a volume's snapshot manifests: ``volumes/<id>/snapshots/``."""
+    return f"{VOLUMES_PREFIX}{volume_id}/snapshots/"
 
 
 def manifest_key(volume_id: str, seq: int) -> str:
     """Key of the manifest of the snapshot with cutoff ``seq``."""
-    return f"volumes/{volume_id}/snapshots/{seq:016x}.manifest"
+    return f"{manifests_prefix(volume_id)}{seq:016x}.manifest"
 
 
 def snapshot_id(seq: int) -> str:

@@ -408,9 +408,9 @@ class DownStore:
         return bytes(self.inner.get(key, start, length))
 
     def image(self, volume_id: str, snapshot: Any, cache_regions: int = 64) -> Any:
-        from overlaycache.store.base import StoreReader
+        from overlaycache.remote.catalog import Catalog
 
-        return StoreReader.image(self, volume_id, snapshot, cache_regions)  # type: ignore[arg-type]
+        return Catalog(self).image(volume_id, snapshot, cache_regions)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

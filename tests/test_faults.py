@@ -21,7 +21,6 @@ from types import ModuleType
 import pytest
 
 import overlaycache
-from overlaycache import _impl
 from overlaycache import volume as volume_mod
 from overlaycache.local import meta as meta_mod
 from overlaycache._core_py import checksum as py_checksum
@@ -34,6 +33,7 @@ from overlaycache.errors import (
     VolumeClosedError,
     VolumeLockedError,
 )
+from overlaycache.testing.cores import IMPLEMENTATIONS, use_core
 from overlaycache.volume import Volume
 
 RS = 4096
@@ -43,20 +43,6 @@ ROOT = str(Path(overlaycache.__file__).resolve().parent.parent)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def _implementations() -> list[ModuleType]:
-    from overlaycache import _core_py
-
-    mods: list[ModuleType] = [_core_py]
-    try:
-        from overlaycache import _core
-
-        mods.insert(0, _core)
-    except ImportError:  # pragma: no cover - only without the compiled core
-        pass
-    return mods
-
-
-IMPLEMENTATIONS = _implementations()
 IMPL_NAMES = [m.IMPLEMENTATION for m in IMPLEMENTATIONS]
 
 
@@ -64,10 +50,7 @@ IMPL_NAMES = [m.IMPLEMENTATION for m in IMPLEMENTATIONS]
 def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """Run the test with each core implementation behind the volume (compiled, pure Python)."""
     mod: ModuleType = request.param
-    default = _impl.core
-    for name, module in list(sys.modules.items()):
-        if name.startswith("overlaycache.") and getattr(module, "core", None) is default:
-            monkeypatch.setattr(module, "core", mod)
+    use_core(monkeypatch, mod)
     return mod
 
 

@@ -28,10 +28,9 @@ from hypothesis.stateful import (
 )
 
 from overlaycache import _core_py
-from overlaycache.local import layers as layers_mod
-from overlaycache import volume as volume_mod
 from overlaycache.errors import InvalidArgumentError, SnapshotNotFoundError, VolumeClosedError
 from overlaycache.images import VirtualImage
+from overlaycache.testing.cores import use_core
 from overlaycache.volume import Volume
 
 RS = 4096
@@ -72,8 +71,7 @@ class VolumeMachine(RuleBasedStateMachine):
         super().__init__()
         self._patches = pytest.MonkeyPatch()
         if self.core is not None:
-            self._patches.setattr(volume_mod, "core", self.core)
-            self._patches.setattr(layers_mod, "core", self.core)
+            use_core(self._patches, self.core)
         self.tmp = tempfile.mkdtemp(prefix="oc-stateful-")
         self.path = os.path.join(self.tmp, "vol")
         self.vol: Volume | None = None

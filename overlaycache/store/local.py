@@ -13,8 +13,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from overlaycache.store.base import StoreReader
 from overlaycache.errors import InvalidArgumentError, ObjectExistsError, ObjectNotFoundError, StoreError
+from overlaycache.remote.catalog import CatalogMixin
 
 
 def _check_key(key: str) -> None:
@@ -23,8 +23,11 @@ def _check_key(key: str) -> None:
         raise InvalidArgumentError(f"invalid object key {key!r}")
 
 
-class LocalStore(StoreReader):
+class LocalStore(CatalogMixin):
     """An object store in a local directory (for tests, air-gapped appliances and NFS mounts).
+
+    The catalog's reads (``volumes()``, ``volume_info()``, ``snapshots()``, ``image()``) come from
+    :class:`~overlaycache.remote.catalog.CatalogMixin`.
 
     Parameters
     ----------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 
 import logging
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -17,7 +18,6 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from overlaycache.store.base import StoreReader
 from overlaycache.errors import (
     ObjectExistsError,
     ObjectNotFoundError,
@@ -25,6 +25,7 @@ from overlaycache.errors import (
     StoreAccessError,
     StoreError,
 )
+from overlaycache.remote.catalog import CatalogMixin
 
 _log = logging.getLogger(__name__)
 
@@ -32,6 +33,14 @@ _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "NoSuchBucket",
            "AllAccessDisabled", "InvalidBucketName", "AccountProblem", "ExpiredToken", "InvalidToken"}
 _EXISTS = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` part, for ``location`` and messages."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def translate_boto_error(exc: BaseException, store: S3Store, op: str, key: str | None = None) -> StoreError:
@@ -59,8 +68,11 @@ def translate_boto_error(exc: BaseException, store: S3Store, op: str, key: str |
     return StoreError(f"{where}: {what}: {type(exc).__name__}: {exc}", store.endpoint, store.bucket, key)
 
 
-class S3Store(StoreReader):
+class S3Store(CatalogMixin):
     """An object store in an S3 bucket (AWS, SeaweedFS, LocalStack, MinIO, Ceph RGW, ...).
+
+    The catalog's reads (``volumes()``, ``volume_info()``, ``snapshots()``, ``image()``) come from
+    :class:`~overlaycache.remote.catalog.CatalogMixin`.
 
     Parameters
     ----------
@@ -100,7 +112,7 @@ class S3Store(StoreReader):
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.endpoint = endpoint_url or "https://s3.amazonaws.com"
+        self.endpoint = _without_userinfo(endpoint_url) if endpoint_url else "https://s3.amazonaws.com"
         self.location = f"{self.endpoint}/{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.max_attempts = max_attempts
         config = Config(

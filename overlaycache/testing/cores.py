@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
+from typing import Protocol
 
-__all__ = ["IMPLEMENTATIONS"]
+__all__ = ["IMPLEMENTATIONS", "use_core"]
+
+
+class _Patcher(Protocol):
+    def setattr(self, target: object, name: str, value: object) -> None: ...
 
 
 def _implementations() -> list[ModuleType]:
@@ -25,3 +31,14 @@ def _implementations() -> list[ModuleType]:
 
 #: The compiled core first (when available), then the pure-Python reference.
 IMPLEMENTATIONS: list[ModuleType] = _implementations()
+
+
+def use_core(patcher: _Patcher, mod: ModuleType) -> None:
+    """Put the core ``mod`` behind every loaded module of the package (``patcher`` is a pytest
+    ``MonkeyPatch``, which undoes it): each module names the core chosen in ``_impl`` as ``core``."""
+    from overlaycache import _impl
+
+    default = _impl.core
+    for name, module in list(sys.modules.items()):
+        if name.startswith("overlaycache.") and getattr(module, "core", None) is default:
+            patcher.setattr(module, "core", mod)
