@@ -15,6 +15,7 @@ import os
 import random
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from overlaycache.errors import StoreError
 from overlaycache.testing import faults as ff
 from overlaycache.testing import servers
 
@@ -74,9 +76,29 @@ class SeaweedServer:
         self._pid = int((self.run_dir / "seaweedfs.pid").read_text().strip())
 
     def start(self) -> None:
-        """Start it again on the same ports, with the data it had."""
+        """Start it again on the same ports, with the data it had, and wait until it serves it."""
         assert self._pid is None, "already running"
         self._run_start(keep_data=True)
+        self._wait_for_data()
+
+    def _wait_for_data(self, timeout: float = 30.0) -> None:
+        """``start.sh`` returns once the S3 gateway answers ListBuckets, but weed answers a GET of
+        a stored object with InternalError until its volume server has registered again: wait
+        (bounded) until one reads back, so that a test sees a restarted server, not a starting one."""
+        store = self.store()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    key = next(iter(store.list("")), None)
+                    if key is None or store.get(key) is not None:
+                        return
+                except StoreError:
+                    if time.monotonic() > deadline:
+                        raise
+                time.sleep(0.1)
+        finally:
+            store.close()
 
     def stop(self) -> None:
         """SIGKILL: no goodbye, every connection is cut."""
