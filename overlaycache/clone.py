@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from overlaycache._impl import core
 from overlaycache._fs import lock_directory, read_json_checked, write_json_atomic
@@ -51,10 +51,7 @@ from overlaycache.local.geometry import Geometry
 from overlaycache.local.layers import Overlay
 from overlaycache.snapshots import LocalSnapshot, Snapshot
 
-if TYPE_CHECKING:
-    from overlaycache.volume import Volume
-
-__all__ = ["Clone", "CloneInfo", "CloneSource", "open_clone"]
+__all__ = ["Clone", "CloneHost", "CloneInfo", "CloneSource", "open_clone"]
 
 DESCRIPTOR_NAME = "clone.json"
 DESCRIPTOR_KIND = "overlaycache-clone"
@@ -580,7 +577,18 @@ def _check_image_open(image: CloneSource, path: str) -> None:
             "away); reopen the clone with Volume.open_clone")
 
 
-def open_clone(volume: Volume, path: str | os.PathLike[str]) -> Clone:
+class CloneHost(Protocol):
+    """What :func:`open_clone` needs of a volume: its id, its local snapshots, and images."""
+
+    @property
+    def id(self) -> str: ...
+
+    def local_snapshots(self) -> list[LocalSnapshot]: ...
+
+    def image(self, snapshot: LocalSnapshot | Snapshot | str) -> Any: ...
+
+
+def open_clone(volume: CloneHost, path: str | os.PathLike[str]) -> Clone:
     """Open the clone in ``path`` over a new image of its snapshot, from ``volume`` (which owns the
     image: closing the clone closes it). See :meth:`Volume.open_clone`."""
     path = os.fspath(path)

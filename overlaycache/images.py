@@ -24,6 +24,7 @@ from overlaycache.errors import (
     StaleStackError,
     VolumeClosedError,
 )
+from overlaycache.local.regions import LocalRegions
 from overlaycache.snapshots import LocalSnapshot, Manifest, region_key
 
 
@@ -98,11 +99,20 @@ class VirtualImage:
         """
         return Clone.create(path, self)
 
-    def _invalidate(self, reason: str) -> Any:
-        """Called by the volume with its write lock held; returns the stack to release."""
+    def detach(self, reason: str) -> Any:
+        """Close the image for ``reason``; returns its read stack, for the caller to release.
+
+        Called by the volume, with its stack lock held for writing.
+        """
         self._closed_reason = reason
         stack, self._stack = self._stack, None
         return stack
+
+    def replace_stack(self, stack: Any) -> Any:
+        """Read through ``stack`` from now on (the volume's layers changed); returns the old one,
+        for the caller to release. Called by the volume, with its stack lock held for writing."""
+        old, self._stack = self._stack, stack
+        return old
 
     def __enter__(self) -> VirtualImage:
         return self
@@ -376,8 +386,8 @@ class RecoveryImage:
         The volume's id.
     """
 
-    def __init__(self, vol: Any, remote: RemoteImage) -> None:
-        self._vol = vol
+    def __init__(self, local: LocalRegions, remote: RemoteImage) -> None:
+        self._local = local
         self.remote = remote
         self._closed = False
         self.volume_id = remote.volume_id
@@ -410,7 +420,7 @@ class RecoveryImage:
         for r in range(first, last + 1):
             a = max(offset, r * rs)
             b = min(offset + n, (r + 1) * rs)
-            if not self._vol._read_if_identical(r, self.region_checksum(r), a, view[a - offset : b - offset]):
+            if not self._local.read_if_identical(r, self.region_checksum(r), a, view[a - offset : b - offset]):
                 remote.append(r)
             else:
                 self.local_reads += 1
@@ -433,7 +443,7 @@ class RecoveryImage:
     @property
     def closed(self) -> bool:
         """Whether the image, or the volume beside which it was opened, is closed."""
-        return self._closed or bool(self._vol.closed)
+        return self._closed or self._local.closed
 
     def clone(self, path: str | os.PathLike[str]) -> Clone:
         """A writable local overlay over this image, in a new or empty directory ``path``; see :class:`Clone`.

@@ -40,7 +40,8 @@ from overlaycache.errors import (
 from overlaycache.cache import RegionCache
 from overlaycache.clone import Clone, open_clone
 from overlaycache.failover import CODE_NAMES, CODE_PO, CODE_R, location_codes
-from overlaycache.hydration import IDLE, Hydration
+from overlaycache.hydration import Hydration
+from overlaycache.jobs import IDLE
 from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
 from overlaycache.local.geometry import byte_view, check_geometry, check_int
 from overlaycache.local.layers import BaseLayer, Overlay
@@ -105,6 +106,7 @@ class Volume:
                  remote_fraction: float | None = None) -> None:
         self.path = path
         self.readonly = readonly
+        self._regions = _Regions(self)
         self._lock_fd = lock_fd
         self._meta = meta
         self.id: str = meta.id
@@ -184,7 +186,7 @@ class Volume:
         # Not closed cleanly last time: a region may have been shipped from a write that was never
         # flushed and is now lost locally, so the secondary's records are checked against ours.
         resync = known is None or known.location != location or known.resync or not known.clean
-        self._repl = Replicator(self, store, mode, period, sync_policy, max_lag_regions, workers,
+        self._repl = Replicator(self._regions, store, mode, period, sync_policy, max_lag_regions, workers,
                                 resync=False)
         if known is not None and known.location != location:
             self._repl.remote.reset()
@@ -380,7 +382,7 @@ class Volume:
 
     def _teardown(self) -> None:
         for img in list(self._images):
-            stack = img._invalidate("volume closed")
+            stack = img.detach("volume closed")
             if stack is not None:
                 stack.release()
         self._images.clear()
@@ -610,7 +612,7 @@ class Volume:
                 self._rw.release_write()
                 if repl is not None and pos > offset:  # the regions written, even if a later one failed
                     repl.note_written(offset // rs, (pos - 1) // rs)
-        if repl is not None and repl.mode == "sync":
+        if repl is not None and repl.policy.ships_on_write:
             self.flush()
             repl.ship_after_write(offset // rs, (offset + len(view) - 1) // rs)
         return len(view)
@@ -759,7 +761,7 @@ class Volume:
             isinstance(snapshot, str) and self._repl is not None
             and not any(snapshot in (s.id, s.label) for s in self.local_snapshots())
         ):
-            return RecoveryImage(self, self.remote_image(snapshot))
+            return RecoveryImage(self._regions, self.remote_image(snapshot))
         snap = self._find_snapshot(snapshot)
         with self._wlock:
             self._live()
@@ -792,7 +794,7 @@ class Volume:
         with self._wlock:
             self._rw.acquire_write()
             try:
-                stack = img._invalidate("closed")
+                stack = img.detach("closed")
             finally:
                 self._rw.release_write()
             if stack is not None:
@@ -879,8 +881,7 @@ class Volume:
             old = [self._stack]
             self._stack = self._build_live_stack()
             for img in self._images:
-                old.append(img._stack)
-                img._stack = self._build_stack(img.snapshot.layer)
+                old.append(img.replace_stack(self._build_stack(img.snapshot.layer)))
             for stack in old:
                 stack.release()
         finally:
@@ -977,17 +978,18 @@ class Volume:
                 raise InvalidArgumentError("label must be a non-empty string")
             if any(s.label == label for s in self.snapshots()):
                 raise InvalidArgumentError(f"a snapshot labelled {label!r} exists on the secondary")
-        self._ship_pending(repl)
+        self._ship_pending()
         with self._wlock:
             self.flush()
-            self._ship_pending(repl)
+            self._ship_pending()
             repl.wait_idle()
-            self._ship_pending(repl)
+            self._ship_pending()
             return repl.publish(label)
 
-    def _ship_pending(self, repl: Replicator) -> int:
+    def _ship_pending(self) -> int:
         """Ship every pending region. During a distributed overlay, a pending region that cannot be
         read is lost (see :meth:`_lost_in_overlay`) instead of failing the shipment."""
+        repl = self._replicator()
         if self._do is None:
             return repl.ship()
         lost: set[int] = set()
@@ -1240,9 +1242,9 @@ class Volume:
             if running is not None and not running.finished:
                 return running
             regions = sorted(self._remote_regions())
-            hyd = self._hydration = Hydration(self, regions, progress, rate, idle)
+            hyd = self._hydration = Hydration(self._regions, regions, progress, rate, idle)
         if background:
-            hyd._start()
+            hyd.start()
         else:
             hyd.run()
             if hyd.error is not None:
@@ -1637,3 +1639,64 @@ class Volume:
         if released:
             _log.warning("%s: local snapshots %s were released by folding the overlays into the base",
                          self.path, sorted(released))
+
+
+class _Regions:
+    """The volume as its collaborators see it (:class:`ReplicationHost`, a :class:`LocalRegions`,
+    and a :class:`HydrationTarget`): the one bridge from them to the volume's private members."""
+
+    __slots__ = ("_vol",)
+
+    def __init__(self, vol: Volume) -> None:
+        self._vol = vol
+
+    @property
+    def path(self) -> str:
+        return self._vol.path
+
+    @property
+    def volume_id(self) -> str:
+        return self._vol.id
+
+    @property
+    def size(self) -> int:
+        return self._vol.size
+
+    @property
+    def region_size(self) -> int:
+        return self._vol.region_size
+
+    @property
+    def num_regions(self) -> int:
+        return self._vol.num_regions
+
+    @property
+    def closed(self) -> bool:
+        return self._vol.closed
+
+    def read_region(self, r: int) -> bytes:
+        return self._vol._read_region(r)
+
+    def checksums(self) -> bytearray:
+        return self._vol._current_checksums()
+
+    def remote_regions(self) -> set[int]:
+        return self._vol._remote_regions()
+
+    def read_if_identical(self, r: int, csum: bytes, offset: int, out: memoryview) -> bool:
+        return self._vol._read_if_identical(r, csum, offset, out)
+
+    def ship_pending(self) -> int:
+        return self._vol._ship_pending()
+
+    def begin_distributed_overlay(self) -> Snapshot:
+        return self._vol.begin_distributed_overlay()
+
+    def snapshot(self) -> Snapshot:
+        return self._vol.snapshot()
+
+    def io_count(self) -> int:
+        return self._vol._io_count
+
+    def hydrate_batch(self, regions: list[int]) -> int:
+        return self._vol._hydrate_batch(regions)

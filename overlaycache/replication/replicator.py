@@ -1,4 +1,4 @@
-"""Replication of a volume's regions to the secondary: sync, async and periodic.
+"""The replicator: ships a volume's changed regions to the secondary and publishes PIT snapshots.
 
 Contract
 --------
@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from overlaycache._impl import core
 from overlaycache.errors import (
@@ -39,8 +38,10 @@ from overlaycache.errors import (
     StoreError,
 )
 from overlaycache.local.layers import zero_checksums
+from overlaycache.local.regions import ReplicationHost
+from overlaycache.replication.maps import ChangeMap, RemoteMap
+from overlaycache.replication.modes import Mode, mode_for
 from overlaycache.snapshots import (
-    RECORD,
     Snapshot,
     encode_manifest,
     manifest_key,
@@ -49,17 +50,9 @@ from overlaycache.snapshots import (
     volume_key,
 )
 
-if TYPE_CHECKING:
-    from overlaycache.volume import Volume
-
 _log = logging.getLogger(__name__)
 
-MODES = ("sync", "async", "periodic")
 SYNC_POLICIES = ("degrade", "fail")
-_RMAP_MAGIC = b"OCRMAP01"
-_RMAP_HEAD = struct.Struct("<8sIIQQ")  # magic, version, region_size, num_regions, reserved seq
-_RMAP_HEADER = 64
-_CMAP_MAGIC = b"OCCMAP01"
 _SEQ_BLOCK = 1 << 16
 _BATCH = 256
 
@@ -83,121 +76,26 @@ class Lag:
     oldest_age: float
 
 
-class RemoteMap:
-    """``remote.map``: per region the newest version on the secondary, and the reserved seq."""
-
-    def __init__(self, path: str, region_size: int, num_regions: int, writable: bool) -> None:
-        self.path = path
-        self.n = num_regions
-        length = _RMAP_HEADER + RECORD.size * num_regions
-        if not os.path.exists(path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.ftruncate(fd, length)
-                os.pwrite(fd, _RMAP_HEAD.pack(_RMAP_MAGIC, 1, region_size, num_regions, 1), 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
-        try:
-            head = os.pread(self._fd, _RMAP_HEAD.size, 0)
-            if len(head) != _RMAP_HEAD.size or os.fstat(self._fd).st_size < length:
-                raise FormatError(f"{path}: truncated", path)
-            magic, version, rs, n, reserved = _RMAP_HEAD.unpack(head)
-            if magic != _RMAP_MAGIC or version != 1 or (rs, n) != (region_size, num_regions):
-                raise FormatError(f"{path}: not a remote map of this volume", path)
-            self.region_size = rs
-            self.reserved = reserved
-            self.data = core.DataFile(self._fd, length, writable, path)
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._rec = bytearray(RECORD.size)
-
-    def get(self, r: int) -> tuple[int, bytes]:
-        self.data.readinto(_RMAP_HEADER + RECORD.size * r, self._rec)
-        seq, csum = RECORD.unpack(self._rec)
-        return int(seq), bytes(csum)
-
-    def set(self, r: int, seq: int, csum: bytes) -> None:
-        self.data.write(_RMAP_HEADER + RECORD.size * r, RECORD.pack(seq, csum))
-
-    def records(self) -> bytes:
-        out = bytearray(RECORD.size * self.n)
-        self.data.readinto(_RMAP_HEADER, out)
-        return bytes(out)
-
-    def reset(self) -> None:
-        """Forget every record (a new secondary); the reserved seq stays."""
-        self.data.write(_RMAP_HEADER, bytes(RECORD.size * self.n))
-        self.sync()
-
-    def reserve(self, upto: int) -> None:
-        self.data.write(0, _RMAP_HEAD.pack(_RMAP_MAGIC, 1, self.region_size, self.n, upto))
-        self.sync()
-        self.reserved = upto
-
-    def sync(self) -> None:
-        self.data.sync()
-
-    def close(self) -> None:
-        self.data.close()
-        os.close(self._fd)
-
-
-class ChangeMap:
-    """``replication.map``: the durable write-intent bitmap of regions not yet on the secondary."""
-
-    def __init__(self, path: str, num_regions: int, writable: bool) -> None:
-        self.path = path
-        self.n = num_regions
-        self.nbytes = 8 * ((num_regions + 63) // 64)
-        if not os.path.exists(path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.write(fd, _CMAP_MAGIC + bytes(self.nbytes))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self.writable = writable
-        self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
-        raw = os.pread(self._fd, 8 + self.nbytes, 0)
-        if len(raw) != 8 + self.nbytes or raw[:8] != _CMAP_MAGIC:
-            os.close(self._fd)
-            raise FormatError(f"{path}: not a replication map of this volume (or truncated)", path)
-        self.initial = raw[8:]
-
-    def store(self, words: bytes) -> None:
-        os.pwrite(self._fd, words, 8)
-        os.fdatasync(self._fd)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
 class Replicator:
     """Ships a volume's changed regions to a store and publishes PIT snapshots.
 
     Created by :class:`Volume`; see the module docstring for the contract.
     """
 
-    def __init__(self, vol: Volume, store: Any, mode: str, period: float | None, sync_policy: str,
+    def __init__(self, vol: ReplicationHost, store: Any, mode: str, period: float | None, sync_policy: str,
                  max_lag_regions: int | None, workers: int, resync: bool) -> None:
-        if mode not in MODES:
-            raise InvalidArgumentError(f"replication must be one of {MODES} or None, got {mode!r}")
+        self.policy: Mode = mode_for(mode, period)
         if sync_policy not in SYNC_POLICIES:
             raise InvalidArgumentError(f"sync_policy must be one of {SYNC_POLICIES}, got {sync_policy!r}")
-        if mode == "periodic" and (period is None or not period > 0):
-            raise InvalidArgumentError("periodic replication needs period > 0 (seconds)")
         if max_lag_regions is not None and max_lag_regions < 1:
             raise InvalidArgumentError("max_lag_regions must be >= 1")
         self.vol = vol
         self.store = store
-        self.mode = mode
+        self.mode = self.policy.name
         self.period = period
         self.sync_policy = sync_policy
         self.max_lag_regions = max_lag_regions
-        self.volume_id = vol.id
+        self.volume_id = vol.volume_id
         n, rs = vol.num_regions, vol.region_size
         self._zero = zero_checksums(vol.size, rs)
         self.remote = RemoteMap(os.path.join(vol.path, "remote.map"), rs, n, True)
@@ -261,8 +159,8 @@ class Replicator:
 
     def _resync(self) -> None:
         """Mark every region whose current checksum differs from the secondary's record."""
-        sums = self.vol._current_checksums()
-        remote_now = self.vol._remote_regions()  # not valid locally: nothing to compare or ship
+        sums = self.vol.checksums()
+        remote_now = self.vol.remote_regions()  # not valid locally: nothing to compare or ship
         marked = 0
         with self._cv:
             for r in range(self.vol.num_regions):
@@ -281,7 +179,7 @@ class Replicator:
 
     def start(self) -> None:
         """Start the background shipper (async, and sync for when it degrades) or the period timer."""
-        target = self._period_loop if self.mode == "periodic" else self._ship_loop
+        target = self._period_loop if self.policy.periodic else self._ship_loop
         self._thread = threading.Thread(target=target, name=f"oc-repl-{self.volume_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -338,7 +236,7 @@ class Replicator:
 
     def throttle(self, timeout: float = 30.0) -> None:
         """Back-pressure: wait while the lag exceeds ``max_lag_regions`` (not while degraded)."""
-        if self.max_lag_regions is None or self.mode == "periodic":
+        if self.max_lag_regions is None or not self.policy.throttles:
             return
         deadline = time.monotonic() + timeout
         with self._cv:
@@ -383,7 +281,7 @@ class Replicator:
         return claimed
 
     def _ship_one(self, r: int, seq: int) -> int:
-        data = self.vol._read_region(r)
+        data = self.vol.read_region(r)
         csum = bytes(core.checksum(data))
         if csum != bytes(self._zero[16 * r : 16 * r + 16]):
             for _attempt in range(3):
@@ -500,13 +398,13 @@ class Replicator:
         backoff = 0.5
         while True:
             with self._cv:
-                while not self._stopping and (not self.pending.any() or
-                                              (self.mode == "sync" and not self.degraded)):
+                while not self._stopping and (not self.pending.any()
+                                              or not self.policy.ships_in_background(self.degraded)):
                     self._cv.wait(1.0)
                 if self._stopping:
                     return
             try:
-                self.vol._ship_pending(self)
+                self.vol.ship_pending()
                 backoff = 0.5
                 if self.degraded:
                     self.degraded = False

@@ -1,0 +1,7 @@
+"""Replication of a volume's regions to the secondary: the maps (:mod:`.maps`), the modes as policy
+objects (:mod:`.modes`) and the replicator that ships and publishes (:mod:`.replicator`)."""
+
+from overlaycache.replication.modes import MODES, Mode, mode_for
+from overlaycache.replication.replicator import SYNC_POLICIES, Lag, Replicator
+
+__all__ = ["Lag", "MODES", "Mode", "Replicator", "SYNC_POLICIES", "mode_for"]
