@@ -58,7 +58,7 @@ def read_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReadImage]:
         # merge_down() folds the oldest overlay into the base (pushing an empty overlay first when the
         # data sits in the only one); repeat until no overlay holds data.
         merges = 0
-        while any(ov.present.any() for ov in vol._overlays):
+        while any(ov.present.any() for ov in vol._layers.overlays):
             vol.merge_down()
             merges += 1
             assert merges <= 2, "the base did not absorb the data"
@@ -73,10 +73,10 @@ def read_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReadImage]:
             if tag == b"overlay-a":
                 vol.local_snapshot("bench-a")
         vol.flush()
-        holders = [ov for ov in vol._overlays if ov.present.any()]
+        holders = [ov for ov in vol._layers.overlays if ov.present.any()]
         assert len(holders) >= 2, "expected two overlays holding data"
-        stack = vol._stack
-        layer_regions = [0] * (len(vol._overlays) + 1)
+        stack = vol._layers.live
+        layer_regions = [0] * (len(vol._layers.overlays) + 1)
         for r in range(n):
             layer_regions[stack.locate(r)[0]] += 1
     assert layer_regions[-1] == n - 2 * (n // 4), layer_regions

@@ -25,14 +25,14 @@ def tracking_memory(vol: Volume) -> dict[str, Any]:
     """Bytes of per-region state in memory, per layer and per region."""
     n = vol.num_regions
     layers: list[dict[str, Any]] = []
-    base = vol._base
+    base = vol._layers.base
     assert base is not None
     layers.append({
         "layer": "base",
         "bitmaps": {"verified": _bitmap_bytes(base.verified)},
         "sums": sys.getsizeof(base.sums),
     })
-    for ov in vol._overlays:
+    for ov in vol._layers.overlays:
         layers.append({
             "layer": ov.name,
             "regions_held": ov.present.count(),
@@ -52,7 +52,7 @@ def tracking_memory(vol: Volume) -> dict[str, Any]:
     per_overlay = max(layer["bytes_per_region"] for layer in layers[1:])
     return {
         "num_regions": n,
-        "overlays": len(vol._overlays),
+        "overlays": len(vol._layers.overlays),
         "layers": layers,
         "total_bytes": total,
         "bytes_per_region": round(total / n, 3),

@@ -51,7 +51,7 @@ def _runner(variant: str, vol: Volume, plain: PlainMap, small: PlainMap,
 
     elif variant == "core_stack":
         # Diagnostic: the compiled Stack without the Volume wrapper (shows the Python overhead).
-        stack_readinto = vol._stack.readinto
+        stack_readinto = vol._layers.live.readinto
 
         def run(offsets: list[int]) -> None:
             for off in offsets:
@@ -214,5 +214,5 @@ def test_read_layout(read_image: ReadImage, ro_volume: Volume) -> None:
     counts = read_image.layer_regions
     assert len(counts) >= 3 and counts[-1] == n - 2 * (n // 4)
     assert sum(1 for c in counts[:-1] if c) >= 2
-    assert sum(1 for ov in ro_volume._overlays if ov.present.any()) >= 2
+    assert sum(1 for ov in ro_volume._layers.overlays if ov.present.any()) >= 2
     assert MiB == SEQ

@@ -1,4 +1,4 @@
-"""Unavailable regions and the distributed overlay snapshot (seed Figs. 3B-3H).
+"""The distributed overlay snapshot (seed Figs. 3B-3H): location codes and the read router.
 
 When regions of the primary cannot be read (I/O error, SIGBUS on a truncated or failed file, a
 checksum mismatch, or the operator declaring them lost), the volume:
@@ -19,16 +19,47 @@ Each region is then read from one of three places, its *location code*:
     the remote PIT snapshot: not valid locally.
 
 The unavailable regions are kept by :class:`overlaycache.local.unavailable.UnavailableMap`.
+:class:`Router` serves reads of a volume that has unavailable regions: through the read kernel
+with the region cache once the distributed overlay is active (cache misses and prefetches are
+fetched from the PIT), and region by region from their locations otherwise. Remote bytes enter
+only through the PIT's region source. A read that finds the layout changed under it (the
+distributed overlay began, a region moved to R) raises :class:`StaleStackError`, and the volume
+runs it again from the start.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from overlaycache._fs import write_file_atomic
 from overlaycache._impl import core
+from overlaycache.cache import RegionCache
+from overlaycache.errors import (
+    InvalidArgumentError,
+    InvalidBufferError,
+    Reason,
+    RegionUnavailableError,
+    StaleStackError,
+    StoreError,
+)
+from overlaycache.images import RemoteImage
+from overlaycache.local.geometry import Geometry, byte_view, region_ranges
+from overlaycache.local.meta import DistributedOverlayState
+from overlaycache.local.stack import LayerStack
+from overlaycache.local.unavailable import UnavailableMap
+from overlaycache.snapshots import decode_manifest, manifest_key
+from overlaycache.store.base import ObjectStore
 
 PO, PB, R = "PO", "PB", "R"
 #: Byte codes used internally (as returned by :func:`location_codes`).
 CODE_PO, CODE_R, CODE_PB = 0, 1, 2
 CODE_NAMES = {CODE_PO: PO, CODE_R: R, CODE_PB: PB}
+#: The PIT's manifest, kept in the volume's directory while a distributed overlay is active.
+DO_MANIFEST = "distributed-overlay.manifest"
+READAHEAD_BYTES = 64 << 20
 
 
 def location_codes(po_maps: list[core.Bitmap], unavailable: core.Bitmap, first: int, count: int) -> bytearray:
@@ -42,3 +73,412 @@ def location_codes(po_maps: list[core.Bitmap], unavailable: core.Bitmap, first: 
     # resolve gives k for "unavailable" and k + 1 for "neither": map to R and PB; < k is PO.
     table = bytes([CODE_PO] * k + [CODE_R, CODE_PB]) + bytes(256 - k - 2)
     return bytearray(found.translate(table))
+
+
+class FailoverHost(Protocol):
+    """What the router needs of its volume."""
+
+    @property
+    def path(self) -> str:
+        """Where the volume is, for messages."""
+
+    @property
+    def volume_id(self) -> str:
+        """The volume's id (its key in the store)."""
+
+    @property
+    def readonly(self) -> bool:
+        """Opened read-only: nothing to begin, nothing to fetch."""
+
+    @property
+    def wlock(self) -> threading.RLock:
+        """The volume's writer lock (held while the routing changes)."""
+
+    def state(self) -> DistributedOverlayState | None:
+        """The active distributed overlay, or None."""
+
+    def store(self) -> ObjectStore | None:
+        """The attached secondary, or None."""
+
+    def reason(self, r: int) -> Reason:
+        """Why region ``r`` is unavailable, for messages."""
+
+    def begin_for_read(self, regions: Iterable[int]) -> None:
+        """Begin the distributed overlay so that ``regions`` can be read (or raise saying why not)."""
+
+
+class Router:
+    """Reads of a volume with unavailable regions, each region from its location (PO, PB or R).
+
+    Owns the region cache (``cache/`` in the volume's directory), the PIT's region source
+    (a :class:`RemoteImage` over the distributed overlay's PIT), readahead and the
+    ``remote_fraction`` policy. See the module docstring.
+
+    Attributes
+    ----------
+    io_count : int
+        Foreground reads and writes during a distributed overlay (hydration yields to them).
+    cache : RegionCache or None
+        The region cache, once the distributed overlay has been served.
+    """
+
+    def __init__(self, host: FailoverHost, layers: LayerStack, unavail: UnavailableMap, *, cache_regions: int,
+                 workers: int, readahead: int, remote_fraction: float | None) -> None:
+        geo = layers.geo
+        # Sequential reads prefetch the R regions of the next ``readahead`` bytes; at most half the
+        # cache unless it holds the whole volume, so that prefetched regions are not evicted before use.
+        if type(readahead) is not int or readahead < 0:
+            raise InvalidArgumentError(f"readahead must be a number of bytes >= 0, got {readahead!r}")
+        window = readahead // geo.region_size
+        if cache_regions < geo.num_regions:
+            window = min(window, cache_regions // 2)
+        if remote_fraction is not None and (isinstance(remote_fraction, bool)
+                                            or not isinstance(remote_fraction, (int, float))
+                                            or not 0 < remote_fraction <= 1):
+            raise InvalidArgumentError(f"remote_fraction must be in (0, 1] or None, got {remote_fraction!r}")
+        self._host = host
+        self._layers = layers
+        self._unavail = unavail
+        self._geo: Geometry = geo
+        self._cache_regions = cache_regions
+        self._workers = workers
+        self._readahead_window = window
+        self._remote_fraction = remote_fraction
+        self._ra_next = 0  # first region not yet scanned for readahead
+        self._last_end = -1  # where the last routed read ended
+        self.io_count = 0
+        self.cache: RegionCache | None = None
+        self.remote: RemoteImage | None = None  # the PIT, once served
+
+    # -- locations ---------------------------------------------------------------------------------
+    def po_maps(self) -> list[core.Bitmap]:
+        """The present-bitmaps of the overlays written since the distributed overlay began."""
+        do = self._host.state()
+        if do is None:
+            return []
+        return [ov.present for ov in reversed(self._layers.overlays) if ov.id >= do.layer]
+
+    def codes(self, first: int, count: int) -> bytearray:
+        """The location code of each region of ``[first, first + count)``."""
+        return location_codes(self.po_maps(), self._unavail.bits, first, count)
+
+    def location(self, r: int) -> int:
+        """The location code of region ``r``."""
+        return self.codes(r, 1)[0]
+
+    def is_remote(self, r: int) -> bool:
+        """Whether region ``r`` is not valid locally (R): read from the PIT, never locally."""
+        return bool(self._unavail.bits.test(r)) and self.location(r) == CODE_R
+
+    def remote_regions(self) -> set[int]:
+        """The regions read from the remote PIT (R) now."""
+        if self._host.state() is None:
+            return set()
+        return {r for r, c in enumerate(self.codes(0, self._geo.num_regions)) if c == CODE_R}
+
+    # -- routing -------------------------------------------------------------------------------------
+    def route(self, stack: core.Stack) -> core.Stack:
+        """Route ``stack`` (the volume's live one) through the region cache during a distributed
+        overlay: the read kernel then serves cached R regions itself."""
+        do, cache = self._host.state(), self.cache
+        if do is not None and cache is not None and cache.slot_table is not None:
+            npo = sum(1 for ov in self._layers.overlays if ov.id >= do.layer)
+            try:
+                stack.route(npo, self._unavail.bits, cache.data, cache.slot_table, cache.verified, cache.sums)
+            except BaseException:
+                stack.release()
+                raise
+        return stack
+
+    def _rebuild_live(self, routed: bool) -> None:
+        stack = self._layers.build()
+        self._layers.install_live(self.route(stack) if routed else stack)
+
+    def save_manifest(self, raw: bytes) -> None:
+        """Keep the PIT's manifest locally: the remote image must open even while the secondary
+        is unreachable."""
+        write_file_atomic(os.path.join(self._layers.directory, DO_MANIFEST), raw)
+
+    def start(self) -> None:
+        """Serve the distributed overlay's R regions through the read kernel and the region cache;
+        the caller holds the writer lock. The PIT's manifest is kept locally, so cached regions
+        are served even while the secondary is unreachable or not attached."""
+        do = self._host.state()
+        assert do is not None
+        path = os.path.join(self._layers.directory, DO_MANIFEST)
+        store = self._host.store()
+        try:
+            with open(path, "rb") as f:
+                manifest = decode_manifest(f.read(), path)
+        except FileNotFoundError:
+            if store is None:
+                raise InvalidArgumentError(f"{self._host.path}: no secondary attached (open with secondary=...)")
+            manifest = decode_manifest(store.get(manifest_key(self._host.volume_id, do.snapshot)))
+        if self.cache is None:
+            self.cache = RegionCache(os.path.join(self._layers.directory, "cache"), self._geo.region_size,
+                                     min(self._cache_regions, self._geo.num_regions), lock=self._layers.rw)
+        if self.remote is not None:
+            self.remote.close()
+        live = self._layers.live
+        if live is not None and live.routed:
+            self._rebuild_live(routed=False)  # no reader may use a slot table no longer kept
+        self.remote = RemoteImage(store, manifest, cache_regions=64, region_cache=self.cache, workers=self._workers)
+        self.cache.bind(manifest)
+        self._rebuild_live(routed=True)
+        self._ra_next = 0
+
+    def stop(self) -> None:
+        """The distributed overlay ended: local reads only; the caller holds the writer lock."""
+        self._rebuild_live(routed=False)
+        if self.cache is not None:
+            self.cache.unbind()
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
+        try:
+            os.unlink(os.path.join(self._layers.directory, DO_MANIFEST))
+        except FileNotFoundError:
+            pass
+
+    def pit(self) -> RemoteImage:
+        """The distributed overlay's PIT, opened (routing started) if it is not yet."""
+        img = self.remote
+        if img is None:
+            if self._host.state() is None:
+                raise RegionUnavailableError("no distributed overlay: nothing to read remotely", (),
+                                             Reason.UNAVAILABLE)
+            if self._host.readonly:
+                raise RegionUnavailableError(
+                    f"{self._host.path}: open the volume read-write with its secondary to read remote regions",
+                    (), Reason.UNAVAILABLE)
+            with self._host.wlock:
+                if self.remote is None:
+                    self.start()
+                img = self.remote
+            assert img is not None
+        return img
+
+    def clear_cache(self) -> int:
+        """Drop every region kept in the region cache; returns how many were dropped."""
+        cache = self.cache
+        if cache is None:
+            return 0
+        n = len(cache)
+        cache.clear()
+        return n
+
+    def close(self) -> None:
+        """Close the PIT's image and the region cache."""
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+
+    # -- remote bytes --------------------------------------------------------------------------------
+    def fetch(self, regions: list[int], what: str) -> dict[int, bytes]:
+        """The PIT's bytes of ``regions`` (through the cache, in parallel).
+
+        Raises
+        ------
+        RegionUnavailableError
+            Some cannot be fetched (``what`` says what that means): names them all.
+        """
+        got, errors = self.pit().fetch_many(regions)
+        if errors:
+            raise self._fetch_failure(errors, what)
+        return got
+
+    def _fetch_failure(self, errors: dict[int, BaseException], what: str) -> BaseException:
+        """The exception for regions that could not be fetched: a store failure becomes a
+        :class:`RegionUnavailableError` naming them all; anything else is raised as it is."""
+        failed = sorted(errors)
+        first = errors[failed[0]]
+        if not isinstance(first, StoreError):
+            return first
+        exc = RegionUnavailableError(f"{self._host.path}: regions {region_ranges(failed)} {what}: {first}", failed,
+                                     Reason.SECONDARY_UNAVAILABLE)
+        exc.__cause__ = first
+        return exc
+
+    def read_region_remote(self, r: int, out: memoryview) -> None:
+        """Fetch region ``r`` of the PIT into ``out`` holding the stack's lock for writing: straight
+        from the secondary, as the cache's slots change only under that lock."""
+        if self._host.state() is None:
+            raise RegionUnavailableError(
+                f"{self._host.path}: region {r} is unavailable locally and there is no distributed overlay "
+                "(attach a secondary)", (r,), Reason.UNAVAILABLE)
+        try:
+            out[:] = self.pit()._fetch(r, keep=False)
+        except StoreError as exc:
+            raise RegionUnavailableError(
+                f"{self._host.path}: region {r} is not valid locally and the secondary cannot serve it: {exc}",
+                (r,), Reason.SECONDARY_UNAVAILABLE) from exc
+
+    def remote_edges(self, offset: int, length: int) -> dict[int, bytes]:
+        """The PIT's bytes of the R regions that a write of ``length`` bytes at ``offset`` covers
+        only in part, fetched before the write takes its locks (through the cache)."""
+        self.io_count += 1
+        rs = self._geo.region_size
+        want = []
+        for r in sorted({offset // rs, (offset + length - 1) // rs}):
+            a, rlen = r * rs, self._geo.region_length(r)
+            if a >= offset and a + rlen <= offset + length:
+                continue  # written whole
+            with self._host.wlock:
+                if self._host.state() is not None and self.location(r) == CODE_R:
+                    want.append(r)
+        if not want:
+            return {}
+        return self.fetch(want, "are not valid locally, not cached, and the secondary cannot serve them")
+
+    # -- reads -----------------------------------------------------------------------------------------
+    def read_routed(self, stack: core.Stack, offset: int, buffer: Any) -> int:
+        """A read through the routed read kernel: cached R regions from the cache, misses fetched
+        from the PIT, readahead on sequential reads."""
+        if self._remote_fraction is not None and self._read_mostly_remote(stack, offset, buffer):
+            return len(byte_view(buffer))
+        nbytes, misses = stack.readinto_routed(offset, buffer)
+        self.io_count += 1
+        if misses:
+            self._serve_misses(offset, buffer, nbytes, misses)
+        if self._readahead_window:
+            self._readahead(offset, nbytes)
+        return int(nbytes)
+
+    def _serve_misses(self, offset: int, buffer: Any, n: int, misses: list[int]) -> None:
+        """Fetch the R regions the read kernel could not serve from the cache and copy them into
+        ``buffer`` (holding ``n`` bytes read at ``offset``)."""
+        img = self.pit()
+        regions = []
+        for m in misses:
+            if m < 0:  # the cached copy failed its checksum or could not be read
+                m = -m - 1
+                if self.cache is not None:
+                    self.cache.drop(m, img.version(m))
+            regions.append(m)
+        got = self.fetch(regions, "are not valid locally, not cached, and the secondary cannot serve them")
+        view = memoryview(buffer).cast("B")
+        rs = self._geo.region_size
+        for r, data in got.items():
+            a, b = max(offset, r * rs), min(offset + n, r * rs + len(data))
+            view[a - offset : b - offset] = memoryview(data)[a - r * rs : b - r * rs]
+
+    def _read_mostly_remote(self, stack: core.Stack, offset: int, buffer: Any) -> bool:
+        """Serve a read whose share of R regions reaches ``remote_fraction`` from the PIT alone
+        (PO regions excepted: the PIT does not have them); returns False, reading nothing, for
+        any other read. PB regions are the same version in the PIT (not written since it)."""
+        view = byte_view(buffer)
+        if view.readonly:
+            raise InvalidBufferError("a writable buffer is required")
+        n = len(view)
+        self._geo.check_range(offset, n)
+        if n == 0:
+            return False
+        rs = self._geo.region_size
+        first, last = offset // rs, (offset + n - 1) // rs
+        codes = self.codes(first, last - first + 1)
+        assert self._remote_fraction is not None
+        if codes.count(CODE_R) < self._remote_fraction * len(codes):
+            return False
+        self.io_count += 1
+        got, errors = self.pit().fetch_many([first + i for i, c in enumerate(codes) if c != CODE_PO])
+        for i, c in enumerate(codes):
+            r = first + i
+            a, b = max(offset, r * rs), min(offset + n, (r + 1) * rs)
+            data = got.get(r)
+            if data is not None:
+                view[a - offset : b - offset] = memoryview(data)[a - r * rs : b - r * rs]
+            elif c != CODE_R:  # PO, or PB the secondary could not give: local
+                try:
+                    stack.readinto(a, view[a - offset : b - offset])
+                except (StaleStackError, RegionUnavailableError):
+                    return False  # the normal path retries and deals with it
+        failed = {r: exc for r, exc in errors.items() if codes[r - first] == CODE_R}
+        if failed:
+            raise self._fetch_failure(failed, "are not valid locally, not cached, and the secondary "
+                                              "cannot serve them")
+        return True
+
+    def _readahead(self, offset: int, n: int) -> None:
+        """On sequential reads, start fetching the uncached R regions of the next window."""
+        rs = self._geo.region_size
+        if offset != self._last_end:
+            self._ra_next = 0
+            if offset != 0:  # not a sequential read
+                self._last_end = offset + n
+                return
+        self._last_end = offset + n
+        start = max(self._ra_next, (offset + n + rs - 1) // rs)
+        stop = min(self._geo.num_regions, (offset + n) // rs + self._readahead_window)
+        if start >= stop or (stop - start < self._readahead_window // 4 and stop < self._geo.num_regions):
+            return  # scan in batches (a scan costs more than this check), but always up to the end
+        cache, img = self.cache, self.remote
+        if cache is None or img is None or cache.slot_table is None:
+            return
+        table = memoryview(cache.slot_table).cast("q")
+        codes = self.codes(start, stop - start)
+        want = [start + i for i, c in enumerate(codes) if c == CODE_R and table[start + i] == 0]
+        started = img.prefetch(want)
+        self._ra_next = want[started] if started < len(want) else stop
+
+    def read_by_location(self, stack: core.Stack, offset: int, buffer: Any) -> int:
+        """A read while the stack is not routed (no distributed overlay yet, or read-only): runs of
+        local regions through ``stack``, runs of R regions from the PIT.
+
+        Raises
+        ------
+        StaleStackError
+            The distributed overlay began for this read: run it again.
+        RegionUnavailableError
+            Regions that can be read from nowhere, all named (local read failures are raised as
+            they are, for the volume to detect).
+        """
+        view = byte_view(buffer)
+        if view.readonly:
+            raise InvalidBufferError("a writable buffer is required")
+        n = len(view)
+        self._geo.check_range(offset, n)
+        if n == 0:
+            return 0
+        rs = self._geo.region_size
+        first, last = offset // rs, (offset + n - 1) // rs
+        codes = self.codes(first, last - first + 1)
+        host = self._host
+        if CODE_R in codes and host.state() is None:
+            regs = [first + k for k, c in enumerate(codes) if c == CODE_R]
+            if host.store() is not None and not host.readonly:
+                # It could not begin before (secondary unreachable): try again.
+                host.begin_for_read(regs)
+                raise StaleStackError("the distributed overlay began")
+            reason = host.reason(regs[0])
+            raise RegionUnavailableError(
+                f"{host.path}: regions {region_ranges(regs)} are unavailable locally ({reason}) "
+                "and there is no distributed overlay (attach a secondary)", regs, reason)
+        errors: dict[int, BaseException] = {}  # remote regions that could not be served
+        i = 0
+        while i < len(codes):
+            remote = codes[i] == CODE_R
+            j = i + 1
+            while j < len(codes) and (codes[j] == CODE_R) == remote:
+                j += 1
+            a = max(offset, (first + i) * rs)
+            b = min(offset + n, (first + j) * rs)
+            if remote:
+                regs = list(range(first + i, first + j))
+                if host.readonly:
+                    raise RegionUnavailableError(
+                        f"{host.path}: regions {region_ranges(regs)} are served by the secondary: open the "
+                        "volume read-write with its secondary to read them", regs, Reason.UNAVAILABLE)
+                got, missed = self.pit().fetch_many(regs)
+                for r, data in got.items():
+                    ra, rb = max(a, r * rs), min(b, r * rs + len(data))
+                    view[ra - offset : rb - offset] = memoryview(data)[ra - r * rs : rb - r * rs]
+                errors.update(missed)  # go on: name every region this read cannot serve
+            else:
+                stack.readinto(a, view[a - offset : b - offset])
+            i = j
+        if errors:
+            raise self._fetch_failure(errors, "are not valid locally, not cached, and the secondary cannot serve them")
+        return n

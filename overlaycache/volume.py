@@ -23,13 +23,11 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from overlaycache._fs import fsync_dir, lock_directory, write_file_atomic
+from overlaycache._fs import lock_directory
 from overlaycache._impl import core
 from overlaycache.errors import (
     InvalidArgumentError,
-    InvalidBufferError,
     MediaError,
-    OverlayCacheError,
     Reason,
     RegionUnavailableError,
     SnapshotNotFoundError,
@@ -37,13 +35,12 @@ from overlaycache.errors import (
     StoreError,
     VolumeClosedError,
 )
-from overlaycache.cache import RegionCache
 from overlaycache.clone import Clone, open_clone
-from overlaycache.failover import CODE_NAMES, CODE_PO, CODE_R, location_codes
+from overlaycache.failover import CODE_NAMES, READAHEAD_BYTES, Router
 from overlaycache.hydration import Hydration
 from overlaycache.jobs import IDLE
-from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
-from overlaycache.local.geometry import byte_view, check_geometry, check_int
+from overlaycache.images import RecoveryImage, VirtualImage
+from overlaycache.local.geometry import byte_view, check_geometry, check_int, region_ranges
 from overlaycache.local.layers import BaseLayer, Overlay
 from overlaycache.local.meta import (
     DistributedOverlayState,
@@ -53,33 +50,14 @@ from overlaycache.local.meta import (
     remove_meta_temp,
     write_meta,
 )
+from overlaycache.local.stack import LayerStack
 from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.replication import Lag, Replicator
-from overlaycache.snapshots import LocalSnapshot, Snapshot, decode_manifest, find_snapshot, manifest_key
+from overlaycache.store.base import ObjectStore
+from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
 
 _log = logging.getLogger(__name__)
 
-MAX_OVERLAYS = 250
-VERIFY_POLICIES = ("always", "sampled", "scrub-only")
-_SAMPLE = 16  # "sampled" verification: one region in this many
-DO_MANIFEST = "distributed-overlay.manifest"
-READAHEAD_BYTES = 64 << 20
-
-
-def _ranges(regions: Iterable[int]) -> str:
-    """``0-3,7,9-10`` for a sorted list of regions."""
-    out: list[str] = []
-    start = prev = None
-    for r in regions:
-        if prev is not None and r == prev + 1:
-            prev = r
-            continue
-        if start is not None:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-        start = prev = r
-    if start is not None:
-        out.append(f"{start}" if start == prev else f"{start}-{prev}")
-    return ",".join(out) or "none"
 
 
 class Volume:
@@ -111,44 +89,24 @@ class Volume:
         self._meta = meta
         self.id: str = meta.id
         self._geo = meta.geometry
+        self.verify = verify
         self._wlock = threading.RLock()
         self._merge_lock = threading.RLock()  # one merge at a time; close waits for it
         self._rw = core.RWLock()
         self._images: set[VirtualImage] = set()
-        self._base: BaseLayer | None = None
-        self._overlays: list[Overlay] = []
-        self._stack: Any = None
+        self._layers: LayerStack | None = None
+        self._router: Router | None = None
         self._repl: Replicator | None = None
-        self._remote: RemoteImage | None = None
         self._unavail_reason: dict[int, Reason] = {}  # why, for messages (not persisted)
-        self._cache_regions = cache_regions
-        self._region_cache: RegionCache | None = None
-        self._workers = workers
-        # Sequential reads prefetch the R regions of the next READAHEAD_BYTES; at most half the cache
-        # unless it holds the whole volume, so that prefetched regions are not evicted before use.
-        if type(readahead) is not int or readahead < 0:
-            raise InvalidArgumentError(f"readahead must be a number of bytes >= 0, got {readahead!r}")
-        window = readahead // self._geo.region_size
-        if cache_regions < self._geo.num_regions:
-            window = min(window, cache_regions // 2)
-        self._readahead_window = window
-        if remote_fraction is not None and (isinstance(remote_fraction, bool)
-                                            or not isinstance(remote_fraction, (int, float))
-                                            or not 0 < remote_fraction <= 1):
-            raise InvalidArgumentError(f"remote_fraction must be in (0, 1] or None, got {remote_fraction!r}")
-        self._remote_fraction = remote_fraction
-        self._ra_next = 0  # first region not yet scanned for readahead
-        self._last_end = -1  # where the last routed read ended
-        self._io_count = 0  # foreground reads and writes during a distributed overlay (hydration yields)
         self._hydration: Hydration | None = None
         self._scratch = bytearray(self._geo.region_size)
         try:
             self._unavail = UnavailableMap(path, self._geo.num_regions)
-            self._base = BaseLayer(path, self._geo, not readonly)
-            for layer_id in meta.layers:
-                self._overlays.append(Overlay(path, layer_id, self._geo, not readonly))
-            self._apply_verify_policy(verify)
-            self._stack = self._build_stack(self._overlays[-1].id)
+            self._layers = layers = LayerStack(path, self._geo, meta.layers, not readonly, self._rw)
+            self._router = Router(self._regions, layers, self._unavail, cache_regions=cache_regions,
+                                  workers=workers, readahead=readahead, remote_fraction=remote_fraction)
+            layers.apply_verify_policy(verify)
+            layers.live = layers.build()
             if meta.merging is not None and not readonly:
                 _log.info("%s: finishing an interrupted merge of overlay %s", path, meta.merging)
                 with self._wlock:
@@ -157,7 +115,7 @@ class Volume:
                 self._attach(secondary, replication, period, sync_policy, max_lag_regions, workers)
                 if self._do is not None:
                     with self._wlock:
-                        self._start_routing()
+                        self._router.start()
         except BaseException:
             if self._repl is not None:
                 self._repl.close()
@@ -195,20 +153,6 @@ class Volume:
         self._meta.secondary = SecondaryRecord(location, mode, period, clean=False)
         self._store_meta()
         self._repl.start()
-
-    def _apply_verify_policy(self, verify: str) -> None:
-        if verify not in VERIFY_POLICIES:
-            raise InvalidArgumentError(f"verify must be one of {VERIFY_POLICIES}, got {verify!r}")
-        self.verify = verify
-        if verify == "always":
-            return
-        n = self._geo.num_regions
-        assert self._base is not None
-        for layer in [self._base, *self._overlays]:
-            layer.verified.set_range(0, n)
-            if verify == "sampled":
-                for r in range(0, n, _SAMPLE):
-                    layer.verified.clear(r)
 
     # -- lifecycle --------------------------------------------------------------------------------
     @classmethod
@@ -338,11 +282,11 @@ class Volume:
     @property
     def closed(self) -> bool:
         """Whether the volume is closed."""
-        return self._stack is None
+        return self._layers is None or self._layers.live is None
 
     def close(self) -> None:
         """Flush, release every image and file, and drop the lock (idempotent)."""
-        if self._stack is None:
+        if self.closed:
             return
         hyd = self._hydration
         if hyd is not None:
@@ -352,7 +296,7 @@ class Volume:
             self._close()
 
     def _close(self) -> None:
-        if self._stack is None:
+        if self.closed:
             return
         if self._repl is not None:
             self._repl.stop()  # before taking the lock: a periodic snapshot may be waiting for it
@@ -362,7 +306,7 @@ class Volume:
                 if not self.readonly:
                     if self._repl is not None:
                         self._repl.before_commit()
-                    top = self._overlays[-1]
+                    top = self._live_layers().top
                     top.commit()
                     top.checkpoint()
                     if self._unavail.dirty:
@@ -386,22 +330,10 @@ class Volume:
             if stack is not None:
                 stack.release()
         self._images.clear()
-        if self._stack is not None:
-            self._stack.release()
-            self._stack = None
-        for layer in [*self._overlays, *([self._base] if self._base else [])]:
-            try:
-                layer.close()
-            except OverlayCacheError:  # pragma: no cover - only after a failed open
-                _log.exception("%s: closing %s", self.path, layer.name)
-        self._overlays = []
-        self._base = None
-        if self._remote is not None:
-            self._remote.close()
-            self._remote = None
-        if self._region_cache is not None:
-            self._region_cache.close()
-            self._region_cache = None
+        if self._layers is not None:
+            self._layers.close()
+        if self._router is not None:
+            self._router.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -427,46 +359,29 @@ class Volume:
         return f"Volume({self.path!r}, size={self.size}, region_size={self.region_size}, {state})"
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _live(self) -> Any:
-        stack = self._stack
-        if stack is None:
+    def _live_layers(self) -> LayerStack:
+        """The layers, checking that the volume is open."""
+        layers = self._layers
+        if layers is None or layers.live is None:
             raise VolumeClosedError(f"{self.path}: volume is closed")
+        return layers
+
+    def _live(self) -> core.Stack:
+        """The live read stack, checking that the volume is open."""
+        stack = self._live_layers().live
+        assert stack is not None
         return stack
 
-    def _layers_up_to(self, layer_id: int) -> list[Any]:
-        """Layers newest first, from ``layer_id`` (0 = base) down to the base."""
-        assert self._base is not None
-        chosen = [ov for ov in self._overlays if ov.id <= layer_id]
-        return [*reversed(chosen), self._base]
+    @property
+    def _route(self) -> Router:
+        router = self._router
+        assert router is not None
+        return router
 
-    def _build_stack(self, layer_id: int) -> Any:
-        entries = [layer.stack_entry() for layer in self._layers_up_to(layer_id)]
-        return core.Stack(self._rw, self._geo.region_size, self._geo.size, entries)
-
-    def _build_live_stack(self, routed: bool = True) -> Any:
+    def _build_live_stack(self) -> core.Stack:
         """The stack of the volume itself: routed through the region cache during a distributed
         overlay (R regions served by the read kernel from the cache)."""
-        stack = self._build_stack(self._overlays[-1].id)
-        do, cache = self._do, self._region_cache
-        if routed and do is not None and cache is not None and cache.slot_table is not None:
-            npo = sum(1 for ov in self._overlays if ov.id >= do.layer)
-            try:
-                stack.route(npo, self._unavail.bits, cache.data, cache.slot_table, cache.verified, cache.sums)
-            except BaseException:
-                stack.release()
-                raise
-        return stack
-
-    def _swap_live_stack(self, routed: bool = True) -> None:
-        """Rebuild the live stack (after routing changed); the caller holds ``_wlock``."""
-        new = self._build_live_stack(routed)
-        self._rw.acquire_write()
-        try:
-            old, self._stack = self._stack, new
-        finally:
-            self._rw.release_write()
-        if old is not None:
-            old.release()
+        return self._route.route(self._live_layers().build())
 
     def layer_map(self, first: int = 0, count: int | None = None) -> list[int]:
         """Which layer serves each region of ``[first, first + count)``: an overlay id, or 0 for the base.
@@ -475,11 +390,7 @@ class Volume:
         """
         n = self._geo.region_span(first, count)
         with self._wlock:
-            self._live()
-            newest_first = list(reversed(self._overlays))
-            ids = [ov.id for ov in newest_first] + [0]
-            found = core.resolve([ov.present for ov in newest_first], first, n)
-        return [ids[i] for i in found]
+            return self._live_layers().layer_map(first, n)
 
     def _check_writable(self) -> None:
         self._live()
@@ -487,7 +398,8 @@ class Volume:
             raise InvalidArgumentError(f"{self.path}: volume is open read-only")
 
     def _store_meta(self) -> None:
-        self._meta.layers = [ov.id for ov in self._overlays]
+        if self._layers is not None and self._layers.overlays:
+            self._meta.layers = [ov.id for ov in self._layers.overlays]
         write_meta(self.path, self._meta)
 
     # -- data path ---------------------------------------------------------------------------------
@@ -503,17 +415,13 @@ class Volume:
         """
         self._geo.check_range(offset, length)
         while True:
-            stack = self._stack
-            if stack is not None and stack.routed:
-                out = bytearray(length)
-                self.readinto(offset, out)
-                return bytes(out)
-            if self._unavail.any():
+            stack = self._live()
+            if stack.routed or self._unavail.any():  # some regions come from elsewhere
                 buf = bytearray(length)
-                self._read_routed(offset, memoryview(buf))
+                self.readinto(offset, buf)
                 return bytes(buf)
             try:
-                return bytes(self._live().read(offset, length))
+                return bytes(stack.read(offset, length))
             except StaleStackError:
                 continue
             except RegionUnavailableError as exc:
@@ -531,39 +439,15 @@ class Volume:
         if type(offset) is not int:
             check_int("offset", offset)
         while True:
-            stack = self._stack
-            if stack is None:
-                raise VolumeClosedError(f"{self.path}: volume is closed")
-            if stack.routed:
-                if self._remote_fraction is not None and self._read_mostly_remote(stack, offset, buffer):
-                    return len(byte_view(buffer))
-                try:
-                    got: tuple[int, list[int]] = stack.readinto_routed(offset, buffer)
-                    nbytes, misses = got
-                except StaleStackError:
-                    continue
-                except RegionUnavailableError as exc:
-                    if not self._detected(exc):
-                        raise
-                    continue
-                self._io_count += 1
-                if misses:
-                    self._serve_misses(offset, buffer, nbytes, misses)
-                if self._readahead_window:
-                    self._readahead(offset, nbytes)
-                return nbytes
-            if self._unavail.any():
-                view = byte_view(buffer)
-                if view.readonly:
-                    raise InvalidBufferError("a writable buffer is required")
-                self._geo.check_range(offset, len(view))
-                self._read_routed(offset, view)
-                return len(view)
+            stack = self._live()
             try:
-                n: int = stack.readinto(offset, buffer)
-                return n
+                if stack.routed:  # a distributed overlay: PO, PB and cached R through the kernel
+                    return self._route.read_routed(stack, offset, buffer)
+                if self._unavail.any():  # regions not valid locally, not routed (yet)
+                    return self._route.read_by_location(stack, offset, buffer)
+                return int(stack.readinto(offset, buffer))
             except StaleStackError:
-                continue
+                continue  # the layers or the routing changed: read again
             except RegionUnavailableError as exc:
                 if not self._detected(exc):
                     raise
@@ -594,11 +478,9 @@ class Volume:
             repl.throttle()
         remote: dict[int, bytes] = {}
         if self._unavail.any():
-            self._io_count += 1
-            remote = self._remote_edges(offset, len(view))
+            remote = self._route.remote_edges(offset, len(view))
         with self._wlock:
-            self._live()
-            top = self._overlays[-1]
+            top = self._live_layers().top
             self._rw.acquire_write()
             pos, end = offset, offset + len(view)
             try:
@@ -617,31 +499,13 @@ class Volume:
             repl.ship_after_write(offset // rs, (offset + len(view) - 1) // rs)
         return len(view)
 
-    def _remote_edges(self, offset: int, length: int) -> dict[int, bytes]:
-        """The PIT's bytes of the R regions that a write of ``length`` bytes at ``offset`` covers
-        only in part, fetched before the write takes its locks (through the cache)."""
-        rs = self._geo.region_size
-        edges = {offset // rs, (offset + length - 1) // rs}
-        out: dict[int, bytes] = {}
-        for r in edges:
-            a, rlen = r * rs, self._geo.region_length(r)
-            if a >= offset and a + rlen <= offset + length:
-                continue  # written whole
-            with self._wlock:
-                if self._do is None or self._location(r) != CODE_R:
-                    continue
-            data = bytearray(rlen)
-            self.readinto(a, data)
-            out[r] = bytes(data)
-        return out
-
     def _write_region(self, top: Overlay, r: int, intra: int, piece: memoryview,
                       fetched: dict[int, bytes] | None = None) -> None:
         """Write ``piece`` at ``intra`` in region ``r``; the caller holds both locks. ``fetched``
-        has the PIT's bytes of R regions written in part (see :meth:`_remote_edges`)."""
+        has the PIT's bytes of R regions written in part (see :meth:`Router.remote_edges`)."""
         rlen = self._geo.region_length(r)
         # Not valid locally (even a version in the top overlay): the rest comes from the PIT.
-        remote = bool(self._unavail.bits.test(r)) and self._location(r) == CODE_R
+        remote = self._route.is_remote(r)
         if top.needs_current(r, intra, len(piece)) or (remote and len(piece) != rlen):
             region = memoryview(self._scratch)[:rlen]
             if remote:
@@ -649,9 +513,9 @@ class Volume:
                 if got is not None:
                     region[:] = got
                 else:
-                    self._read_region_remote(r, region)
+                    self._route.read_region_remote(r, region)
             else:
-                self._stack.readinto_locked(r * self._geo.region_size, region)
+                self._live().readinto_locked(r * self._geo.region_size, region)
             top.write_region(r, intra, piece, region)
         else:
             top.write_region(r, intra, piece)
@@ -669,7 +533,7 @@ class Volume:
             self._live()
             if self._repl is not None:
                 self._repl.before_commit()
-            self._overlays[-1].commit()
+            self._live_layers().top.commit()
             if self._unavail.dirty:
                 self._unavail.store()
 
@@ -710,8 +574,7 @@ class Volume:
             if any(s.label == label for s in self.local_snapshots()):
                 raise InvalidArgumentError(f"a snapshot labelled {label!r} exists")
         with self._wlock:
-            self._live()
-            top = self._overlays[-1]
+            top = self._live_layers().top
             snap = LocalSnapshot(str(self._meta.next_snapshot), label, time.time(), top.id)
             saved = (list(self._meta.snapshots), self._meta.next_snapshot)
             self._meta.next_snapshot += 1
@@ -726,29 +589,13 @@ class Volume:
 
     def _push_overlay(self) -> None:
         """Freeze the top overlay and push a new empty one; the caller holds ``_wlock``."""
-        if len(self._overlays) >= MAX_OVERLAYS:
-            raise InvalidArgumentError(f"at most {MAX_OVERLAYS} overlays: merge_down() first")
-        top = self._overlays[-1]
-        top.commit()
-        top.checkpoint()
         new_id = self._meta.next_layer
-        Overlay.create(self.path, new_id, self._geo)
-        fsync_dir(self.path)
-        self._meta.next_layer = new_id + 1
-        overlay = Overlay(self.path, new_id, self._geo, True)
-        self._rw.acquire_write()
-        try:
-            self._overlays.append(overlay)
-            try:
-                self._store_meta()
-            except BaseException:
-                self._overlays.pop()
-                overlay.close()
-                raise
-            old, self._stack = self._stack, self._build_live_stack()
-            old.release()
-        finally:
-            self._rw.release_write()
+
+        def persist() -> None:
+            self._meta.next_layer = new_id + 1
+            self._store_meta()
+
+        self._live_layers().push(new_id, persist, self._build_live_stack)
 
     def image(self, snapshot: LocalSnapshot | Snapshot | str) -> Any:
         """A read-only virtual image of a snapshot: local (a :class:`VirtualImage`) or a PIT on the
@@ -765,7 +612,7 @@ class Volume:
         snap = self._find_snapshot(snapshot)
         with self._wlock:
             self._live()
-            img = VirtualImage(snap, self._geo.size, self._build_stack(snap.layer), self._close_image,
+            img = VirtualImage(snap, self._geo.size, self._live_layers().build(snap.layer), self._close_image,
                                volume_id=self.id)
             self._images.add(img)
         return img
@@ -816,7 +663,7 @@ class Volume:
                 raise InvalidArgumentError(
                     f"{self.path}: the base is not written while a distributed overlay is active "
                     "(restore or end it first)")
-            if len(self._overlays) == 1:
+            if len(self._live_layers().overlays) == 1:
                 self._push_overlay()
             return self._merge_oldest()
 
@@ -828,7 +675,7 @@ class Volume:
 
     def _merge_begin(self) -> tuple[Overlay, list[int]]:
         """Record the merge of the oldest overlay (released snapshots first); under ``_wlock``."""
-        ov = self._overlays[0]
+        ov, regions = self._live_layers().oldest_regions()
         dropped = [s for s in self._meta.snapshots if s.layer == 0]
         if dropped or self._meta.merging != ov.id:
             self._meta.snapshots = [s for s in self._meta.snapshots if s.layer != 0]
@@ -837,28 +684,13 @@ class Volume:
             gone = {s.id for s in dropped}
             for img in [i for i in self._images if i.snapshot.id in gone]:
                 self._close_image(img)
-        return ov, [r for a, b in ov.present.runs() for r in range(a, b)]
+        return ov, regions
 
     def _merge_copy(self, ov: Overlay, regions: list[int]) -> None:
         """Copy ``ov``'s regions into the base, verified. Needs no lock when ``ov`` is not the top
         overlay: nothing else writes either, and readers see ``ov``, which shadows those regions."""
-        assert self._base is not None
-        base, geo = self._base, self._geo
         try:
-            for r in regions:
-                off = ov.slot_offset(r, int(ov.which.test(r)))
-                rlen = geo.region_length(r)
-                try:
-                    if ov.data.checksum(off, rlen) != bytes(ov.sums[16 * r : 16 * r + 16]):
-                        raise RegionUnavailableError(
-                            f"{ov.data_path}: region {r} does not match its checksum; merge aborted",
-                            (r,), Reason.CHECKSUM)
-                    ov.data.copy_to(off, base.data, r * geo.region_size, rlen)
-                except MediaError as exc:
-                    raise RegionUnavailableError(f"region {r}: {exc}; merge aborted", (r,), Reason.IO) from exc
-                base.sums[16 * r : 16 * r + 16] = ov.sums[16 * r : 16 * r + 16]
-            base.data.sync()
-            base.store_sums(regions)
+            self._live_layers().copy_into_base(ov, regions)
         except BaseException:
             with self._wlock:
                 self._meta.merging = None
@@ -867,31 +699,27 @@ class Volume:
 
     def _merge_end(self, ov: Overlay, regions: list[int]) -> int:
         """Drop the merged overlay from the layers; under ``_wlock``."""
-        assert self._base is not None
-        base = self._base
+        layers = self._live_layers()
         self._rw.acquire_write()
         try:
-            for r in regions:
-                base.verified.set(r)
-            self._overlays.pop(0)
+            layers.drop_oldest(regions)
             self._meta.snapshots = [LocalSnapshot(s.id, s.label, s.created_at, 0) if s.layer == ov.id else s
                                     for s in self._meta.snapshots]
             self._meta.merging = None
             self._store_meta()
-            old = [self._stack]
-            self._stack = self._build_live_stack()
+            old = [layers.live]
+            layers.live = self._build_live_stack()
             for img in self._images:
-                old.append(img.replace_stack(self._build_stack(img.snapshot.layer)))
+                old.append(img.replace_stack(layers.build(img.snapshot.layer)))
             for stack in old:
-                stack.release()
+                if stack is not None:
+                    stack.release()
         finally:
             self._rw.release_write()
         # Snapshot objects handed out earlier keep their old layer id; images look it up afresh.
         for img in self._images:
             img.snapshot = self._find_snapshot(img.snapshot.id)
-        ov.close()
-        Overlay.remove_files(self.path, ov.id)
-        fsync_dir(self.path)
+        layers.remove(ov)
         _log.info("%s: merged overlay %d into the base (%d regions)", self.path, ov.id, len(regions))
         return len(regions)
 
@@ -904,7 +732,7 @@ class Volume:
         RegionUnavailableError
             The region is not valid locally (its newest local version is lost).
         """
-        if self._unavail.bits.test(r) and self._location(r) == CODE_R:
+        if self._route.is_remote(r):
             raise RegionUnavailableError(f"region {r} is not valid locally", (r,), Reason.UNAVAILABLE)
         while True:
             try:
@@ -917,17 +745,8 @@ class Volume:
 
     def _current_checksums(self) -> bytearray:
         """The checksum of every region's current version, from the layers' tables (no data read)."""
-        assert self._base is not None
         with self._wlock:
-            if not self.readonly:
-                self._overlays[-1].hash_dirty()
-            newest_first = list(reversed(self._overlays))
-            found = core.resolve([ov.present for ov in newest_first], 0, self._geo.num_regions)
-            tables = [ov.sums for ov in newest_first] + [self._base.sums]
-            out = bytearray(16 * self._geo.num_regions)
-            for r, idx in enumerate(found):
-                out[16 * r : 16 * r + 16] = tables[idx][16 * r : 16 * r + 16]
-        return out
+            return self._live_layers().checksums()
 
     def _replicator(self) -> Replicator:
         self._live()
@@ -1010,7 +829,7 @@ class Volume:
                 self._store_meta()
         _log.error("%s: regions %s written during the distributed overlay cannot be read; their newest "
                    "versions are lost (the secondary has their last replicated ones)", self.path,
-                   _ranges(sorted(lost)))
+                   region_ranges(sorted(lost)))
 
     def snapshots(self) -> list[Snapshot]:
         """The PIT snapshots of this volume on the secondary, oldest first."""
@@ -1039,22 +858,10 @@ class Volume:
         do = self._do
         return do.to_json() if do is not None else None
 
-    def _po_maps(self) -> list[Any]:
-        do = self._do
-        if do is None:
-            return []
-        return [ov.present for ov in reversed(self._overlays) if ov.id >= do.layer]
-
     def _remote_regions(self) -> set[int]:
         """The regions read from the remote PIT (R) now."""
-        if self._do is None:
-            return set()
         with self._wlock:
-            codes = location_codes(self._po_maps(), self._unavail.bits, 0, self._geo.num_regions)
-        return {r for r, c in enumerate(codes) if c == CODE_R}
-
-    def _location(self, r: int) -> int:
-        return location_codes(self._po_maps(), self._unavail.bits, r, 1)[0]
+            return self._route.remote_regions()
 
     def location_map(self, first: int = 0, count: int | None = None) -> list[str]:
         """Where each region of ``[first, first + count)`` is read from: "PO", "PB" or "R".
@@ -1065,7 +872,7 @@ class Volume:
         n = self._geo.region_span(first, count)
         with self._wlock:
             self._live()
-            codes = location_codes(self._po_maps(), self._unavail.bits, first, n)
+            codes = self._route.codes(first, n)
         names = CODE_NAMES
         return [names[c] for c in codes]
 
@@ -1080,20 +887,20 @@ class Volume:
             if new:
                 self._unavail.store()
         if new:
-            _log.error("%s: regions %s are unavailable locally", self.path, _ranges(new))
+            _log.error("%s: regions %s are unavailable locally", self.path, region_ranges(new))
         return new
 
     def _detected(self, exc: RegionUnavailableError) -> bool:
         """A local read failed: mark the regions, and begin the distributed overlay if there is a
         secondary. Returns whether the read can be retried (served from the secondary now)."""
-        if not exc.regions or self.readonly or exc.reason is Reason.REMOTE:
+        if not exc.regions or self.readonly or exc.reason not in (Reason.IO, Reason.CHECKSUM):
             return False
         new = self._mark(exc.regions, exc.reason)
         if self._repl is None:
             return False
         if self._do is not None:
             # Retry only if a region moved to R; a failed PO region has no other copy of its data.
-            return any(self._location(r) == CODE_R for r in new)
+            return any(self._route.is_remote(r) for r in new)
         self._begin_for_read(exc.regions)
         return True
 
@@ -1105,7 +912,7 @@ class Volume:
         except StoreError as exc:
             regs = sorted(regions)
             raise RegionUnavailableError(
-                f"{self.path}: regions {_ranges(regs)} are not valid locally and the distributed "
+                f"{self.path}: regions {region_ranges(regs)} are not valid locally and the distributed "
                 f"overlay cannot begin: {exc}", regs, Reason.SECONDARY_UNAVAILABLE) from exc
 
     def mark_unavailable(self, regions: Iterable[int]) -> None:
@@ -1147,8 +954,7 @@ class Volume:
                 repl.wait_idle()
                 repl.ship(skip_unreadable=lost)
                 snap = repl.publish(f"distributed-overlay-{int(time.time())}")
-                # Kept locally: the remote image must open even while the secondary is unreachable.
-                write_file_atomic(os.path.join(self.path, DO_MANIFEST), repl.last_manifest)
+                self._route.save_manifest(repl.last_manifest)
                 layer = self._meta.next_layer
                 self._meta.distributed_overlay = DistributedOverlayState(
                     layer, snap.seq, snap.id, snap.created_at, sorted(lost))
@@ -1161,65 +967,14 @@ class Volume:
                 # Not begun: the unreadable regions stay pending, to be found (and reported) again.
                 repl.requeue(lost)
                 raise
-            self._start_routing()
+            self._route.start()
         if lost:
             _log.error("%s: distributed overlay began; unsynced regions %s could not be read and fall back "
-                       "to their last replicated version", self.path, _ranges(sorted(lost)))
+                       "to their last replicated version", self.path, region_ranges(sorted(lost)))
         _log.warning("%s: distributed overlay began at layer %d over PIT %s; unavailable regions %s are "
-                     "read from %s", self.path, layer, snap.id, _ranges(sorted(self.unavailable)),
+                     "read from %s", self.path, layer, snap.id, region_ranges(sorted(self.unavailable)),
                      repl.store.location)
         return snap
-
-    def _start_routing(self) -> None:
-        """Serve the distributed overlay's R regions through the read kernel and the region cache;
-        the caller holds ``_wlock``. The PIT's manifest is kept locally, so cached regions are
-        served even while the secondary is unreachable or not attached."""
-        do = self._do
-        assert do is not None
-        path = os.path.join(self.path, DO_MANIFEST)
-        try:
-            with open(path, "rb") as f:
-                manifest = decode_manifest(f.read(), path)
-        except FileNotFoundError:
-            manifest = decode_manifest(self._replicator().store.get(manifest_key(self.id, do.snapshot)))
-        if self._region_cache is None:
-            self._region_cache = RegionCache(os.path.join(self.path, "cache"), self._geo.region_size,
-                                             min(self._cache_regions, self._geo.num_regions), lock=self._rw)
-        if self._remote is not None:
-            self._remote.close()
-        if self._stack is not None and self._stack.routed:
-            self._swap_live_stack(routed=False)  # no reader may use a slot table no longer kept
-        store = self._repl.store if self._repl is not None else None
-        self._remote = RemoteImage(store, manifest, cache_regions=64, region_cache=self._region_cache,
-                                   workers=self._workers)
-        self._region_cache.bind(manifest)
-        self._swap_live_stack()
-        self._ra_next = 0
-
-    def _stop_routing(self) -> None:
-        """The distributed overlay ended: local reads only; the caller holds ``_wlock``."""
-        self._swap_live_stack(routed=False)
-        if self._region_cache is not None:
-            self._region_cache.unbind()
-        if self._remote is not None:
-            self._remote.close()
-            self._remote = None
-
-    def _remote_pit(self) -> RemoteImage:
-        img = self._remote
-        if img is None:
-            if self._do is None:
-                raise RegionUnavailableError("no distributed overlay: nothing to read remotely", (), Reason.UNAVAILABLE)
-            if self.readonly:
-                raise RegionUnavailableError(
-                    f"{self.path}: open the volume read-write with its secondary to read remote regions",
-                    (), Reason.UNAVAILABLE)
-            with self._wlock:
-                if self._remote is None:
-                    self._start_routing()
-                img = self._remote
-            assert img is not None
-        return img
 
     def hydrate(self, progress: Callable[[int, int], None] | None = None, *, background: bool = False,
                 rate: float | None = None, idle: float = IDLE) -> Hydration:
@@ -1255,22 +1010,19 @@ class Volume:
         """Install the PIT's version of the regions still R; returns how many were installed."""
         with self._wlock:
             self._live()
-            want = [r for r in regions if self._do is not None and self._location(r) == CODE_R]
+            want = [r for r in regions if self._do is not None and self._route.is_remote(r)]
         if not want:
             return 0
-        img = self._remote_pit()
-        got, errors = img.fetch_many(want)
-        if errors:
-            raise self._fetch_failure(errors, "cannot be fetched for hydration")
+        got = self._route.fetch(want, "cannot be fetched for hydration")
         installed = 0
         with self._wlock:
             if self._do is None:
                 return 0
-            top = self._overlays[-1]
+            top = self._live_layers().top
             self._rw.acquire_write()
             try:
                 for r in want:
-                    if self._location(r) == CODE_R:  # not written meanwhile
+                    if self._route.is_remote(r):  # not written meanwhile
                         self._write_region(top, r, 0, memoryview(got[r]))
                         installed += 1
             finally:
@@ -1280,222 +1032,24 @@ class Volume:
     def clear_cache(self) -> int:
         """Drop every region kept in the remote region cache; returns how many were dropped."""
         self._live()
-        cache = self._region_cache
-        if cache is None:
-            return 0
-        n = len(cache)
-        cache.clear()
-        return n
-
-    def _read_mostly_remote(self, stack: Any, offset: int, buffer: Any) -> bool:
-        """Serve a read whose share of R regions reaches ``remote_fraction`` from the PIT alone
-        (PO regions excepted: the PIT does not have them); returns False, reading nothing, for
-        any other read. PB regions are the same version in the PIT (not written since it)."""
-        view = byte_view(buffer)
-        if view.readonly:
-            raise InvalidBufferError("a writable buffer is required")
-        n = len(view)
-        self._geo.check_range(offset, n)
-        if n == 0:
-            return False
-        rs = self._geo.region_size
-        first, last = offset // rs, (offset + n - 1) // rs
-        codes = location_codes(self._po_maps(), self._unavail.bits, first, last - first + 1)
-        assert self._remote_fraction is not None
-        if codes.count(CODE_R) < self._remote_fraction * len(codes):
-            return False
-        self._io_count += 1
-        got, errors = self._remote_pit().fetch_many([first + i for i, c in enumerate(codes) if c != CODE_PO])
-        for i, c in enumerate(codes):
-            r = first + i
-            a, b = max(offset, r * rs), min(offset + n, (r + 1) * rs)
-            data = got.get(r)
-            if data is not None:
-                view[a - offset : b - offset] = memoryview(data)[a - r * rs : b - r * rs]
-            elif c != CODE_R:  # PO, or PB the secondary could not give: local
-                try:
-                    stack.readinto(a, view[a - offset : b - offset])
-                except (StaleStackError, RegionUnavailableError):
-                    return False  # the normal path retries and deals with it
-        failed = {r: exc for r, exc in errors.items() if codes[r - first] == CODE_R}
-        if failed:
-            raise self._fetch_failure(failed, "are not valid locally, not cached, and the secondary "
-                                              "cannot serve them")
-        return True
-
-    def _serve_misses(self, offset: int, buffer: Any, n: int, misses: list[int]) -> None:
-        """Fetch the R regions the read kernel could not serve from the cache and copy them into
-        ``buffer`` (holding ``n`` bytes read at ``offset``); name every region that cannot be served."""
-        img = self._remote_pit()
-        cache = self._region_cache
-        regions = []
-        for m in misses:
-            if m < 0:  # the cached copy failed its checksum or could not be read
-                m = -m - 1
-                if cache is not None:
-                    cache.drop(m, img.version(m))
-            regions.append(m)
-        got, errors = img.fetch_many(regions)
-        view = memoryview(buffer).cast("B")
-        rs = self._geo.region_size
-        for r, data in got.items():
-            a, b = max(offset, r * rs), min(offset + n, r * rs + len(data))
-            view[a - offset : b - offset] = memoryview(data)[a - r * rs : b - r * rs]
-        if errors:
-            raise self._fetch_failure(errors, "are not valid locally, not cached, and the secondary "
-                                              "cannot serve them")
-
-    def _fetch_failure(self, errors: dict[int, BaseException], what: str) -> BaseException:
-        """The exception for regions that could not be fetched: a store failure becomes a
-        :class:`RegionUnavailableError` naming them all; anything else is raised as it is."""
-        failed = sorted(errors)
-        first = errors[failed[0]]
-        if not isinstance(first, StoreError):
-            return first
-        exc = RegionUnavailableError(f"{self.path}: regions {_ranges(failed)} {what}: {first}", failed,
-                                     Reason.SECONDARY_UNAVAILABLE)
-        exc.__cause__ = first
-        return exc
-
-    def _readahead(self, offset: int, n: int) -> None:
-        """On sequential reads, start fetching the uncached R regions of the next window."""
-        rs = self._geo.region_size
-        if offset != self._last_end:
-            self._ra_next = 0
-            if offset != 0:  # not a sequential read
-                self._last_end = offset + n
-                return
-        self._last_end = offset + n
-        start = max(self._ra_next, (offset + n + rs - 1) // rs)
-        stop = min(self._geo.num_regions, (offset + n) // rs + self._readahead_window)
-        if start >= stop or (stop - start < self._readahead_window // 4 and stop < self._geo.num_regions):
-            return  # scan in batches (a scan costs more than this check), but always up to the end
-        cache, img = self._region_cache, self._remote
-        if cache is None or img is None or cache.slot_table is None:
-            return
-        table = memoryview(cache.slot_table).cast("q")
-        codes = location_codes(self._po_maps(), self._unavail.bits, start, stop - start)
-        want = [start + i for i, c in enumerate(codes) if c == CODE_R and table[start + i] == 0]
-        started = img.prefetch(want)
-        self._ra_next = want[started] if started < len(want) else stop
-
-    def _read_remote(self, offset: int, out: memoryview) -> None:
-        """Read from the remote PIT; regions that neither the cache nor the secondary can give
-        raise :class:`RegionUnavailableError` naming them."""
-        rs = self._geo.region_size
-        if self.readonly:
-            span = range(offset // rs, (offset + len(out) - 1) // rs + 1)
-            raise RegionUnavailableError(
-                f"{self.path}: regions {_ranges(span)} are served by the secondary: open the volume "
-                "read-write with its secondary to read them", span, Reason.UNAVAILABLE)
-        img = self._remote_pit()
-        try:
-            img.readinto(offset, out)
-        except StoreError as exc:
-            regs = [r for r in range(offset // rs, (offset + len(out) - 1) // rs + 1) if not img.cached(r)]
-            raise RegionUnavailableError(
-                f"{self.path}: regions {_ranges(regs)} are not valid locally, not cached, and the "
-                f"secondary cannot serve them: {exc}", regs, Reason.SECONDARY_UNAVAILABLE) from exc
-
-    def _read_region_remote(self, r: int, out: memoryview) -> None:
-        """Fetch region ``r`` of the PIT into ``out`` holding the stack's lock for writing: straight
-        from the secondary, as the cache's slots change only under that lock."""
-        if self._do is None:
-            raise RegionUnavailableError(
-                f"{self.path}: region {r} is unavailable locally and there is no distributed overlay "
-                "(attach a secondary)", (r,), Reason.UNAVAILABLE)
-        try:
-            out[:] = self._remote_pit()._fetch(r, keep=False)
-        except StoreError as exc:
-            raise RegionUnavailableError(
-                f"{self.path}: region {r} is not valid locally and the secondary cannot serve it: {exc}",
-                (r,), Reason.SECONDARY_UNAVAILABLE) from exc
-
-    def _read_routed(self, offset: int, view: memoryview) -> None:
-        """Read ``len(view)`` bytes at ``offset``, each region from its location (PO, PB or R)."""
-        n = len(view)
-        if n == 0:
-            return
-        rs = self._geo.region_size
-        first, last = offset // rs, (offset + n - 1) // rs
-        codes = location_codes(self._po_maps(), self._unavail.bits, first, last - first + 1)
-        failed: list[RegionUnavailableError] = []  # remote runs that could not be served
-        i = 0
-        while i < len(codes):
-            remote = codes[i] == CODE_R
-            j = i + 1
-            while j < len(codes) and (codes[j] == CODE_R) == remote:
-                j += 1
-            a = max(offset, (first + i) * rs)
-            b = min(offset + n, (first + j) * rs)
-            part = view[a - offset : b - offset]
-            if remote:
-                if self._do is None and self._repl is not None and not self.readonly:
-                    # It could not begin before (secondary unreachable): try again.
-                    self._begin_for_read(first + k for k, c in enumerate(codes) if c == CODE_R)
-                    self.readinto(a, view[a - offset :])
-                    return
-                if self._do is None:
-                    regs = range(first + i, first + j)
-                    reason = self._unavail_reason.get(regs[0], Reason.UNAVAILABLE)
-                    raise RegionUnavailableError(
-                        f"{self.path}: regions {_ranges(regs)} are unavailable locally ({reason}) "
-                        "and there is no distributed overlay (attach a secondary)", regs, reason)
-                try:
-                    self._read_remote(a, part)
-                except RegionUnavailableError as exc:
-                    failed.append(exc)  # go on: name every region this read cannot serve
-            else:
-                while True:
-                    try:
-                        self._live().readinto(a, part)
-                        break
-                    except StaleStackError:
-                        continue
-                    except RegionUnavailableError as exc:
-                        if not self._detected(exc):
-                            raise
-                        self.readinto(a, part)  # that region is R now
-                        break
-            i = j
-        if failed:
-            regions = sorted(r for exc in failed for r in exc.regions)
-            if len(failed) == 1:
-                raise failed[0]
-            raise RegionUnavailableError(
-                f"{self.path}: regions {_ranges(regions)} cannot be read: {failed[0]}", regions,
-                failed[0].reason) from failed[0]
+        return self._route.clear_cache()
 
     def scrub(self, progress: Callable[[int, int], None] | None = None) -> list[int]:
         """Verify every local region against its checksum; returns the bad ones, now unavailable.
 
         Regions already unavailable are skipped. ``progress(done, total)`` is called as it goes.
         """
-        self._live()
         with self._wlock:
             if not self.readonly:
-                self._overlays[-1].hash_dirty()
+                self._live_layers().top.hash_dirty()
         n = self._geo.num_regions
         bad = []
         step = max(1, n // 100)
-        layers = None
         for r in range(n):
             if self._unavail.bits.test(r):
                 continue
             with self._wlock:
-                stack = self._live()
-                if layers is None or layers[0] is not stack:
-                    layers = (stack, self._layers_up_to(self._overlays[-1].id))
-                idx, off = stack.locate(r)
-                layer = layers[1][idx]
-                try:
-                    ok = bytes(layer.data.checksum(off, self._geo.region_length(r))) == bytes(
-                        layer.sums[16 * r : 16 * r + 16])
-                except MediaError:
-                    ok = False
-                if ok:
-                    layer.verified.set(r)
-                else:
+                if not self._live_layers().verify(r):
                     bad.append(r)
             if progress is not None and (r % step == 0 or r == n - 1):
                 progress(r + 1, n)
@@ -1510,14 +1064,9 @@ class Volume:
     def _local_checksum_locked(self, r: int) -> bytes | None:
         """The checksum of region ``r``'s current local version, or None when it is not known valid
         (unavailable, not yet committed). The caller holds ``_wlock``."""
-        if self._unavail.bits.test(r) and self._location(r) == CODE_R:
+        if self._route.is_remote(r):
             return None
-        stack = self._live()
-        idx, _off = stack.locate(r)
-        layer = self._layers_up_to(self._overlays[-1].id)[idx]
-        if isinstance(layer, Overlay) and layer.dirty.test(r):
-            return None
-        return bytes(layer.sums[16 * r : 16 * r + 16])
+        return self._live_layers().committed_checksum(r)
 
     def _read_if_identical(self, r: int, csum: bytes, offset: int, out: memoryview) -> bool:
         """Read ``out`` at ``offset`` (inside region ``r``) locally if the region's current version
@@ -1552,12 +1101,13 @@ class Volume:
         sa, sb = sums(a), sums(b)
         if b is None:
             with self._wlock:
-                self._overlays[-1].hash_dirty()
+                top = self._live_layers().top
+                top.hash_dirty()
                 out = []
                 for r in range(self._geo.num_regions):
                     got = sa(r)
-                    if self._overlays[-1].dirty.test(r):
-                        cur: bytes | None = bytes(self._overlays[-1].sums[16 * r : 16 * r + 16])
+                    if top.dirty.test(r):
+                        cur: bytes | None = bytes(top.sums[16 * r : 16 * r + 16])
                     else:
                         cur = self._local_checksum_locked(r)
                     if got != cur:
@@ -1597,11 +1147,7 @@ class Volume:
             if self._do is not None:
                 self._meta.distributed_overlay = None
                 self._store_meta()
-                self._stop_routing()
-                try:
-                    os.unlink(os.path.join(self.path, DO_MANIFEST))
-                except FileNotFoundError:
-                    pass
+                self._route.stop()
         _log.warning("%s: restored to PIT %s (%d regions rewritten); distributed overlay ended",
                      self.path, img.snapshot.id, len(todo))
         if fold:
@@ -1611,9 +1157,8 @@ class Volume:
     def _fold_into_base(self) -> None:
         """Merge every overlay into the base (see :meth:`restore`)."""
         with self._wlock:
-            assert self._base is not None
             try:
-                if self._base.repair():
+                if self._live_layers().base.repair():
                     _log.warning("%s: base file was truncated; its length is back", self.path)
             except MediaError as exc:
                 _log.error("%s: cannot fold the overlays into the base: %s", self.path, exc)
@@ -1623,9 +1168,10 @@ class Volume:
             with self._merge_lock:
                 with self._wlock:
                     self._live()
-                    if self._do is not None or not any(ov.present.any() for ov in self._overlays):
+                    overlays = self._live_layers().overlays
+                    if self._do is not None or not any(ov.present.any() for ov in overlays):
                         break  # done, or a distributed overlay began meanwhile: the base is not written
-                    if len(self._overlays) == 1:
+                    if len(overlays) == 1:
                         self._push_overlay()
                     ov, regions = self._merge_begin()
                 try:
@@ -1642,8 +1188,9 @@ class Volume:
 
 
 class _Regions:
-    """The volume as its collaborators see it (:class:`ReplicationHost`, a :class:`LocalRegions`,
-    and a :class:`HydrationTarget`): the one bridge from them to the volume's private members."""
+    """The volume as its collaborators see it (:class:`ReplicationHost`, a :class:`LocalRegions`;
+    :class:`HydrationTarget`; :class:`FailoverHost`): the one bridge from them to the volume's
+    private members."""
 
     __slots__ = ("_vol",)
 
@@ -1695,8 +1242,29 @@ class _Regions:
     def snapshot(self) -> Snapshot:
         return self._vol.snapshot()
 
+    @property
+    def readonly(self) -> bool:
+        return self._vol.readonly
+
+    @property
+    def wlock(self) -> threading.RLock:
+        return self._vol._wlock
+
+    def state(self) -> DistributedOverlayState | None:
+        return self._vol._do
+
+    def store(self) -> ObjectStore | None:
+        repl = self._vol._repl
+        return repl.store if repl is not None else None
+
+    def reason(self, r: int) -> Reason:
+        return self._vol._unavail_reason.get(r, Reason.UNAVAILABLE)
+
+    def begin_for_read(self, regions: Iterable[int]) -> None:
+        self._vol._begin_for_read(regions)
+
     def io_count(self) -> int:
-        return self._vol._io_count
+        return self._vol._route.io_count
 
     def hydrate_batch(self, regions: list[int]) -> int:
         return self._vol._hydrate_batch(regions)

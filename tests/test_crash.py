@@ -341,7 +341,7 @@ def test_sigkill_during_snapshots_and_merges(tmp_path: Path, seed: int) -> None:
             # Start the next round from the stack as it is now (ids of the overlays, oldest first).
             by_layer = {s.layer: s.id for s in found.values()}
             base = by_layer.get(0)
-            layers = [by_layer.get(ov.id) for ov in vol._overlays]
+            layers = [by_layer.get(ov.id) for ov in vol._layers.overlays]
             assert layers[-1] is None
             initial = [vol.read(r * RS, region_length(r)) for r in range(NREG)]
         start = log.last_write

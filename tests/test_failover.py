@@ -250,7 +250,7 @@ def test_remote_cache_is_reused_across_restarts_and_verified(tmp_path: Path, s3_
     with Volume.open(tmp_path / "vol", secondary=store, readahead=0) as vol:
         assert chars(vol) == "1 b c z e f 4 h"
         assert len(store.region_gets) == 4
-        assert vol._region_cache is not None and vol._region_cache.dropped == 1
+        assert vol._router.cache is not None and vol._router.cache.dropped == 1
 
 
 def test_secondary_down_cached_regions_still_served(tmp_path: Path, s3_store: Any) -> None:

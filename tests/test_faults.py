@@ -21,7 +21,7 @@ from types import ModuleType
 import pytest
 
 import overlaycache
-from overlaycache import volume as volume_mod
+from overlaycache.local import stack as stack_mod
 from overlaycache.local import meta as meta_mod
 from overlaycache._core_py import checksum as py_checksum
 from overlaycache._fs import json_checksum
@@ -89,7 +89,7 @@ def vol_path(tmp_path: Path) -> Iterator[Path]:
         fill(vol, 1, range(4))
         vol.merge_down()
         fill(vol, 1, range(4, NREG))
-        assert [ov.id for ov in vol._overlays] == [2]
+        assert [ov.id for ov in vol._layers.overlays] == [2]
     yield path
 
 
@@ -115,9 +115,9 @@ def crash_copy(path: Path, dest: Path) -> Path:
 def test_truncated_base_under_open_volume(impl: ModuleType, vol_path: Path) -> None:
     """Regions past the new end of base.data raise RegionUnavailableError naming them."""
     with Volume.open(vol_path) as vol:
-        assert type(vol._stack).__module__ == impl.__name__
+        assert type(vol._layers.live).__module__ == impl.__name__
         vol.merge_down()  # now every region is in the base
-        assert len(vol._overlays) == 1 and not vol._overlays[0].present.any()
+        assert len(vol._layers.overlays) == 1 and not vol._layers.overlays[0].present.any()
         assert_regions(vol, {0: 1, 1: 1, 2: 1, 3: 1, 4: 1})  # 0-4 verified, 5-7 never read
         os.truncate(vol_path / "base.data", 3 * RS)
         for r in (3, 4, 5, 6, 7):  # 3, 4: guarded copy faults; 5-7: guarded checksum faults
@@ -138,7 +138,7 @@ def test_truncated_base_under_open_volume(impl: ModuleType, vol_path: Path) -> N
         with pytest.raises(RegionUnavailableError) as info:
             vol.write(5 * RS + 100, b"partial")
         assert info.value.regions == (5,)
-        assert not vol._overlays[-1].present.test(5)
+        assert not vol._layers.overlays[-1].present.test(5)
         # Whole-region writes go to the overlay and make the region readable again.
         vol.write(5 * RS, content(5, 2))
         assert_regions(vol, {0: 1, 1: 1, 2: 1, 5: 2})
@@ -262,7 +262,7 @@ def test_merge_refuses_a_corrupt_overlay_region(impl: ModuleType, vol_path: Path
         with pytest.raises(RegionUnavailableError) as info:
             vol.merge_down()
         assert (info.value.regions, info.value.reason) == ((6,), "checksum")
-        assert [ov.id for ov in vol._overlays] == [2, 3]
+        assert [ov.id for ov in vol._layers.overlays] == [2, 3]
         assert vol._meta.merging is None
         good = {q: 1 for q in range(NREG) if q != 6}
         assert_regions(vol, good)
@@ -270,7 +270,7 @@ def test_merge_refuses_a_corrupt_overlay_region(impl: ModuleType, vol_path: Path
             assert img.read(4 * RS, RS) == content(4, 1)
     with Volume.open(vol_path) as vol:  # no merge is resumed, nothing was lost
         assert vol._meta.merging is None
-        assert [ov.id for ov in vol._overlays] == [2, 3]
+        assert [ov.id for ov in vol._layers.overlays] == [2, 3]
         assert_regions(vol, good)
         with vol.image("s") as img:
             assert img.read(5 * RS, RS) == content(5, 1)
@@ -503,7 +503,7 @@ def test_failed_local_snapshot_leaves_no_snapshot(vol_path: Path, monkeypatch: p
 
     Such a snapshot would name the writable top overlay, so its image would change with every write.
     """
-    monkeypatch.setattr(volume_mod, "MAX_OVERLAYS", 3)
+    monkeypatch.setattr(stack_mod, "MAX_OVERLAYS", 3)
     with Volume.open(vol_path) as vol:
         vol.local_snapshot("a")
         vol.local_snapshot("b")

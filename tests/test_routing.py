@@ -37,11 +37,11 @@ def test_sequential_reads_fetch_each_remote_region_once(tmp_path: Path, s3_store
     remote = list(range(3, N, 5))
     vol, data = degraded(tmp_path, store, remote)
     with vol:
-        assert vol._stack.routed
+        assert vol._layers.live.routed
         for off in range(0, N * RS, 4 * RS):
             assert vol.read(off, 4 * RS) == data[off : off + 4 * RS]
-        assert vol._remote is not None
-        vol._remote.close()  # waits for readahead still under way
+        assert vol._router.remote is not None
+        vol._router.remote.close()  # waits for readahead still under way
         assert sorted(store.region_gets) == sorted(set(store.region_gets))
         assert len(store.region_gets) == len(remote)
     store.region_gets.clear()
@@ -76,7 +76,7 @@ def test_reads_stay_exact_while_a_tiny_cache_evicts(tmp_path: Path, s3_store: An
             t.join(timeout=120)
         assert not any(t.is_alive() for t in threads)
         assert errors == []
-        assert vol._region_cache is not None and len(vol._region_cache) <= 2
+        assert vol._router.cache is not None and len(vol._router.cache) <= 2
 
 
 def test_cache_damaged_under_a_live_volume(tmp_path: Path, s3_store: Any) -> None:
@@ -95,7 +95,7 @@ def test_cache_damaged_under_a_live_volume(tmp_path: Path, s3_store: Any) -> Non
     with Volume.open(tmp_path / "vol", secondary=store) as vol:
         assert vol.read(5 * RS + 50, 100) == data[5 * RS + 50 : 5 * RS + 150]
         assert len(store.region_gets) == 2
-        assert vol._region_cache is not None and vol._region_cache.dropped == 1
+        assert vol._router.cache is not None and vol._router.cache.dropped == 1
 
 
 def test_truncated_cache_file_is_refetched_not_fatal(tmp_path: Path, s3_store: Any) -> None:
@@ -104,7 +104,7 @@ def test_truncated_cache_file_is_refetched_not_fatal(tmp_path: Path, s3_store: A
     with vol:
         assert vol.read(0, 4 * RS) == data[: 4 * RS]
         os.truncate(tmp_path / "vol" / "cache" / "cache.data", 0)  # under the live mmap: SIGBUS
-        vol._region_cache.verified.clear_range(0, 2)  # type: ignore[union-attr]
+        vol._router.cache.verified.clear_range(0, 2)  # type: ignore[union-attr]
         assert vol.read(0, 4 * RS) == data[: 4 * RS]
         assert len(store.region_gets) == 4
 
@@ -169,7 +169,7 @@ def test_overlay_region_lost_before_shipping(tmp_path: Path, s3_store: Any, mode
         vol.write(0, b"a" * (4 * RS))
         vol.replicate()
         vol.mark_unavailable([3])
-        top = vol._overlays[-1]
+        top = vol._layers.overlays[-1]
         if mode == "async":
             vol._repl.stop()  # type: ignore[union-attr]  # keep region 1 pending until the file fails
         vol.write(RS, b"b" * RS)

@@ -142,7 +142,7 @@ class VolumeMachine(RuleBasedStateMachine):
         self.size = size
         self.vol = Volume.create(self.path, size, region_size=RS)
         if self.core is not None:
-            assert type(self.v._stack).__module__ == self.core.__name__
+            assert type(self.v._layers.live).__module__ == self.core.__name__
         assert (self.v.size, self.v.region_size, self.v.num_regions) == (size, RS, self.num_regions)
         self.model = bytearray(size)
         self.durable = bytes(size)

@@ -46,7 +46,7 @@ def test_fig2_overlay_snapshot(fig2: Volume) -> None:
     assert image_chars(fig2) == "1 b c z e f g h"
     with fig2.image(base) as img:
         assert image_chars(img) == "a b c d e f g h"
-    top = fig2._overlays[-1]
+    top = fig2._live_layers().top
     assert top.present.runs() == [(0, 1), (3, 4)]
     assert [s.label for s in fig2.local_snapshots()] == ["base"]
     fig2.close()

@@ -7,6 +7,7 @@ is an :class:`~overlaycache.errors.OverlayCacheError` (also the matching builtin
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from overlaycache.errors import InvalidArgumentError, InvalidBufferError, OutOfRangeError
@@ -63,6 +64,22 @@ def check_geometry(size: Any, region_size: Any) -> Geometry:
             f"region_size must be a power of two in [{MIN_REGION_SIZE}, {MAX_REGION_SIZE}], got {region_size}"
         )
     return Geometry(size, region_size)
+
+
+def region_ranges(regions: Iterable[int]) -> str:
+    """``0-3,7,9-10`` for a sorted list of regions (for messages)."""
+    out: list[str] = []
+    start = prev = None
+    for r in regions:
+        if prev is not None and r == prev + 1:
+            prev = r
+            continue
+        if start is not None:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        start = prev = r
+    if start is not None:
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ",".join(out) or "none"
 
 
 def check_int(name: str, value: Any) -> int:

@@ -32,7 +32,7 @@ def build_v1(path: str) -> None:
         vol.write(rs + 10, b"OVERLAY")  # second version goes to the other slot
         vol.write(3 * rs, b"tail" * 25)
         vol.flush()
-        vol._overlays[-1].commit()
+        vol._live_layers().top.commit()
         # Keep the journal un-checkpointed: skip close()'s checkpoint by tearing down directly.
         vol._teardown()
 
