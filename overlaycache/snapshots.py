@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from overlaycache._impl import core
-from overlaycache.errors import CorruptionError, FormatError
+from overlaycache.errors import CorruptionError, FormatError, InvalidArgumentError, SnapshotNotFoundError
 
 
 @dataclass(frozen=True)
@@ -183,11 +184,21 @@ def read_manifest_header(raw: bytes, key: str = "manifest") -> Snapshot:
     return Snapshot(snapshot_id(seq), seq, created, label or None)
 
 
-def find_snapshot(snapshots: list[Snapshot], key: Any, where: str) -> Snapshot:
-    """The snapshot named by ``key``: a Snapshot, its id, or its unique label."""
-    from overlaycache.errors import InvalidArgumentError, SnapshotNotFoundError
+_S = TypeVar("_S", Snapshot, LocalSnapshot)
 
-    if isinstance(key, Snapshot):
+
+def find_snapshot(snapshots: Sequence[_S], key: Any, where: str) -> _S:
+    """The snapshot named by ``key``: a snapshot, its id, or its label. One rule for local and PIT
+    snapshots: an id matches first; a label must name exactly one snapshot.
+
+    Raises
+    ------
+    SnapshotNotFoundError
+        Nothing has that id or label.
+    InvalidArgumentError
+        ``key`` is not a snapshot or a string, or the label names several snapshots.
+    """
+    if isinstance(key, (Snapshot, LocalSnapshot)):
         key = key.id
     if not isinstance(key, str):
         raise InvalidArgumentError(f"expected a snapshot, its id or label, got {type(key).__name__}")

@@ -27,10 +27,8 @@ from overlaycache._fs import lock_directory
 from overlaycache._impl import core
 from overlaycache.errors import (
     InvalidArgumentError,
-    MediaError,
     Reason,
     RegionUnavailableError,
-    SnapshotNotFoundError,
     StaleStackError,
     StoreError,
     VolumeClosedError,
@@ -93,7 +91,6 @@ class Volume:
         self._wlock = threading.RLock()
         self._merge_lock = threading.RLock()  # one merge at a time; close waits for it
         self._rw = core.RWLock()
-        self._images: set[VirtualImage] = set()
         self._layers: LayerStack | None = None
         self._router: Router | None = None
         self._repl: Replicator | None = None
@@ -102,15 +99,16 @@ class Volume:
         self._scratch = bytearray(self._geo.region_size)
         try:
             self._unavail = UnavailableMap(path, self._geo.num_regions)
-            self._layers = layers = LayerStack(path, self._geo, meta.layers, not readonly, self._rw)
+            self._layers = layers = LayerStack(path, meta, not readonly, self._rw, self._wlock, self._merge_lock)
             self._router = Router(self._regions, layers, self._unavail, cache_regions=cache_regions,
                                   workers=workers, readahead=readahead, remote_fraction=remote_fraction)
+            layers.route = self._router.route
             layers.apply_verify_policy(verify)
             layers.live = layers.build()
             if meta.merging is not None and not readonly:
                 _log.info("%s: finishing an interrupted merge of overlay %s", path, meta.merging)
                 with self._wlock:
-                    self._merge_oldest()
+                    layers.merge_oldest()
             if not readonly:
                 self._attach(secondary, replication, period, sync_policy, max_lag_regions, workers)
                 if self._do is not None:
@@ -325,11 +323,6 @@ class Volume:
                     self._teardown()
 
     def _teardown(self) -> None:
-        for img in list(self._images):
-            stack = img.detach("volume closed")
-            if stack is not None:
-                stack.release()
-        self._images.clear()
         if self._layers is not None:
             self._layers.close()
         if self._router is not None:
@@ -378,11 +371,6 @@ class Volume:
         assert router is not None
         return router
 
-    def _build_live_stack(self) -> core.Stack:
-        """The stack of the volume itself: routed through the region cache during a distributed
-        overlay (R regions served by the read kernel from the cache)."""
-        return self._route.route(self._live_layers().build())
-
     def layer_map(self, first: int = 0, count: int | None = None) -> list[int]:
         """Which layer serves each region of ``[first, first + count)``: an overlay id, or 0 for the base.
 
@@ -398,9 +386,10 @@ class Volume:
             raise InvalidArgumentError(f"{self.path}: volume is open read-only")
 
     def _store_meta(self) -> None:
-        if self._layers is not None and self._layers.overlays:
-            self._meta.layers = [ov.id for ov in self._layers.overlays]
-        write_meta(self.path, self._meta)
+        if self._layers is not None:
+            self._layers.persist()
+        else:
+            write_meta(self.path, self._meta)
 
     # -- data path ---------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
@@ -544,20 +533,7 @@ class Volume:
         return list(self._meta.snapshots)
 
     def _find_snapshot(self, snapshot: Any) -> LocalSnapshot:
-        snaps = self.local_snapshots()
-        if isinstance(snapshot, LocalSnapshot):
-            key = snapshot.id
-        elif isinstance(snapshot, str):
-            key = snapshot
-        else:
-            raise InvalidArgumentError(f"expected a snapshot, its id or label, got {type(snapshot).__name__}")
-        for s in snaps:
-            if s.id == key:
-                return s
-        for s in snaps:
-            if s.label is not None and s.label == key:
-                return s
-        raise SnapshotNotFoundError(f"{self.path}: no local snapshot {key!r}", snapshot)
+        return self._live_layers().find_snapshot(snapshot)
 
     def local_snapshot(self, label: str | None = None) -> LocalSnapshot:
         """Freeze the top overlay as a snapshot and push an empty writable overlay (Fig. 2).
@@ -568,34 +544,11 @@ class Volume:
             A unique name for the snapshot.
         """
         self._check_writable()
-        if label is not None:
-            if not isinstance(label, str) or not label:
-                raise InvalidArgumentError("label must be a non-empty string")
-            if any(s.label == label for s in self.local_snapshots()):
-                raise InvalidArgumentError(f"a snapshot labelled {label!r} exists")
         with self._wlock:
-            top = self._live_layers().top
-            snap = LocalSnapshot(str(self._meta.next_snapshot), label, time.time(), top.id)
-            saved = (list(self._meta.snapshots), self._meta.next_snapshot)
-            self._meta.next_snapshot += 1
-            self._meta.snapshots.append(snap)
-            try:
-                self._push_overlay()
-            except BaseException:
-                self._meta.snapshots, self._meta.next_snapshot = saved
-                raise
-        _log.info("%s: local snapshot %s (%s) at layer %d", self.path, snap.id, label, top.id)
+            layers = self._live_layers()
+            snap = layers.snapshot(label)
+        _log.info("%s: local snapshot %s (%s) at layer %d", self.path, snap.id, label, snap.layer)
         return snap
-
-    def _push_overlay(self) -> None:
-        """Freeze the top overlay and push a new empty one; the caller holds ``_wlock``."""
-        new_id = self._meta.next_layer
-
-        def persist() -> None:
-            self._meta.next_layer = new_id + 1
-            self._store_meta()
-
-        self._live_layers().push(new_id, persist, self._build_live_stack)
 
     def image(self, snapshot: LocalSnapshot | Snapshot | str) -> Any:
         """A read-only virtual image of a snapshot: local (a :class:`VirtualImage`) or a PIT on the
@@ -611,10 +564,9 @@ class Volume:
             return RecoveryImage(self._regions, self.remote_image(snapshot))
         snap = self._find_snapshot(snapshot)
         with self._wlock:
-            self._live()
-            img = VirtualImage(snap, self._geo.size, self._live_layers().build(snap.layer), self._close_image,
-                               volume_id=self.id)
-            self._images.add(img)
+            layers = self._live_layers()
+            img = VirtualImage(snap, self._geo.size, layers.build(snap.layer), layers.close_image, volume_id=self.id)
+            layers.images.add(img)
         return img
 
     def open_clone(self, path: str | os.PathLike[str]) -> Clone:
@@ -637,17 +589,6 @@ class Volume:
         self._live()
         return open_clone(self, path)
 
-    def _close_image(self, img: VirtualImage) -> None:
-        with self._wlock:
-            self._rw.acquire_write()
-            try:
-                stack = img.detach("closed")
-            finally:
-                self._rw.release_write()
-            if stack is not None:
-                stack.release()
-            self._images.discard(img)
-
     def merge_down(self) -> int:
         """Fold the oldest overlay into the base; returns the number of regions copied.
 
@@ -663,65 +604,10 @@ class Volume:
                 raise InvalidArgumentError(
                     f"{self.path}: the base is not written while a distributed overlay is active "
                     "(restore or end it first)")
-            if len(self._live_layers().overlays) == 1:
-                self._push_overlay()
-            return self._merge_oldest()
-
-    def _merge_oldest(self) -> int:
-        """Fold the oldest overlay into the base; the caller holds ``_wlock`` throughout."""
-        ov, regions = self._merge_begin()
-        self._merge_copy(ov, regions)
-        return self._merge_end(ov, regions)
-
-    def _merge_begin(self) -> tuple[Overlay, list[int]]:
-        """Record the merge of the oldest overlay (released snapshots first); under ``_wlock``."""
-        ov, regions = self._live_layers().oldest_regions()
-        dropped = [s for s in self._meta.snapshots if s.layer == 0]
-        if dropped or self._meta.merging != ov.id:
-            self._meta.snapshots = [s for s in self._meta.snapshots if s.layer != 0]
-            self._meta.merging = ov.id
-            self._store_meta()
-            gone = {s.id for s in dropped}
-            for img in [i for i in self._images if i.snapshot.id in gone]:
-                self._close_image(img)
-        return ov, regions
-
-    def _merge_copy(self, ov: Overlay, regions: list[int]) -> None:
-        """Copy ``ov``'s regions into the base, verified. Needs no lock when ``ov`` is not the top
-        overlay: nothing else writes either, and readers see ``ov``, which shadows those regions."""
-        try:
-            self._live_layers().copy_into_base(ov, regions)
-        except BaseException:
-            with self._wlock:
-                self._meta.merging = None
-                self._store_meta()
-            raise
-
-    def _merge_end(self, ov: Overlay, regions: list[int]) -> int:
-        """Drop the merged overlay from the layers; under ``_wlock``."""
-        layers = self._live_layers()
-        self._rw.acquire_write()
-        try:
-            layers.drop_oldest(regions)
-            self._meta.snapshots = [LocalSnapshot(s.id, s.label, s.created_at, 0) if s.layer == ov.id else s
-                                    for s in self._meta.snapshots]
-            self._meta.merging = None
-            self._store_meta()
-            old = [layers.live]
-            layers.live = self._build_live_stack()
-            for img in self._images:
-                old.append(img.replace_stack(layers.build(img.snapshot.layer)))
-            for stack in old:
-                if stack is not None:
-                    stack.release()
-        finally:
-            self._rw.release_write()
-        # Snapshot objects handed out earlier keep their old layer id; images look it up afresh.
-        for img in self._images:
-            img.snapshot = self._find_snapshot(img.snapshot.id)
-        layers.remove(ov)
-        _log.info("%s: merged overlay %d into the base (%d regions)", self.path, ov.id, len(regions))
-        return len(regions)
+            layers = self._live_layers()
+            if len(layers.overlays) == 1:
+                layers.push()
+            return layers.merge_oldest()
 
     # -- the secondary ------------------------------------------------------------------------------
     def _read_region(self, r: int) -> bytes:
@@ -959,7 +845,7 @@ class Volume:
                 self._meta.distributed_overlay = DistributedOverlayState(
                     layer, snap.seq, snap.id, snap.created_at, sorted(lost))
                 try:
-                    self._push_overlay()
+                    self._live_layers().push()
                 except BaseException:
                     self._meta.distributed_overlay = None
                     raise
@@ -1151,41 +1037,8 @@ class Volume:
         _log.warning("%s: restored to PIT %s (%d regions rewritten); distributed overlay ended",
                      self.path, img.snapshot.id, len(todo))
         if fold:
-            self._fold_into_base()
+            self._live_layers().fold()
         return todo
-
-    def _fold_into_base(self) -> None:
-        """Merge every overlay into the base (see :meth:`restore`)."""
-        with self._wlock:
-            try:
-                if self._live_layers().base.repair():
-                    _log.warning("%s: base file was truncated; its length is back", self.path)
-            except MediaError as exc:
-                _log.error("%s: cannot fold the overlays into the base: %s", self.path, exc)
-                return
-            released = {s.id for s in self._meta.snapshots}
-        while True:
-            with self._merge_lock:
-                with self._wlock:
-                    self._live()
-                    overlays = self._live_layers().overlays
-                    if self._do is not None or not any(ov.present.any() for ov in overlays):
-                        break  # done, or a distributed overlay began meanwhile: the base is not written
-                    if len(overlays) == 1:
-                        self._push_overlay()
-                    ov, regions = self._merge_begin()
-                try:
-                    self._merge_copy(ov, regions)  # writes go on meanwhile (to the top overlay)
-                except RegionUnavailableError as exc:
-                    _log.error("%s: folding into the base stopped, the overlays are kept: %s", self.path, exc)
-                    return
-                with self._wlock:
-                    self._merge_end(ov, regions)
-        released -= {s.id for s in self._meta.snapshots}
-        if released:
-            _log.warning("%s: local snapshots %s were released by folding the overlays into the base",
-                         self.path, sorted(released))
-
 
 class _Regions:
     """The volume as its collaborators see it (:class:`ReplicationHost`, a :class:`LocalRegions`;

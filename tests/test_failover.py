@@ -280,7 +280,7 @@ def test_writes_go_on_while_restore_folds(tmp_path: Path, s3_store: Any) -> None
         t = vol.snapshot("T")
         vol.mark_unavailable([2])
         put(vol, 0, "u")
-        copy = vol._merge_copy
+        copy = vol._live_layers().merge_copy
         seen: list[bytes] = []
 
         def copy_with_a_write(ov: Any, regions: list[int]) -> None:
@@ -291,7 +291,7 @@ def test_writes_go_on_while_restore_folds(tmp_path: Path, s3_store: Any) -> None
                 assert not writer.is_alive() and seen == [b"!"]
             copy(ov, regions)
 
-        vol._merge_copy = copy_with_a_write  # type: ignore[method-assign]
+        vol._live_layers().merge_copy = copy_with_a_write  # type: ignore[method-assign]
         assert vol.restore(t) == [0, 2]
         assert chars(vol) == "1 b c z e f 4 !"
         assert vol.layer_map() == [0] * 8  # the write was folded too

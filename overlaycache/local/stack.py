@@ -8,21 +8,30 @@ Contract
   snapshots have stacks of their own levels. Stacks change only with the stack lock (``rw``)
   held for writing, so a read in progress never sees layers come or go (it retries on
   :class:`~overlaycache.errors.StaleStackError`).
-* Pushing an overlay commits the top one first; merging folds the oldest overlay into the base
-  (verified copies, checksums stored, then the overlay dropped). Metadata that names the layers
-  is the caller's: these methods take a ``persist`` callback at the point it must be written.
+* The stack owns the volume's metadata (``volume.json``, :mod:`overlaycache.local.meta`) and writes
+  it whenever the layers or local snapshots change.
+* A local snapshot freezes the top overlay and pushes an empty one (Fig. 2); pushing commits the
+  top overlay first.
+* Merging folds the oldest overlay into the base: the merge is recorded first (``merging``), each
+  region is copied verified, the base's checksums stored, then the overlay dropped. Until then the
+  overlay shadows the base regions being rewritten, so a crash at any point is finished on the
+  next open. The snapshot whose image was the base alone is released (its image changes).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from overlaycache._fs import fsync_dir
 from overlaycache._impl import core
 from overlaycache.errors import InvalidArgumentError, MediaError, OverlayCacheError, Reason, RegionUnavailableError
-from overlaycache.local.geometry import Geometry
 from overlaycache.local.layers import BaseLayer, Layer, Overlay
+from overlaycache.local.meta import VolumeMeta, write_meta
+from overlaycache.snapshots import LocalSnapshot, find_snapshot
 
 _log = logging.getLogger(__name__)
 
@@ -31,38 +40,76 @@ VERIFY_POLICIES = ("always", "sampled", "scrub-only")
 _SAMPLE = 16  # "sampled" verification: one region in this many
 
 
+class StackedImage(Protocol):
+    """An image of a local snapshot, reading through a stack of its level (see :mod:`overlaycache.images`)."""
+
+    snapshot: LocalSnapshot
+
+    def detach(self, reason: str) -> Any:
+        """Close the image; returns its read stack, to release."""
+
+    def replace_stack(self, stack: core.Stack) -> Any:
+        """Read through ``stack`` from now on; returns the old one, to release."""
+
+
+def _identity(stack: core.Stack) -> core.Stack:
+    return stack
+
+
 class LayerStack:
-    """The base and overlays of a volume (or of a clone's image), opened, with the live read stack.
+    """The base and overlays of a volume, opened, with the live read stack and the metadata.
 
     Parameters
     ----------
     directory : str
         Where the layer files are.
-    geo : Geometry
-        The volume's geometry.
-    layer_ids : list of int
-        The overlays, oldest first.
+    meta : VolumeMeta
+        The volume's metadata (its layer list opens the overlays).
     writable : bool
         Open the files for writing.
     rw : core.RWLock
         The stack lock shared by every read stack of the volume.
+    wlock : threading.RLock
+        The volume's writer lock.
+    merge_lock : threading.RLock
+        One merge at a time.
+
+    Attributes
+    ----------
+    route : callable
+        ``route(stack) -> stack``: what the live stack goes through when it is built (the failover
+        router routes it through the region cache during a distributed overlay).
+    images : set
+        The open images of local snapshots, restacked by merges and detached on close.
     """
 
-    def __init__(self, directory: str, geo: Geometry, layer_ids: list[int], writable: bool, rw: core.RWLock) -> None:
+    def __init__(self, directory: str, meta: VolumeMeta, writable: bool, rw: core.RWLock,
+                 wlock: threading.RLock, merge_lock: threading.RLock) -> None:
         self.directory = directory
-        self.geo = geo
+        self.meta = meta
+        self.geo = geo = meta.geometry
         self.rw = rw
+        self.wlock = wlock
+        self.merge_lock = merge_lock
         self.writable = writable
         self.overlays: list[Overlay] = []
         self.live: core.Stack | None = None
+        self.route: Callable[[core.Stack], core.Stack] = _identity
+        self.images: set[StackedImage] = set()
         self._closed = False
         self.base: BaseLayer = BaseLayer(directory, geo, writable)
         try:
-            for layer_id in layer_ids:
+            for layer_id in meta.layers:
                 self.overlays.append(Overlay(directory, layer_id, geo, writable))
         except BaseException:
             self.close()
             raise
+
+    def persist(self) -> None:
+        """Write the metadata (with the current layer list) durably."""
+        if self.overlays:
+            self.meta.layers = [ov.id for ov in self.overlays]
+        write_meta(self.directory, self.meta)
 
     @property
     def top(self) -> Overlay:
@@ -94,6 +141,10 @@ class LayerStack:
         level = self.top.id if layer_id is None else layer_id
         entries = [layer.stack_entry() for layer in self.layers_up_to(level)]
         return core.Stack(self.rw, self.geo.region_size, self.geo.size, entries)
+
+    def build_live(self) -> core.Stack:
+        """A new live stack (the top level, through :attr:`route`)."""
+        return self.route(self.build())
 
     def install_live(self, stack: core.Stack) -> None:
         """Make ``stack`` the live stack (taking the stack lock) and release the old one."""
@@ -152,45 +203,99 @@ class LayerStack:
             layer.verified.set(r)
         return ok
 
-    # -- push and merge ----------------------------------------------------------------------------
-    def push(self, new_id: int, persist: Callable[[], None], build_live: Callable[[], core.Stack]) -> None:
-        """Freeze the top overlay (committed and checkpointed) and push a new empty one, ``new_id``.
+    # -- local snapshots and images ---------------------------------------------------------------
+    def find_snapshot(self, key: Any) -> LocalSnapshot:
+        """The local snapshot named by ``key`` (a snapshot, its id, or its unique label)."""
+        return find_snapshot(self.meta.snapshots, key, f"{self.directory} (local snapshots)")
 
-        ``persist()`` records the new layer list (it sees the new overlay in :attr:`overlays`);
-        if it fails, the push is undone. ``build_live()`` makes the new live stack.
-        """
+    def snapshot(self, label: str | None) -> LocalSnapshot:
+        """Freeze the top overlay as a snapshot and push an empty writable overlay (Fig. 2); the
+        caller holds the writer lock."""
+        if label is not None:
+            if not isinstance(label, str) or not label:
+                raise InvalidArgumentError("label must be a non-empty string")
+            if any(s.label == label for s in self.meta.snapshots):
+                raise InvalidArgumentError(f"a snapshot labelled {label!r} exists")
+        meta = self.meta
+        snap = LocalSnapshot(str(meta.next_snapshot), label, time.time(), self.top.id)
+        saved = (list(meta.snapshots), meta.next_snapshot)
+        meta.next_snapshot += 1
+        meta.snapshots.append(snap)
+        try:
+            self.push()
+        except BaseException:
+            meta.snapshots, meta.next_snapshot = saved
+            raise
+        return snap
+
+    def close_image(self, img: StackedImage) -> None:
+        """Detach an image and release its stack."""
+        with self.wlock:
+            self.rw.acquire_write()
+            try:
+                stack = img.detach("closed")
+            finally:
+                self.rw.release_write()
+            if stack is not None:
+                stack.release()
+            self.images.discard(img)
+
+    # -- push and merge ----------------------------------------------------------------------------
+    def push(self) -> None:
+        """Freeze the top overlay (committed and checkpointed) and push a new empty one; the
+        caller holds the writer lock. The metadata records it before any reader sees it."""
         if len(self.overlays) >= MAX_OVERLAYS:
             raise InvalidArgumentError(f"at most {MAX_OVERLAYS} overlays: merge_down() first")
         top = self.top
         top.commit()
         top.checkpoint()
+        new_id = self.meta.next_layer
         Overlay.create(self.directory, new_id, self.geo)
         fsync_dir(self.directory)
+        self.meta.next_layer = new_id + 1
         overlay = Overlay(self.directory, new_id, self.geo, True)
         self.rw.acquire_write()
         try:
             self.overlays.append(overlay)
             try:
-                persist()
+                self.persist()
             except BaseException:
                 self.overlays.pop()
                 overlay.close()
                 raise
-            old, self.live = self.live, build_live()
+            old, self.live = self.live, self.build_live()
             if old is not None:
                 old.release()
         finally:
             self.rw.release_write()
 
-    def oldest_regions(self) -> tuple[Overlay, list[int]]:
-        """The oldest overlay and the regions it holds (what a merge copies)."""
-        ov = self.overlays[0]
-        return ov, [r for a, b in ov.present.runs() for r in range(a, b)]
+    def merge_oldest(self) -> int:
+        """Fold the oldest overlay into the base; the caller holds the writer lock throughout.
+        Returns the number of regions copied."""
+        ov, regions = self.merge_begin()
+        self.merge_copy(ov, regions)
+        return self.merge_end(ov, regions)
 
-    def copy_into_base(self, ov: Overlay, regions: list[int]) -> None:
+    def merge_begin(self) -> tuple[Overlay, list[int]]:
+        """Record the merge of the oldest overlay (released snapshots first); under the writer
+        lock. Returns the overlay and the regions to copy."""
+        ov = self.overlays[0]
+        regions = [r for a, b in ov.present.runs() for r in range(a, b)]
+        meta = self.meta
+        dropped = [s for s in meta.snapshots if s.layer == 0]
+        if dropped or meta.merging != ov.id:
+            meta.snapshots = [s for s in meta.snapshots if s.layer != 0]
+            meta.merging = ov.id
+            self.persist()
+            gone = {s.id for s in dropped}
+            for img in [i for i in self.images if i.snapshot.id in gone]:
+                self.close_image(img)
+        return ov, regions
+
+    def merge_copy(self, ov: Overlay, regions: list[int]) -> None:
         """Copy ``ov``'s regions into the base, each verified first, then sync the base and store
         its checksums. Needs no lock when ``ov`` is not the top overlay: nothing else writes either,
-        and readers see ``ov``, which shadows those regions.
+        and readers see ``ov``, which shadows those regions. A failure forgets the merge.
 
         Raises
         ------
@@ -198,33 +303,91 @@ class LayerStack:
             A region of ``ov`` cannot be read or fails its checksum: nothing more is copied.
         """
         base, geo = self.base, self.geo
-        for r in regions:
-            off = ov.slot_offset(r, int(ov.which.test(r)))
-            rlen = geo.region_length(r)
-            try:
-                if ov.data.checksum(off, rlen) != bytes(ov.sums[16 * r : 16 * r + 16]):
-                    raise RegionUnavailableError(
-                        f"{ov.data_path}: region {r} does not match its checksum; merge aborted",
-                        (r,), Reason.CHECKSUM)
-                ov.data.copy_to(off, base.data, r * geo.region_size, rlen)
-            except MediaError as exc:
-                raise RegionUnavailableError(f"region {r}: {exc}; merge aborted", (r,), Reason.IO) from exc
-            base.sums[16 * r : 16 * r + 16] = ov.sums[16 * r : 16 * r + 16]
-        base.data.sync()
-        base.store_sums(regions)
+        try:
+            for r in regions:
+                off = ov.slot_offset(r, int(ov.which.test(r)))
+                rlen = geo.region_length(r)
+                try:
+                    if ov.data.checksum(off, rlen) != bytes(ov.sums[16 * r : 16 * r + 16]):
+                        raise RegionUnavailableError(
+                            f"{ov.data_path}: region {r} does not match its checksum; merge aborted",
+                            (r,), Reason.CHECKSUM)
+                    ov.data.copy_to(off, base.data, r * geo.region_size, rlen)
+                except MediaError as exc:
+                    raise RegionUnavailableError(f"region {r}: {exc}; merge aborted", (r,), Reason.IO) from exc
+                base.sums[16 * r : 16 * r + 16] = ov.sums[16 * r : 16 * r + 16]
+            base.data.sync()
+            base.store_sums(regions)
+        except BaseException:
+            with self.wlock:
+                self.meta.merging = None
+                self.persist()
+            raise
 
-    def drop_oldest(self, regions: list[int]) -> Overlay:
-        """Drop the oldest overlay once its ``regions`` are in the base; the caller holds the stack
-        lock for writing, rebuilds the stacks, then calls :meth:`remove` on what is returned."""
-        for r in regions:
-            self.base.verified.set(r)
-        return self.overlays.pop(0)
-
-    def remove(self, ov: Overlay) -> None:
-        """Close a dropped overlay and delete its files (durably)."""
+    def merge_end(self, ov: Overlay, regions: list[int]) -> int:
+        """Drop the merged overlay from the layers and restack the live stack and the images;
+        under the writer lock. Returns the number of regions merged."""
+        meta = self.meta
+        self.rw.acquire_write()
+        try:
+            for r in regions:
+                self.base.verified.set(r)
+            self.overlays.pop(0)
+            meta.snapshots = [LocalSnapshot(s.id, s.label, s.created_at, 0) if s.layer == ov.id else s
+                              for s in meta.snapshots]
+            meta.merging = None
+            self.persist()
+            old = [self.live]
+            self.live = self.build_live()
+            for img in self.images:
+                old.append(img.replace_stack(self.build(img.snapshot.layer)))
+            for stack in old:
+                if stack is not None:
+                    stack.release()
+        finally:
+            self.rw.release_write()
+        # Snapshot objects handed out earlier keep their old layer id; images look it up afresh.
+        for img in self.images:
+            img.snapshot = self.find_snapshot(img.snapshot.id)
         ov.close()
         Overlay.remove_files(self.directory, ov.id)
         fsync_dir(self.directory)
+        _log.info("%s: merged overlay %d into the base (%d regions)", self.directory, ov.id, len(regions))
+        return len(regions)
+
+    def fold(self) -> None:
+        """Merge every overlay into the base while writes go on (they go to the top overlay,
+        which is folded in turn); stops if a distributed overlay begins (the base is not written
+        then), and keeps the overlays if a region cannot be copied (logged)."""
+        with self.wlock:
+            try:
+                if self.base.repair():
+                    _log.warning("%s: base file was truncated; its length is back", self.directory)
+            except MediaError as exc:
+                _log.error("%s: cannot fold the overlays into the base: %s", self.directory, exc)
+                return
+            released = {s.id for s in self.meta.snapshots}
+        while True:
+            with self.merge_lock:
+                with self.wlock:
+                    if self.live is None:
+                        return  # closed meanwhile
+                    if self.meta.distributed_overlay is not None or not any(ov.present.any() for ov in self.overlays):
+                        break  # done, or a distributed overlay began meanwhile: the base is not written
+                    if len(self.overlays) == 1:
+                        self.push()
+                    ov, regions = self.merge_begin()
+                try:
+                    self.merge_copy(ov, regions)  # writes go on meanwhile (to the top overlay)
+                except RegionUnavailableError as exc:
+                    _log.error("%s: folding into the base stopped, the overlays are kept: %s", self.directory, exc)
+                    return
+                with self.wlock:
+                    self.merge_end(ov, regions)
+        released -= {s.id for s in self.meta.snapshots}
+        if released:
+            _log.warning("%s: local snapshots %s were released by folding the overlays into the base",
+                         self.directory, sorted(released))
 
     # -- closing -----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -232,6 +395,11 @@ class LayerStack:
         if self._closed:
             return
         self._closed = True
+        for img in list(self.images):
+            stack = img.detach("volume closed")
+            if stack is not None:
+                stack.release()
+        self.images.clear()
         if self.live is not None:
             self.live.release()
             self.live = None
