@@ -50,7 +50,8 @@ from overlaycache.local.geometry import Geometry, byte_view, region_ranges
 from overlaycache.local.meta import DistributedOverlayState
 from overlaycache.local.stack import LayerStack
 from overlaycache.local.unavailable import UnavailableMap
-from overlaycache.snapshots import decode_manifest, manifest_key
+from overlaycache.remote.layout import manifest_key
+from overlaycache.remote.manifest import decode_manifest
 from overlaycache.store.base import ObjectStore
 
 PO, PB, R = "PO", "PB", "R"

@@ -25,7 +25,9 @@ from overlaycache.errors import (
     VolumeClosedError,
 )
 from overlaycache.local.regions import LocalRegions
-from overlaycache.snapshots import LocalSnapshot, Manifest, region_key
+from overlaycache.remote.layout import region_key
+from overlaycache.remote.manifest import Manifest
+from overlaycache.snapshots import LocalSnapshot
 
 
 class VirtualImage:

@@ -14,15 +14,17 @@ from pathlib import Path
 
 from overlaycache import Volume
 from overlaycache._impl import core
-from overlaycache.snapshots import (
-    Snapshot,
-    decode_manifest,
+from overlaycache.remote.layout import (
+    decode_volume_record,
+    encode_volume_record,
     manifest_key,
     manifests_prefix,
     region_key,
     snapshot_id,
     volume_key,
 )
+from overlaycache.remote.manifest import decode_manifest
+from overlaycache.snapshots import Snapshot
 from overlaycache.testing import golden as make
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -75,3 +77,10 @@ def test_v1_keys() -> None:
     assert manifests_prefix("vol-1") == "volumes/vol-1/snapshots/"
     assert manifest_key("vol-1", 0x1234) == "volumes/vol-1/snapshots/0000000000001234.manifest"
     assert snapshot_id(0x1234) == "0000000000001234"
+
+
+def test_v1_volume_record() -> None:
+    raw = b'{"format": 1, "id": "vol-1", "region_size": 4096, "size": 8292}'
+    assert encode_volume_record("vol-1", 8292, 4096) == raw
+    assert decode_volume_record(raw, volume_key("vol-1")) == {"format": 1, "id": "vol-1", "region_size": 4096,
+                                                             "size": 8292}

@@ -62,7 +62,9 @@ def normalise(path: str) -> None:
 def build_manifest_v1() -> bytes:
     """The v1 golden manifest (see :data:`MANIFEST_V1`)."""
     from overlaycache._impl import core
-    from overlaycache.snapshots import RECORD, Snapshot, encode_manifest, snapshot_id
+    from overlaycache.remote.layout import RECORD, snapshot_id
+    from overlaycache.remote.manifest import encode_manifest
+    from overlaycache.snapshots import Snapshot
 
     vid, size, rs, seq, created_at, label, regions = MANIFEST_V1
     records = b"".join(RECORD.pack(s, bytes(core.checksum(bytes([b]) * 16))) for s, b in regions)
