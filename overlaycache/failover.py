@@ -36,7 +36,6 @@ from typing import Any, Protocol
 
 from overlaycache._fs import write_file_atomic
 from overlaycache._impl import core
-from overlaycache.cache import RegionCache
 from overlaycache.errors import (
     InvalidArgumentError,
     InvalidBufferError,
@@ -50,6 +49,7 @@ from overlaycache.local.geometry import Geometry, byte_view, region_ranges
 from overlaycache.local.meta import DistributedOverlayState
 from overlaycache.local.stack import LayerStack
 from overlaycache.local.unavailable import UnavailableMap
+from overlaycache.remote.cache import RegionCache
 from overlaycache.remote.layout import manifest_key
 from overlaycache.remote.manifest import decode_manifest
 from overlaycache.store.base import ObjectStore
