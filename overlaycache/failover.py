@@ -311,7 +311,7 @@ class Router:
                 f"{self._host.path}: region {r} is unavailable locally and there is no distributed overlay "
                 "(attach a secondary)", (r,), Reason.UNAVAILABLE)
         try:
-            out[:] = self.pit()._fetch(r, keep=False)
+            out[:] = self.pit().source.fetch(r, keep=False)
         except StoreError as exc:
             raise RegionUnavailableError(
                 f"{self._host.path}: region {r} is not valid locally and the secondary cannot serve it: {exc}",

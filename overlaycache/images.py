@@ -213,7 +213,7 @@ class RemoteImage:
         return self.source.is_zero(r)
 
     def _fetch(self, r: int, keep: bool = True) -> bytes:
-        # volume.py calls this; it moves to ``source.fetch``, and this goes then.
+        # The former entry point, kept for callers not yet moved to ``source.fetch`` (the package has none).
         return self.source.fetch(r, keep)
 
     def fetch_many(self, regions: Sequence[int]) -> tuple[dict[int, bytes], dict[int, BaseException]]:
