@@ -23,7 +23,7 @@ import pytest
 from _support import MiB, interleaved, pattern, record
 from s3bench import WORKERS, client, endpoint  # noqa: F401  (endpoint: a fixture)
 from overlaycache import Volume
-from overlaycache.snapshots import region_key
+from overlaycache.remote.layout import region_key
 from overlaycache.store import S3Store
 
 RS = 64 << 10

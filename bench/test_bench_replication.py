@@ -28,6 +28,7 @@ import pytest
 from _support import MiB, interleaved, pattern, record
 from s3bench import WORKERS, client as _client, endpoint  # noqa: F401  (endpoint: a fixture)
 from overlaycache import Volume
+from overlaycache.remote.layout import regions_prefix
 from overlaycache.store import S3Store
 
 RS = 64 << 10
@@ -89,7 +90,7 @@ def test_remote_read(benchmark: Any, setup: dict[str, Any], pass_: int, variant:
         _dirty_all(setup)
         setup["snap"] = vol.snapshot()
         setup["expected"] = vol.read(0, SIZE)
-        setup["keys"] = [k for k in store.list(f"volumes/{vol.id}/regions/")]
+        setup["keys"] = [k for k in store.list(regions_prefix(vol.id))]
     if variant == "overlaycache":
         record(benchmark, pair, "ours", variant, nbytes=SIZE, target=0.9)
         holder: dict[str, Any] = {}

@@ -68,6 +68,7 @@ class SeaweedServer:
         store = self.store()
         store.create_bucket()
         store.close()
+        self._wait_for_data()
 
     def _run_start(self, keep_data: bool) -> None:
         env = {**self.env, "OC_KEEP_DATA": "1" if keep_data else "0"}
@@ -82,23 +83,29 @@ class SeaweedServer:
         self._wait_for_data()
 
     def _wait_for_data(self, timeout: float = 30.0) -> None:
-        """``start.sh`` returns once the S3 gateway answers ListBuckets, but weed answers a GET of
-        a stored object with InternalError until its volume server has registered again: wait
-        (bounded) until one reads back, so that a test sees a restarted server, not a starting one."""
-        store = self.store()
+        """``start.sh`` returns once the S3 gateway answers ListBuckets, but until weed's volume
+        server has registered again a GET of a stored object gets InternalError and a PUT hangs:
+        wait (bounded) until a probe object outside the volumes' prefix is written and read back,
+        so that a test sees a restarted server, not a starting one."""
+        from overlaycache.store import S3Store
+
+        ep = servers.ENDPOINTS["seaweedfs"]
+        probe = S3Store(self.bucket, prefix="oc-readiness", endpoint_url=self.endpoint,
+                        aws_access_key_id=ep.aws_access_key_id, aws_secret_access_key=ep.aws_secret_access_key,
+                        region_name=ep.region_name, max_attempts=1, connect_timeout=1, read_timeout=2)
         deadline = time.monotonic() + timeout
         try:
             while True:
                 try:
-                    key = next(iter(store.list("")), None)
-                    if key is None or store.get(key) is not None:
+                    probe.put("probe", b"ready")
+                    if probe.get("probe") == b"ready":
                         return
                 except StoreError:
                     if time.monotonic() > deadline:
                         raise
                 time.sleep(0.1)
         finally:
-            store.close()
+            probe.close()
 
     def stop(self) -> None:
         """SIGKILL: no goodbye, every connection is cut."""

@@ -36,7 +36,6 @@ from typing import Any, Protocol
 
 from overlaycache._fs import write_file_atomic
 from overlaycache._impl import core
-from overlaycache.cache import RegionCache
 from overlaycache.errors import (
     InvalidArgumentError,
     InvalidBufferError,
@@ -50,7 +49,9 @@ from overlaycache.local.geometry import Geometry, byte_view, region_ranges
 from overlaycache.local.meta import DistributedOverlayState
 from overlaycache.local.stack import LayerStack
 from overlaycache.local.unavailable import UnavailableMap
-from overlaycache.snapshots import decode_manifest, manifest_key
+from overlaycache.remote.cache import RegionCache
+from overlaycache.remote.layout import manifest_key
+from overlaycache.remote.manifest import decode_manifest
 from overlaycache.store.base import ObjectStore
 
 PO, PB, R = "PO", "PB", "R"
@@ -310,7 +311,7 @@ class Router:
                 f"{self._host.path}: region {r} is unavailable locally and there is no distributed overlay "
                 "(attach a secondary)", (r,), Reason.UNAVAILABLE)
         try:
-            out[:] = self.pit()._fetch(r, keep=False)
+            out[:] = self.pit().source.fetch(r, keep=False)
         except StoreError as exc:
             raise RegionUnavailableError(
                 f"{self._host.path}: region {r} is not valid locally and the secondary cannot serve it: {exc}",

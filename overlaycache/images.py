@@ -2,30 +2,29 @@
 
 A local image reads each region from the newest of its layers that holds it, exactly like the volume
 itself, through its own read stack; the volume swaps that stack when its layers change (merge) and
-closes the image if its snapshot goes away. A remote image reads regions from the secondary alone.
+closes the image if its snapshot goes away. A remote image reads regions from the secondary alone,
+through a :class:`~overlaycache.remote.source.RegionSource`.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from overlaycache._impl import core
 from overlaycache.clone import Clone
-from overlaycache.errors import (
-    CorruptionError,
-    InvalidBufferError,
-    OutOfRangeError,
-    SecondaryUnavailableError,
-    StaleStackError,
-    VolumeClosedError,
-)
+from overlaycache.errors import InvalidBufferError, OutOfRangeError, StaleStackError, VolumeClosedError
 from overlaycache.local.regions import LocalRegions
-from overlaycache.snapshots import LocalSnapshot, Manifest, region_key
+from overlaycache.remote.cache import RegionCache
+from overlaycache.remote.manifest import Manifest
+from overlaycache.remote.source import RegionSource
+from overlaycache.snapshots import LocalSnapshot
+
+if TYPE_CHECKING:
+    # Only for annotations: the store package's backends import the catalog, which imports this.
+    from overlaycache.store.base import ObjectStore
 
 
 class VirtualImage:
@@ -148,10 +147,25 @@ def _read_via_readinto(readinto: Any, offset: int, length: int) -> bytes:
 class RemoteImage:
     """A read-only, lazy virtual image of a PIT snapshot, read from the secondary alone.
 
-    Regions are fetched on demand by a pool of ``workers`` threads (in parallel when a read spans
-    several; a region already being fetched is waited for, not fetched twice), verified against
-    the manifest's checksums, and kept in a small in-memory LRU and in ``region_cache`` if given.
-    Regions never written read as zeros without a request.
+    Regions come from its :class:`~overlaycache.remote.source.RegionSource` (:attr:`source`):
+    fetched on demand by a pool of ``workers`` threads (in parallel when a read spans several; a
+    region already being fetched is waited for, not fetched twice), verified against the
+    manifest's checksums, and kept in ``region_cache`` if given. The image keeps the last
+    ``cache_regions`` regions it read in memory. Regions never written read as zeros without a
+    request.
+
+    Parameters
+    ----------
+    store : ObjectStore or None
+        Where the region objects are (None: no secondary attached).
+    manifest : Manifest
+        The snapshot's manifest.
+    cache_regions : int
+        Regions kept in memory.
+    workers : int
+        Threads fetching in parallel.
+    region_cache : RegionCache, optional
+        A cache of region versions shared across images and restarts.
 
     Attributes
     ----------
@@ -159,155 +173,71 @@ class RemoteImage:
         The snapshot shown.
     size, region_size : int
         Geometry of the volume.
-    gets : int
-        Objects fetched from the secondary so far.
+    volume_id : str
+        The volume's id.
+    source : RegionSource
+        Where the image's bytes come from.
     """
 
-    def __init__(self, store: Any, manifest: Manifest, cache_regions: int = 64, workers: int = 16,
-                 region_cache: Any = None) -> None:
-        self._store = store
-        self.region_cache = region_cache  # a RegionCache shared across images and restarts, or None
-        self._manifest = manifest
+    def __init__(self, store: ObjectStore | None, manifest: Manifest, cache_regions: int = 64, workers: int = 16,
+                 region_cache: RegionCache | None = None) -> None:
+        self.source = RegionSource(store, manifest, workers=workers, region_cache=region_cache)
         self.snapshot = manifest.snapshot
         self.volume_id = manifest.volume_id
         self.size = manifest.size
         self.region_size = manifest.region_size
-        self._zero_sums: dict[int, bytes] = {}
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_regions = cache_regions
-        self._workers = max(1, workers)
-        self._lock = threading.RLock()  # a fetch already done runs its callback in the submitter
-        self._pool: ThreadPoolExecutor | None = None
-        self._inflight: dict[int, Future[bytes]] = {}
-        self._closed = False
-        self.gets = 0
+        self._lock = threading.Lock()
 
-    def _region_len(self, r: int) -> int:
-        return min(self.region_size, self.size - r * self.region_size)
+    @property
+    def gets(self) -> int:
+        """Objects fetched from the secondary so far."""
+        return self.source.gets
 
-    def _zero_sum(self, rlen: int) -> bytes:
-        zero = self._zero_sums.get(rlen)
-        if zero is None:
-            zero = self._zero_sums[rlen] = bytes(core.checksum(bytes(rlen)))
-        return zero
+    @property
+    def region_cache(self) -> RegionCache | None:
+        """The region cache the image reads through, if any."""
+        return self.source.region_cache
 
     def region_checksum(self, r: int) -> bytes:
         """The checksum of region ``r`` in this snapshot, from the manifest."""
-        seq, csum = self._manifest.entry(r)
-        if seq == 0:  # never replicated: all zeros, recorded without a checksum
-            return self._zero_sum(self._region_len(r))
-        return csum
+        return self.source.region_checksum(r)
 
     def version(self, r: int) -> int:
         """The seq of region ``r``'s version in this snapshot (0: never replicated)."""
-        return self._manifest.entry(r)[0]
+        return self.source.version(r)
 
     def is_zero(self, r: int) -> bool:
         """Whether region ``r``'s version is all zeros (served without a request)."""
-        seq, csum = self._manifest.entry(r)
-        return seq == 0 or csum == self._zero_sum(self._region_len(r))
+        return self.source.is_zero(r)
 
     def _fetch(self, r: int, keep: bool = True) -> bytes:
-        """Region ``r``'s bytes: from the cache file and the secondary (then cached), or from the
-        secondary alone if not ``keep``."""
-        seq, csum = self._manifest.entry(r)
-        rlen = self._region_len(r)
-        cache = self.region_cache if keep else None
-        if seq == 0 or csum == self._zero_sum(rlen):
-            # Never replicated, or all zeros: such versions are recorded but not stored.
-            if cache is not None:
-                cache.note_zero(r, seq)
-            return bytes(rlen)
-        if cache is not None:
-            hit: bytes | None = cache.get(r, seq, csum, rlen)
-            if hit is not None:
-                return hit
-        if self._store is None:
-            raise SecondaryUnavailableError(f"region {r}: no secondary attached to fetch it from")
-        key = region_key(self.volume_id, r, seq)
-        data: bytes = self._store.get(key)
-        with self._lock:
-            self.gets += 1
-        if len(data) != rlen or bytes(core.checksum(data)) != csum:
-            raise CorruptionError(
-                f"{getattr(self._store, 'location', self._store)}: region {r} version {seq:016x} "
-                "does not match the manifest's checksum (tampered or truncated object)")
-        if cache is not None:
-            cache.put(r, seq, csum, data)
-        return data
+        # The former entry point, kept for callers not yet moved to ``source.fetch`` (the package has none).
+        return self.source.fetch(r, keep)
 
-    def _submit(self, r: int) -> Future[bytes]:
-        """The fetch of region ``r`` in the pool (an existing one if it is under way); under ``_lock``."""
-        fut = self._inflight.get(r)
-        if fut is None:
-            if self._closed:
-                raise VolumeClosedError(f"image of snapshot {self.snapshot.id} is closed")
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="overlaycache-fetch")
-            fut = self._inflight[r] = self._pool.submit(self._fetch, r)
-            fut.add_done_callback(functools.partial(self._done, r))
-        return fut
+    def fetch_many(self, regions: Sequence[int]) -> tuple[dict[int, bytes], dict[int, BaseException]]:
+        """Fetch ``regions`` in parallel; returns their bytes and, per region that failed, the error.
 
-    def _done(self, r: int, fut: Future[bytes]) -> None:
-        with self._lock:
-            if self._inflight.get(r) is fut:
-                del self._inflight[r]
+        See :meth:`RegionSource.fetch_many`.
+        """
+        return self.source.fetch_many(regions)
 
-    def fetch_many(self, regions: list[int]) -> tuple[dict[int, bytes], dict[int, BaseException]]:
-        """Fetch ``regions`` in parallel; returns their bytes and, per region that failed, the error."""
-        if self._closed:
-            raise VolumeClosedError(f"image of snapshot {self.snapshot.id} is closed")
-        got: dict[int, bytes] = {}
-        errors: dict[int, BaseException] = {}
-        if len(regions) == 1 and regions[0] not in self._inflight:
-            try:
-                got[regions[0]] = self._fetch(regions[0])
-            except Exception as exc:  # noqa: BLE001 - reported per region to the caller
-                errors[regions[0]] = exc
-            return got, errors
-        with self._lock:
-            ahead = {r for r in regions if r in self._inflight}  # prefetches under way
-            futures = [(r, self._submit(r)) for r in regions]
-        for r, fut in futures:
-            try:
-                got[r] = fut.result()
-            except Exception as exc:  # noqa: BLE001 - reported per region to the caller
-                if r in ahead:  # a prefetch started earlier failed: this read tries once itself
-                    try:
-                        got[r] = self._fetch(r)
-                        continue
-                    except Exception as again:  # noqa: BLE001
-                        exc = again
-                errors[r] = exc
-        return got, errors
-
-    def prefetch(self, regions: list[int], limit: int | None = None) -> int:
-        """Start fetching ``regions`` into the cache in the background, keeping at most ``limit``
-        fetches (default: twice the workers) in flight; returns how many were started."""
-        limit = 2 * self._workers if limit is None else limit
-        started = 0
-        with self._lock:
-            for r in regions:
-                if self._closed or len(self._inflight) >= limit:
-                    break
-                if r not in self._inflight:
-                    self._submit(r)
-                    started += 1
-        return started
+    def prefetch(self, regions: Iterable[int], limit: int | None = None) -> int:
+        """Start fetching ``regions`` into the region cache in the background, keeping at most
+        ``limit`` fetches (default: twice the workers) in flight; returns how many were started."""
+        return self.source.prefetch(regions, limit)
 
     def cached(self, r: int) -> bool:
         """Whether region ``r`` can be served without the secondary."""
-        seq, csum = self._manifest.entry(r)
-        if seq == 0 or csum == self._zero_sums.get(self._region_len(r)):
-            return True
         with self._lock:
             if r in self._cache:
                 return True
-        return self.region_cache is not None and (r, seq) in self.region_cache
+        return self.source.cached(r)
 
     def regions(self, first: int, count: int) -> list[bytes]:
         """The bytes of regions ``[first, first + count)``, fetched in parallel where needed."""
-        if self._closed:
+        if self.source.closed:
             raise VolumeClosedError(f"image of snapshot {self.snapshot.id} is closed")
         out: dict[int, bytes] = {}
         missing = []
@@ -319,7 +249,7 @@ class RemoteImage:
                     out[r] = hit
                 else:
                     missing.append(r)
-        fetched, errors = self.fetch_many(missing)
+        fetched, errors = self.source.fetch_many(missing)
         if errors:
             raise next(iter(errors.values()))
         out.update(fetched)
@@ -352,12 +282,9 @@ class RemoteImage:
 
     def close(self) -> None:
         """Stop the fetches under way and drop the in-memory cache (idempotent)."""
+        self.source.close()
         with self._lock:
-            self._closed = True
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        self._cache.clear()
+            self._cache.clear()
 
     def __enter__(self) -> RemoteImage:
         return self

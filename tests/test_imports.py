@@ -132,6 +132,23 @@ def test_the_store_protocol_knows_nothing_above_it() -> None:
                                                     "overlaycache.store.local", "overlaycache.store.s3"}
 
 
+
+def test_the_secondary_side_stays_below_the_images() -> None:
+    graph = import_graph()
+    # remote/ (but the catalog, which opens images) reads stores through their protocol only.
+    allowed = {"overlaycache._impl", "overlaycache.errors", "overlaycache.snapshots", "overlaycache.store.base",
+               "overlaycache.local.geometry"}
+    for mod, deps in graph.items():
+        if mod.startswith("overlaycache.remote.") and mod != "overlaycache.remote.catalog":
+            assert {d for d in deps if not d.startswith("overlaycache.remote.")} <= allowed, mod
+        if mod.startswith("overlaycache.local"):
+            assert not any(d.startswith("overlaycache.remote") for d in deps), mod
+        if mod.startswith("overlaycache.store"):
+            assert "overlaycache.remote.layout" not in deps, mod
+    # The layout knows no module that uses it: a new format replaces it alone.
+    assert graph["overlaycache.remote.layout"] <= {"overlaycache._impl", "overlaycache.errors"}
+
+
 PROBE = """
 import json, sys
 import overlaycache

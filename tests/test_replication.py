@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -23,7 +22,7 @@ from overlaycache.errors import (
     SecondaryUnavailableError,
     SnapshotNotFoundError,
 )
-from overlaycache.snapshots import manifest_key, region_key
+from overlaycache.remote.layout import encode_volume_record, manifest_key, region_key, regions_prefix, volume_key
 from overlaycache.testing.patterns import random_writes
 
 RS = 4096
@@ -89,7 +88,7 @@ def test_sync_write_is_on_the_store_when_it_returns(tmp_path: Path, s3_store: An
         before = flaky.puts
         vol.write(RS + 5, b"acknowledged")
         assert flaky.puts == before + 1 and vol.replication_lag.regions == 0
-        keys = list(s3_store.list(f"volumes/{vol.id}/regions/"))
+        keys = list(s3_store.list(regions_prefix(vol.id)))
         assert len(keys) == 1 and keys[0].startswith(region_key(vol.id, 1, 0).rsplit("/", 1)[0])
         assert s3_store.get(keys[0])[5:17] == b"acknowledged"
 
@@ -146,7 +145,7 @@ def test_zero_regions_are_recorded_not_stored(tmp_path: Path, s3_store: Any) -> 
         vol.write(0, b"y" * RS)
         vol.write(RS, bytes(RS))
         snap = vol.snapshot()
-        assert len(list(s3_store.list(f"volumes/{vol.id}/regions/"))) == 1
+        assert len(list(s3_store.list(regions_prefix(vol.id)))) == 1
         img = s3_store.image(vol.id, snap)
         assert img.read(0, 2 * RS) == b"y" * RS + bytes(RS) and img.gets == 1
 
@@ -197,7 +196,7 @@ def test_tampered_and_truncated_objects_are_corruption(tmp_path: Path, any_store
         vol.write(0, b"z" * RS)
         snap = vol.snapshot("t")
         vid = vol.id
-    [key] = list(any_store.list(f"volumes/{vid}/regions/"))
+    [key] = list(any_store.list(regions_prefix(vid)))
     any_store.put(key, b"Z" + b"z" * (RS - 1))
     with pytest.raises(CorruptionError):
         any_store.image(vid, snap).read(0, 1)
@@ -230,8 +229,7 @@ def test_two_volumes_share_a_bucket(tmp_path: Path, s3_store: Any) -> None:
 def test_geometry_mismatch_on_the_store_is_an_error(tmp_path: Path, s3_store: Any) -> None:
     with Volume.create(tmp_path / "v", 2 * RS, region_size=RS, secondary=s3_store) as vol:
         vid = vol.id
-    s3_store.put(f"volumes/{vid}/volume.json",
-                 json.dumps({"format": 1, "id": vid, "size": 2 * RS, "region_size": 2 * RS}).encode())
+    s3_store.put(volume_key(vid), encode_volume_record(vid, 2 * RS, 2 * RS))
     with pytest.raises(FormatError):
         Volume.open(tmp_path / "v", secondary=s3_store)
 

@@ -262,7 +262,7 @@ def test_cache_fills_free_slots_before_evicting(tmp_path: Path) -> None:
     """A dropped entry's slot is reused before any other entry is evicted; when full, CLOCK evicts
     one entry per fill and every entry left reads back verified, also after reopening."""
     from overlaycache._impl import core
-    from overlaycache.cache import RegionCache
+    from overlaycache.remote.cache import RegionCache
 
     def body(r: int, seq: int) -> bytes:
         return bytes([r, seq]) * (RS // 2)

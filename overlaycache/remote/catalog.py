@@ -6,26 +6,25 @@ them. It needs no local volume, so a fresh client that knows only the store can 
 PIT. The stores themselves stay pure key-value; :class:`CatalogMixin` gives the built-in stores the
 catalog's methods (``store.volumes()``, ``store.image(...)``) by delegating to a ``Catalog``.
 
-The keys read here are those the replicator writes (see :mod:`overlaycache.snapshots`).
+The keys and objects read here are those the replicator writes (see :mod:`overlaycache.remote.layout`).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from overlaycache.errors import CorruptionError, FormatError, ObjectNotFoundError, SnapshotNotFoundError
+from overlaycache.errors import CorruptionError, ObjectNotFoundError, SnapshotNotFoundError
 from overlaycache.images import RemoteImage
-from overlaycache.snapshots import (
+from overlaycache.remote.layout import (
     VOLUMES_PREFIX,
-    Snapshot,
-    decode_manifest,
-    find_snapshot,
+    decode_volume_record,
+    is_manifest_key,
     manifest_key,
     manifests_prefix,
-    read_manifest_header,
     volume_key,
 )
+from overlaycache.remote.manifest import decode_manifest, read_manifest_header
+from overlaycache.snapshots import Snapshot, find_snapshot
 from overlaycache.store.base import ObjectStore
 
 __all__ = ["Catalog", "CatalogMixin"]
@@ -85,12 +84,7 @@ class Catalog:
             raw = self.store.get(key)
         except ObjectNotFoundError as exc:
             raise SnapshotNotFoundError(f"{self.store.location}: no volume {volume_id!r}", volume_id) from exc
-        try:
-            info = json.loads(raw)
-            int(info["size"]), int(info["region_size"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FormatError(f"{self.store.location}/{key}: invalid volume record", key) from exc
-        return dict(info)
+        return decode_volume_record(raw, key, self.store.location)
 
     def snapshots(self, volume_id: str) -> list[Snapshot]:
         """The PIT snapshots of a volume, oldest first.
@@ -107,7 +101,7 @@ class Catalog:
         """
         out = []
         for key in self.store.list(manifests_prefix(volume_id)):
-            if key.endswith(".manifest"):
+            if is_manifest_key(key):
                 out.append(read_manifest_header(self.store.get(key, 0, _HEADER_BYTES), key))
         return sorted(out, key=lambda s: s.seq)
 

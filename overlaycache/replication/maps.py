@@ -2,7 +2,7 @@
 
 ``remote.map``
     Per region the newest version stored on the secondary (seq, checksum: the record format of
-    :data:`overlaycache.snapshots.RECORD`), and the highest seq reserved. Records only move to a
+    :data:`overlaycache.remote.layout.RECORD`), and the highest seq reserved. Records only move to a
     higher seq.
 ``replication.map``
     The durable write-intent bitmap of regions changed locally and not yet stored; fsynced before
@@ -17,7 +17,7 @@ import struct
 
 from overlaycache._impl import core
 from overlaycache.errors import FormatError
-from overlaycache.snapshots import RECORD
+from overlaycache.remote.layout import RECORD
 
 _RMAP_MAGIC = b"OCRMAP01"
 _RMAP_HEAD = struct.Struct("<8sIIQQ")  # magic, version, region_size, num_regions, reserved seq

@@ -3,7 +3,7 @@
 Contract
 --------
 * Every region version goes to the store once, under a new key with a new ``seq``
-  (``volumes/<id>/regions/<shard>/<region>/<seq>``, conditional PUT), never overwritten. A region
+  (:func:`~overlaycache.remote.layout.region_key`, conditional PUT), never overwritten. A region
   whose bytes are all zero is recorded but not stored.
 * The *replication map* holds the regions changed locally and not yet stored. It is written to
   ``replication.map`` and fsynced before the data it covers is committed (write-intent ordering, as
@@ -41,14 +41,9 @@ from overlaycache.local.layers import zero_checksums
 from overlaycache.local.regions import ReplicationHost
 from overlaycache.replication.maps import ChangeMap, RemoteMap
 from overlaycache.replication.modes import Mode, mode_for
-from overlaycache.snapshots import (
-    Snapshot,
-    encode_manifest,
-    manifest_key,
-    region_key,
-    snapshot_id,
-    volume_key,
-)
+from overlaycache.remote.layout import encode_volume_record, manifest_key, region_key, snapshot_id, volume_key
+from overlaycache.remote.manifest import encode_manifest
+from overlaycache.snapshots import Snapshot
 
 _log = logging.getLogger(__name__)
 
@@ -137,12 +132,10 @@ class Replicator:
     def _register_volume(self) -> None:
         """Record the volume's geometry on the store; refuse a store that has this volume id with
         another geometry."""
-        import json
-
-        info = {"format": 1, "id": self.volume_id, "size": self.vol.size, "region_size": self.vol.region_size}
         key = volume_key(self.volume_id)
+        record = encode_volume_record(self.volume_id, self.vol.size, self.vol.region_size)
         try:
-            self.store.put(key, json.dumps(info, sort_keys=True).encode(), if_absent=True)
+            self.store.put(key, record, if_absent=True)
         except ObjectExistsError:
             found = self.store.volume_info(self.volume_id)
             if (found.get("size"), found.get("region_size")) != (self.vol.size, self.vol.region_size):

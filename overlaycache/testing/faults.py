@@ -28,6 +28,7 @@ import pytest
 from overlaycache import Volume
 from overlaycache.errors import RegionUnavailableError, SecondaryUnavailableError, StoreError
 from overlaycache.local.unavailable import UnavailableMap
+from overlaycache.remote.layout import is_manifest_key, is_region_key, parse_region_key
 
 RS = 4096
 #: Bound on any single blocking step of a scenario: a hang fails the test instead of the run.
@@ -111,12 +112,12 @@ def check_regions(vol: Any, model: Model, regions: Iterable[int]) -> None:
 
 
 def region_of(key: str) -> int:
-    """The region number in a region object's key (``.../regions/<shard>/<region>/<seq>``)."""
-    return int(key.split("/")[-2], 16)
+    """The region number in a region object's key (see :func:`~overlaycache.remote.layout.region_key`)."""
+    return parse_region_key(key)[1]
 
 
 def region_gets(keys: Iterable[str]) -> list[int]:
-    return sorted(region_of(k) for k in keys if "/regions/" in k)
+    return sorted(region_of(k) for k in keys if is_region_key(k))
 
 
 def assert_no_pool_threads(before: set[threading.Thread]) -> None:
@@ -205,10 +206,10 @@ class Tripwire:
             self._cv.notify_all()
 
     def _armed(self, op: str, key: str) -> bool:
-        return self.op == op and "/regions/" in key
+        return self.op == op and is_region_key(key)
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        if "/regions/" in key:
+        if is_region_key(key):
             self.gets.append(key)
         if not self._armed("get", key):
             return bytes(self.inner.get(key, start, length))
@@ -222,11 +223,11 @@ class Tripwire:
         return data
 
     def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
-        if "/regions/" in key:
+        if is_region_key(key):
             self.puts.append(key)
-        if key.endswith(".manifest") and self.op == "manifest":
+        if is_manifest_key(key) and self.op == "manifest":
             self._trip()
-        elif key.endswith(".manifest") and self.op == "manifest-landed":
+        elif is_manifest_key(key) and self.op == "manifest-landed":
             self.inner.put(key, data, if_absent=if_absent)
             self._trip()
             raise SecondaryUnavailableError(f"{self.location}: put {key}: connection lost (test)",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from overlaycache.remote.layout import is_region_key
+
 __all__ = ["CountingStore", "SwitchableStore"]
 
 
@@ -22,12 +24,12 @@ class CountingStore:
         self.region_gets: list[str] = []
 
     def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
-        if "/regions/" in key:
+        if is_region_key(key):
             self.region_puts.append(key)
         self.inner.put(key, data, if_absent=if_absent)
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        if "/regions/" in key:
+        if is_region_key(key):
             self.region_gets.append(key)
         return bytes(self.inner.get(key, start, length))
 
