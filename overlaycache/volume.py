@@ -403,8 +403,11 @@ class Volume:
             A region cannot be read locally (I/O error, truncated file, checksum mismatch).
         """
         self._geo.check_range(offset, length)
+        layers = self._layers
         while True:
-            stack = self._live()
+            stack = None if layers is None else layers.live
+            if stack is None:
+                raise VolumeClosedError(f"{self.path}: volume is closed")
             if stack.routed or self._unavail.any():  # some regions come from elsewhere
                 buf = bytearray(length)
                 self.readinto(offset, buf)
@@ -427,14 +430,18 @@ class Volume:
         """
         if type(offset) is not int:
             check_int("offset", offset)
+        layers = self._layers  # the hot path: no helper calls before the kernel
         while True:
-            stack = self._live()
+            stack = None if layers is None else layers.live
+            if stack is None:
+                raise VolumeClosedError(f"{self.path}: volume is closed")
             try:
                 if stack.routed:  # a distributed overlay: PO, PB and cached R through the kernel
                     return self._route.read_routed(stack, offset, buffer)
                 if self._unavail.any():  # regions not valid locally, not routed (yet)
                     return self._route.read_by_location(stack, offset, buffer)
-                return int(stack.readinto(offset, buffer))
+                n: int = stack.readinto(offset, buffer)
+                return n
             except StaleStackError:
                 continue  # the layers or the routing changed: read again
             except RegionUnavailableError as exc:
