@@ -29,9 +29,11 @@ runs it again from the start.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from overlaycache._fs import write_file_atomic
@@ -49,10 +51,14 @@ from overlaycache.local.geometry import Geometry, byte_view, region_ranges
 from overlaycache.local.meta import DistributedOverlayState
 from overlaycache.local.stack import LayerStack
 from overlaycache.local.unavailable import UnavailableMap
+from overlaycache.replication import Replicator
+from overlaycache.snapshots import Snapshot
 from overlaycache.remote.cache import RegionCache
 from overlaycache.remote.layout import manifest_key
 from overlaycache.remote.manifest import decode_manifest
 from overlaycache.store.base import ObjectStore
+
+_log = logging.getLogger(__name__)
 
 PO, PB, R = "PO", "PB", "R"
 #: Byte codes used internally (as returned by :func:`location_codes`).
@@ -106,6 +112,9 @@ class FailoverHost(Protocol):
 
     def begin_for_read(self, regions: Iterable[int]) -> None:
         """Begin the distributed overlay so that ``regions`` can be read (or raise saying why not)."""
+
+    def mark(self, regions: Iterable[int], reason: Reason) -> list[int]:
+        """Record ``regions`` as unavailable (durably); returns the newly marked ones."""
 
 
 class Router:
@@ -176,6 +185,82 @@ class Router:
         if self._host.state() is None:
             return set()
         return {r for r, c in enumerate(self.codes(0, self._geo.num_regions)) if c == CODE_R}
+
+    # -- begin and end -------------------------------------------------------------------------------
+    def begin(self, repl: Replicator, flush: Callable[[], None]) -> Snapshot:
+        """Begin the distributed overlay snapshot (Fig. 3F); idempotent while one is active. The
+        caller holds the writer lock; ``flush`` makes the volume's writes durable.
+
+        1. Ship every unsynced region that is still readable; unsynced regions that cannot be read
+           are lost (their newest copy is the last replicated one): logged and kept in the state's
+           ``lost``.
+        2. Publish a PIT snapshot on the secondary (its manifest kept locally too).
+        3. Push a fresh overlay: all later writes go to it; the layers below are not written again.
+
+        If any step fails, nothing has begun and the unreadable regions stay pending.
+        Returns the PIT snapshot that serves the regions not valid locally (R).
+        """
+        meta = self._layers.meta
+        do = meta.distributed_overlay
+        if do is not None:
+            return Snapshot(do.snapshot_id, do.snapshot, do.started_at, None)
+        flush()
+        lost: set[int] = set()
+        try:
+            repl.ship(skip_unreadable=lost)
+            repl.wait_idle()
+            repl.ship(skip_unreadable=lost)
+            snap = repl.publish(f"distributed-overlay-{int(time.time())}")
+            self.save_manifest(repl.last_manifest)
+            layer = meta.next_layer
+            meta.distributed_overlay = DistributedOverlayState(layer, snap.seq, snap.id, snap.created_at, sorted(lost))
+            try:
+                self._layers.push()
+            except BaseException:
+                meta.distributed_overlay = None
+                raise
+        except BaseException:
+            # Not begun: the unreadable regions stay pending, to be found (and reported) again.
+            repl.requeue(lost)
+            raise
+        self.start()
+        path = self._host.path
+        if lost:
+            _log.error("%s: distributed overlay began; unsynced regions %s could not be read and fall back "
+                       "to their last replicated version", path, region_ranges(sorted(lost)))
+        _log.warning("%s: distributed overlay began at layer %d over PIT %s; unavailable regions %s are "
+                     "read from %s", path, layer, snap.id, region_ranges(sorted(self._unavail.regions())),
+                     repl.store.location)
+        return snap
+
+    def end(self) -> None:
+        """End the distributed overlay (after a restore): local reads only; under the writer lock."""
+        meta = self._layers.meta
+        if meta.distributed_overlay is not None:
+            meta.distributed_overlay = None
+            self._layers.persist()
+            self.stop()
+
+    def ship_pending(self, repl: Replicator) -> int:
+        """Ship every pending region; during a distributed overlay, a pending region that cannot be
+        read is lost instead of failing the shipment: its newest version is gone (the secondary has
+        its last replicated one). It is recorded in the state's ``lost``, logged, and no longer
+        pending; reads of it fail until it is written again."""
+        if self._host.state() is None:
+            return repl.ship()
+        lost: set[int] = set()
+        n = repl.ship(skip_unreadable=lost)
+        if lost:
+            with self._host.wlock:
+                self._host.mark(lost, Reason.IO)
+                do = self._host.state()
+                if do is not None:
+                    do.lost = sorted(set(do.lost) | lost)
+                    self._layers.persist()
+            _log.error("%s: regions %s written during the distributed overlay cannot be read; their newest "
+                       "versions are lost (the secondary has their last replicated ones)", self._host.path,
+                       region_ranges(sorted(lost)))
+        return n
 
     # -- routing -------------------------------------------------------------------------------------
     def route(self, stack: core.Stack) -> core.Stack:

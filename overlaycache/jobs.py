@@ -34,7 +34,7 @@ class Job:
     where : str
         What it works on (the volume's path), for messages.
     items : sequence of int
-        The regions to go through, in order.
+        The regions to go through, in order (a ``range`` is not materialized).
     step : callable
         ``step(batch) -> int``: do the work for a batch of items; returns the units of work done
         (e.g. regions installed), each ``unit_bytes`` long for the rate limit.
@@ -76,7 +76,7 @@ class Job:
             raise InvalidArgumentError(f"batch must be >= 1, got {batch}")
         self.name = name
         self.where = where
-        self._items = list(items)
+        self._items = items
         self._step = step
         self._batch = batch
         self._unit_bytes = unit_bytes
@@ -112,6 +112,12 @@ class Job:
         """Wait for the run to end; returns whether it has."""
         return self._finished.wait(timeout)
 
+    def run_or_raise(self) -> None:
+        """Run in the caller's thread; raise what stopped it early, if anything did."""
+        self.run()
+        if self.error is not None:
+            raise self.error
+
     def start(self) -> None:
         """Run in a background thread."""
         self._thread = threading.Thread(target=self.run, name=f"overlaycache-{self.name}", daemon=True)
@@ -140,7 +146,7 @@ class Job:
                 self._wait_for_quiet()
                 if self._cancel.is_set():
                     break
-                batch = self._items[i : i + self._batch]
+                batch = list(self._items[i : i + self._batch])
                 self.moved += self._step(batch)
                 self.done += len(batch)
                 if self._progress is not None:

@@ -36,7 +36,7 @@ from overlaycache.errors import (
 from overlaycache.clone import Clone, open_clone
 from overlaycache.failover import CODE_NAMES, READAHEAD_BYTES, Router
 from overlaycache.hydration import Hydration
-from overlaycache.jobs import IDLE
+from overlaycache.jobs import IDLE, Job
 from overlaycache.images import RecoveryImage, VirtualImage
 from overlaycache.local.geometry import byte_view, check_geometry, check_int, region_ranges
 from overlaycache.local.layers import BaseLayer, Overlay
@@ -700,29 +700,8 @@ class Volume:
 
     def _ship_pending(self) -> int:
         """Ship every pending region. During a distributed overlay, a pending region that cannot be
-        read is lost (see :meth:`_lost_in_overlay`) instead of failing the shipment."""
-        repl = self._replicator()
-        if self._do is None:
-            return repl.ship()
-        lost: set[int] = set()
-        n = repl.ship(skip_unreadable=lost)
-        if lost:
-            self._lost_in_overlay(lost)
-        return n
-
-    def _lost_in_overlay(self, lost: set[int]) -> None:
-        """Regions written during the distributed overlay could not be read for shipping: their
-        newest versions are gone. Recorded (``distributed_overlay["lost"]``), logged, and no longer
-        pending; reads of them fail until they are written again."""
-        with self._wlock:
-            self._mark(lost, Reason.IO)
-            do = self._do
-            if do is not None:
-                do.lost = sorted(set(do.lost) | lost)
-                self._store_meta()
-        _log.error("%s: regions %s written during the distributed overlay cannot be read; their newest "
-                   "versions are lost (the secondary has their last replicated ones)", self.path,
-                   region_ranges(sorted(lost)))
+        read is lost (see :meth:`Router.ship_pending`) instead of failing the shipment."""
+        return self._route.ship_pending(self._replicator())
 
     def snapshots(self) -> list[Snapshot]:
         """The PIT snapshots of this volume on the secondary, oldest first."""
@@ -837,37 +816,7 @@ class Volume:
         repl = self._replicator()
         self._check_writable()
         with self._wlock:
-            do = self._do
-            if do is not None:
-                return Snapshot(do.snapshot_id, do.snapshot, do.started_at, None)
-            self.flush()
-            lost: set[int] = set()
-            try:
-                repl.ship(skip_unreadable=lost)
-                repl.wait_idle()
-                repl.ship(skip_unreadable=lost)
-                snap = repl.publish(f"distributed-overlay-{int(time.time())}")
-                self._route.save_manifest(repl.last_manifest)
-                layer = self._meta.next_layer
-                self._meta.distributed_overlay = DistributedOverlayState(
-                    layer, snap.seq, snap.id, snap.created_at, sorted(lost))
-                try:
-                    self._live_layers().push()
-                except BaseException:
-                    self._meta.distributed_overlay = None
-                    raise
-            except BaseException:
-                # Not begun: the unreadable regions stay pending, to be found (and reported) again.
-                repl.requeue(lost)
-                raise
-            self._route.start()
-        if lost:
-            _log.error("%s: distributed overlay began; unsynced regions %s could not be read and fall back "
-                       "to their last replicated version", self.path, region_ranges(sorted(lost)))
-        _log.warning("%s: distributed overlay began at layer %d over PIT %s; unavailable regions %s are "
-                     "read from %s", self.path, layer, snap.id, region_ranges(sorted(self.unavailable)),
-                     repl.store.location)
-        return snap
+            return self._route.begin(repl, self.flush)
 
     def hydrate(self, progress: Callable[[int, int], None] | None = None, *, background: bool = False,
                 rate: float | None = None, idle: float = IDLE) -> Hydration:
@@ -930,22 +879,25 @@ class Volume:
     def scrub(self, progress: Callable[[int, int], None] | None = None) -> list[int]:
         """Verify every local region against its checksum; returns the bad ones, now unavailable.
 
-        Regions already unavailable are skipped. ``progress(done, total)`` is called as it goes.
+        Regions already unavailable are skipped. It runs as a :class:`~overlaycache.jobs.Job`;
+        ``progress(done, total)`` is called after each batch of regions.
         """
         with self._wlock:
             if not self.readonly:
                 self._live_layers().top.hash_dirty()
         n = self._geo.num_regions
-        bad = []
-        step = max(1, n // 100)
-        for r in range(n):
-            if self._unavail.bits.test(r):
-                continue
-            with self._wlock:
-                if not self._live_layers().verify(r):
-                    bad.append(r)
-            if progress is not None and (r % step == 0 or r == n - 1):
-                progress(r + 1, n)
+        bad: list[int] = []
+
+        def check(batch: list[int]) -> int:
+            for r in batch:
+                if not self._unavail.bits.test(r):
+                    with self._wlock:  # per region: writes go on between them
+                        if not self._live_layers().verify(r):
+                            bad.append(r)
+            return len(batch)
+
+        Job("scrub", self.path, range(n), check, batch=max(1, min(n // 100, 4096)),
+            unit_bytes=self._geo.region_size, progress=progress).run_or_raise()
         if bad and not self.readonly:
             self._mark(bad, Reason.CHECKSUM)
             if self._repl is not None:
@@ -1015,7 +967,8 @@ class Volume:
 
         Reads and writes keep working meanwhile; a write that lands during the restore is kept
         only if it comes after the restored region (the restore writes through the normal path).
-        ``progress(done, total)`` is called after each region.
+        It runs as a :class:`~overlaycache.jobs.Job`; ``progress(done, total)`` is called after each
+        region.
 
         With ``fold`` the overlays are then merged into the base (:meth:`merge_down` until one
         empty overlay is left), so that the base is whole again; as with ``merge_down``, local
@@ -1027,20 +980,19 @@ class Volume:
         img = image if isinstance(image, RecoveryImage) else self.image(image)
         todo = self.diff(img)
         rs = self._geo.region_size
-        for k, r in enumerate(todo):
-            data = img.remote.read(r * rs, self._geo.region_length(r))
-            self.write(r * rs, data)
-            if progress is not None:
-                progress(k + 1, len(todo))
+
+        def rewrite(batch: list[int]) -> int:
+            for r in batch:
+                self.write(r * rs, img.remote.read(r * rs, self._geo.region_length(r)))
+            return len(batch)
+
+        Job("restore", self.path, todo, rewrite, batch=1, unit_bytes=rs, progress=progress).run_or_raise()
         with self._wlock:
             self.flush()
             self._unavail.clear()
             self._unavail_reason.clear()
             self._unavail.store()
-            if self._do is not None:
-                self._meta.distributed_overlay = None
-                self._store_meta()
-                self._route.stop()
+            self._route.end()
         _log.warning("%s: restored to PIT %s (%d regions rewritten); distributed overlay ended",
                      self.path, img.snapshot.id, len(todo))
         if fold:
@@ -1122,6 +1074,9 @@ class _Regions:
 
     def begin_for_read(self, regions: Iterable[int]) -> None:
         self._vol._begin_for_read(regions)
+
+    def mark(self, regions: Iterable[int], reason: Reason) -> list[int]:
+        return self._vol._mark(regions, reason)
 
     def io_count(self) -> int:
         return self._vol._route.io_count
