@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from overlaycache._fs import write_file_atomic
 from overlaycache._impl import core
@@ -56,7 +55,9 @@ from overlaycache.snapshots import Snapshot
 from overlaycache.remote.cache import RegionCache
 from overlaycache.remote.layout import manifest_key
 from overlaycache.remote.manifest import decode_manifest
-from overlaycache.store.base import ObjectStore
+
+if TYPE_CHECKING:
+    from overlaycache.store.base import ObjectStore
 
 _log = logging.getLogger(__name__)
 
@@ -82,41 +83,6 @@ def location_codes(po_maps: list[core.Bitmap], unavailable: core.Bitmap, first: 
     return bytearray(found.translate(table))
 
 
-class FailoverHost(Protocol):
-    """What the router needs of its volume."""
-
-    @property
-    def path(self) -> str:
-        """Where the volume is, for messages."""
-
-    @property
-    def volume_id(self) -> str:
-        """The volume's id (its key in the store)."""
-
-    @property
-    def readonly(self) -> bool:
-        """Opened read-only: nothing to begin, nothing to fetch."""
-
-    @property
-    def wlock(self) -> threading.RLock:
-        """The volume's writer lock (held while the routing changes)."""
-
-    def state(self) -> DistributedOverlayState | None:
-        """The active distributed overlay, or None."""
-
-    def store(self) -> ObjectStore | None:
-        """The attached secondary, or None."""
-
-    def reason(self, r: int) -> Reason:
-        """Why region ``r`` is unavailable, for messages."""
-
-    def begin_for_read(self, regions: Iterable[int]) -> None:
-        """Begin the distributed overlay so that ``regions`` can be read (or raise saying why not)."""
-
-    def mark(self, regions: Iterable[int], reason: Reason) -> list[int]:
-        """Record ``regions`` as unavailable (durably); returns the newly marked ones."""
-
-
 class Router:
     """Reads of a volume with unavailable regions, each region from its location (PO, PB or R).
 
@@ -132,8 +98,8 @@ class Router:
         The region cache, once the distributed overlay has been served.
     """
 
-    def __init__(self, host: FailoverHost, layers: LayerStack, unavail: UnavailableMap, *, cache_regions: int,
-                 workers: int, readahead: int, remote_fraction: float | None) -> None:
+    def __init__(self, layers: LayerStack, unavail: UnavailableMap, *, readonly: bool, flush: Callable[[], None],
+                 cache_regions: int, workers: int, readahead: int, remote_fraction: float | None) -> None:
         geo = layers.geo
         # Sequential reads prefetch the R regions of the next ``readahead`` bytes; at most half the
         # cache unless it holds the whole volume, so that prefetched regions are not evicted before use.
@@ -146,7 +112,12 @@ class Router:
                                             or not isinstance(remote_fraction, (int, float))
                                             or not 0 < remote_fraction <= 1):
             raise InvalidArgumentError(f"remote_fraction must be in (0, 1] or None, got {remote_fraction!r}")
-        self._host = host
+        self.path = layers.directory
+        self.volume_id = layers.meta.id
+        self.readonly = readonly
+        self.repl: Replicator | None = None  # the replicator, once the secondary is attached
+        self._flush = flush
+        self._wlock = layers.wlock
         self._layers = layers
         self._unavail = unavail
         self._geo: Geometry = geo
@@ -160,10 +131,16 @@ class Router:
         self.cache: RegionCache | None = None
         self.remote: RemoteImage | None = None  # the PIT, once served
 
+    def _state(self) -> DistributedOverlayState | None:
+        return self._layers.meta.distributed_overlay
+
+    def _store(self) -> ObjectStore | None:
+        return self.repl.store if self.repl is not None else None
+
     # -- locations ---------------------------------------------------------------------------------
     def po_maps(self) -> list[core.Bitmap]:
         """The present-bitmaps of the overlays written since the distributed overlay began."""
-        do = self._host.state()
+        do = self._state()
         if do is None:
             return []
         return [ov.present for ov in reversed(self._layers.overlays) if ov.id >= do.layer]
@@ -182,7 +159,7 @@ class Router:
 
     def remote_regions(self) -> set[int]:
         """The regions read from the remote PIT (R) now."""
-        if self._host.state() is None:
+        if self._state() is None:
             return set()
         return {r for r, c in enumerate(self.codes(0, self._geo.num_regions)) if c == CODE_R}
 
@@ -224,7 +201,7 @@ class Router:
             repl.requeue(lost)
             raise
         self.start()
-        path = self._host.path
+        path = self.path
         if lost:
             _log.error("%s: distributed overlay began; unsynced regions %s could not be read and fall back "
                        "to their last replicated version", path, region_ranges(sorted(lost)))
@@ -232,6 +209,34 @@ class Router:
                      "read from %s", path, layer, snap.id, region_ranges(sorted(self._unavail.regions())),
                      repl.store.location)
         return snap
+
+    def detected(self, exc: RegionUnavailableError) -> bool:
+        """A local read failed: mark the regions, and begin the distributed overlay if there is a
+        secondary. Returns whether the read can be retried (served from the secondary now)."""
+        if not exc.regions or self.readonly or exc.reason not in (Reason.IO, Reason.CHECKSUM):
+            return False
+        with self._wlock:
+            new = self._unavail.mark(exc.regions, exc.reason)
+        if self.repl is None:
+            return False
+        if self._state() is not None:
+            # Retry only if a region moved to R; a failed PO region has no other copy of its data.
+            return any(self.is_remote(r) for r in new)
+        self.begin_for_read(exc.regions)
+        return True
+
+    def begin_for_read(self, regions: Iterable[int]) -> None:
+        """Begin the distributed overlay so that ``regions`` can be read; a secondary that cannot
+        be reached makes them unavailable for now (a later read tries again)."""
+        assert self.repl is not None
+        try:
+            with self._wlock:
+                self.begin(self.repl, self._flush)
+        except StoreError as exc:
+            regs = sorted(regions)
+            raise RegionUnavailableError(
+                f"{self.path}: regions {region_ranges(regs)} are not valid locally and the distributed "
+                f"overlay cannot begin: {exc}", regs, Reason.SECONDARY_UNAVAILABLE) from exc
 
     def end(self) -> None:
         """End the distributed overlay (after a restore): local reads only; under the writer lock."""
@@ -246,19 +251,19 @@ class Router:
         read is lost instead of failing the shipment: its newest version is gone (the secondary has
         its last replicated one). It is recorded in the state's ``lost``, logged, and no longer
         pending; reads of it fail until it is written again."""
-        if self._host.state() is None:
+        if self._state() is None:
             return repl.ship()
         lost: set[int] = set()
         n = repl.ship(skip_unreadable=lost)
         if lost:
-            with self._host.wlock:
-                self._host.mark(lost, Reason.IO)
-                do = self._host.state()
+            with self._wlock:
+                self._unavail.mark(lost, Reason.IO)
+                do = self._state()
                 if do is not None:
                     do.lost = sorted(set(do.lost) | lost)
                     self._layers.persist()
             _log.error("%s: regions %s written during the distributed overlay cannot be read; their newest "
-                       "versions are lost (the secondary has their last replicated ones)", self._host.path,
+                       "versions are lost (the secondary has their last replicated ones)", self.path,
                        region_ranges(sorted(lost)))
         return n
 
@@ -266,7 +271,7 @@ class Router:
     def route(self, stack: core.Stack) -> core.Stack:
         """Route ``stack`` (the volume's live one) through the region cache during a distributed
         overlay: the read kernel then serves cached R regions itself."""
-        do, cache = self._host.state(), self.cache
+        do, cache = self._state(), self.cache
         if do is not None and cache is not None and cache.slot_table is not None:
             npo = sum(1 for ov in self._layers.overlays if ov.id >= do.layer)
             try:
@@ -289,17 +294,17 @@ class Router:
         """Serve the distributed overlay's R regions through the read kernel and the region cache;
         the caller holds the writer lock. The PIT's manifest is kept locally, so cached regions
         are served even while the secondary is unreachable or not attached."""
-        do = self._host.state()
+        do = self._state()
         assert do is not None
         path = os.path.join(self._layers.directory, DO_MANIFEST)
-        store = self._host.store()
+        store = self._store()
         try:
             with open(path, "rb") as f:
                 manifest = decode_manifest(f.read(), path)
         except FileNotFoundError:
             if store is None:
-                raise InvalidArgumentError(f"{self._host.path}: no secondary attached (open with secondary=...)")
-            manifest = decode_manifest(store.get(manifest_key(self._host.volume_id, do.snapshot)))
+                raise InvalidArgumentError(f"{self.path}: no secondary attached (open with secondary=...)")
+            manifest = decode_manifest(store.get(manifest_key(self.volume_id, do.snapshot)))
         if self.cache is None:
             self.cache = RegionCache(os.path.join(self._layers.directory, "cache"), self._geo.region_size,
                                      min(self._cache_regions, self._geo.num_regions), lock=self._layers.rw)
@@ -330,14 +335,14 @@ class Router:
         """The distributed overlay's PIT, opened (routing started) if it is not yet."""
         img = self.remote
         if img is None:
-            if self._host.state() is None:
+            if self._state() is None:
                 raise RegionUnavailableError("no distributed overlay: nothing to read remotely", (),
                                              Reason.UNAVAILABLE)
-            if self._host.readonly:
+            if self.readonly:
                 raise RegionUnavailableError(
-                    f"{self._host.path}: open the volume read-write with its secondary to read remote regions",
+                    f"{self.path}: open the volume read-write with its secondary to read remote regions",
                     (), Reason.UNAVAILABLE)
-            with self._host.wlock:
+            with self._wlock:
                 if self.remote is None:
                     self.start()
                 img = self.remote
@@ -383,7 +388,7 @@ class Router:
         first = errors[failed[0]]
         if not isinstance(first, StoreError):
             return first
-        exc = RegionUnavailableError(f"{self._host.path}: regions {region_ranges(failed)} {what}: {first}", failed,
+        exc = RegionUnavailableError(f"{self.path}: regions {region_ranges(failed)} {what}: {first}", failed,
                                      Reason.SECONDARY_UNAVAILABLE)
         exc.__cause__ = first
         return exc
@@ -391,15 +396,15 @@ class Router:
     def read_region_remote(self, r: int, out: memoryview) -> None:
         """Fetch region ``r`` of the PIT into ``out`` holding the stack's lock for writing: straight
         from the secondary, as the cache's slots change only under that lock."""
-        if self._host.state() is None:
+        if self._state() is None:
             raise RegionUnavailableError(
-                f"{self._host.path}: region {r} is unavailable locally and there is no distributed overlay "
+                f"{self.path}: region {r} is unavailable locally and there is no distributed overlay "
                 "(attach a secondary)", (r,), Reason.UNAVAILABLE)
         try:
             out[:] = self.pit().source.fetch(r, keep=False)
         except StoreError as exc:
             raise RegionUnavailableError(
-                f"{self._host.path}: region {r} is not valid locally and the secondary cannot serve it: {exc}",
+                f"{self.path}: region {r} is not valid locally and the secondary cannot serve it: {exc}",
                 (r,), Reason.SECONDARY_UNAVAILABLE) from exc
 
     def remote_edges(self, offset: int, length: int) -> dict[int, bytes]:
@@ -412,8 +417,8 @@ class Router:
             a, rlen = r * rs, self._geo.region_length(r)
             if a >= offset and a + rlen <= offset + length:
                 continue  # written whole
-            with self._host.wlock:
-                if self._host.state() is not None and self.location(r) == CODE_R:
+            with self._wlock:
+                if self._state() is not None and self.location(r) == CODE_R:
                     want.append(r)
         if not want:
             return {}
@@ -531,16 +536,15 @@ class Router:
         rs = self._geo.region_size
         first, last = offset // rs, (offset + n - 1) // rs
         codes = self.codes(first, last - first + 1)
-        host = self._host
-        if CODE_R in codes and host.state() is None:
+        if CODE_R in codes and self._state() is None:
             regs = [first + k for k, c in enumerate(codes) if c == CODE_R]
-            if host.store() is not None and not host.readonly:
+            if self.repl is not None and not self.readonly:
                 # It could not begin before (secondary unreachable): try again.
-                host.begin_for_read(regs)
+                self.begin_for_read(regs)
                 raise StaleStackError("the distributed overlay began")
-            reason = host.reason(regs[0])
+            reason = self._unavail.reason(regs[0])
             raise RegionUnavailableError(
-                f"{host.path}: regions {region_ranges(regs)} are unavailable locally ({reason}) "
+                f"{self.path}: regions {region_ranges(regs)} are unavailable locally ({reason}) "
                 "and there is no distributed overlay (attach a secondary)", regs, reason)
         errors: dict[int, BaseException] = {}  # remote regions that could not be served
         i = 0
@@ -553,9 +557,9 @@ class Router:
             b = min(offset + n, (first + j) * rs)
             if remote:
                 regs = list(range(first + i, first + j))
-                if host.readonly:
+                if self.readonly:
                     raise RegionUnavailableError(
-                        f"{host.path}: regions {region_ranges(regs)} are served by the secondary: open the "
+                        f"{self.path}: regions {region_ranges(regs)} are served by the secondary: open the "
                         "volume read-write with its secondary to read them", regs, Reason.UNAVAILABLE)
                 got, missed = self.pit().fetch_many(regs)
                 for r, data in got.items():

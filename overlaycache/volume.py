@@ -30,7 +30,6 @@ from overlaycache.errors import (
     Reason,
     RegionUnavailableError,
     StaleStackError,
-    StoreError,
     VolumeClosedError,
 )
 from overlaycache.clone import Clone, open_clone
@@ -38,7 +37,7 @@ from overlaycache.failover import CODE_NAMES, READAHEAD_BYTES, Router
 from overlaycache.hydration import Hydration
 from overlaycache.jobs import IDLE, Job
 from overlaycache.images import RecoveryImage, VirtualImage
-from overlaycache.local.geometry import byte_view, check_geometry, check_int, region_ranges
+from overlaycache.local.geometry import byte_view, check_geometry, check_int
 from overlaycache.local.layers import BaseLayer, Overlay
 from overlaycache.local.meta import (
     DistributedOverlayState,
@@ -51,7 +50,6 @@ from overlaycache.local.meta import (
 from overlaycache.local.stack import LayerStack
 from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.replication import Lag, Replicator
-from overlaycache.store.base import ObjectStore
 from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
 
 _log = logging.getLogger(__name__)
@@ -94,14 +92,14 @@ class Volume:
         self._layers: LayerStack | None = None
         self._router: Router | None = None
         self._repl: Replicator | None = None
-        self._unavail_reason: dict[int, Reason] = {}  # why, for messages (not persisted)
         self._hydration: Hydration | None = None
         self._scratch = bytearray(self._geo.region_size)
         try:
             self._unavail = UnavailableMap(path, self._geo.num_regions)
             self._layers = layers = LayerStack(path, meta, not readonly, self._rw, self._wlock, self._merge_lock)
-            self._router = Router(self._regions, layers, self._unavail, cache_regions=cache_regions,
-                                  workers=workers, readahead=readahead, remote_fraction=remote_fraction)
+            self._router = Router(layers, self._unavail, readonly=readonly, flush=self.flush,
+                                  cache_regions=cache_regions, workers=workers, readahead=readahead,
+                                  remote_fraction=remote_fraction)
             layers.route = self._router.route
             layers.apply_verify_policy(verify)
             layers.live = layers.build()
@@ -118,6 +116,8 @@ class Volume:
             if self._repl is not None:
                 self._repl.close()
                 self._repl = None
+                if self._router is not None:
+                    self._router.repl = None
             self._lock_fd = -1  # Volume.open closes it
             self._teardown()
             raise
@@ -144,10 +144,11 @@ class Volume:
         resync = known is None or known.location != location or known.resync or not known.clean
         self._repl = Replicator(self._regions, store, mode, period, sync_policy, max_lag_regions, workers,
                                 resync=False)
+        self._route.repl = self._repl
         if known is not None and known.location != location:
             self._repl.remote.reset()
         if resync:
-            self._repl._resync()
+            self._repl.resync()
         self._meta.secondary = SecondaryRecord(location, mode, period, clean=False)
         self._store_meta()
         self._repl.start()
@@ -315,6 +316,8 @@ class Volume:
                     if self._repl is not None:
                         self._repl.close()
                         self._repl = None
+                        if self._router is not None:
+                            self._router.repl = None
                         if committed:  # everything shipped was flushed: no check needed on open
                             assert self._meta.secondary is not None
                             self._meta.secondary.clean = True
@@ -417,7 +420,7 @@ class Volume:
             except StaleStackError:
                 continue
             except RegionUnavailableError as exc:
-                if not self._detected(exc):
+                if not self._route.detected(exc):
                     raise
 
     def readinto(self, offset: int, buffer: Any) -> int:
@@ -445,7 +448,7 @@ class Volume:
             except StaleStackError:
                 continue  # the layers or the routing changed: read again
             except RegionUnavailableError as exc:
-                if not self._detected(exc):
+                if not self._route.detected(exc):
                     raise
 
     def write(self, offset: int, data: Any) -> int:
@@ -518,7 +521,6 @@ class Volume:
         if self._unavail.bits.test(r) and self._do is None:
             # The top overlay now holds a whole, fresh version: the region is readable again.
             self._unavail.discard(r)
-            self._unavail_reason.pop(r, None)
 
     def flush(self) -> None:
         """Make every write so far durable (data first, then the journal that points at it)."""
@@ -748,44 +750,10 @@ class Volume:
         names = CODE_NAMES
         return [names[c] for c in codes]
 
-    def _mark(self, regions: Iterable[int], reason: Reason = Reason.IO) -> list[int]:
+    def _mark(self, regions: Iterable[int], reason: Reason) -> list[int]:
         """Record ``regions`` as unavailable (durably); returns the newly marked ones."""
-        new = []
         with self._wlock:
-            for r in regions:
-                self._unavail_reason.setdefault(r, reason)
-                if self._unavail.add(r):
-                    new.append(r)
-            if new:
-                self._unavail.store()
-        if new:
-            _log.error("%s: regions %s are unavailable locally", self.path, region_ranges(new))
-        return new
-
-    def _detected(self, exc: RegionUnavailableError) -> bool:
-        """A local read failed: mark the regions, and begin the distributed overlay if there is a
-        secondary. Returns whether the read can be retried (served from the secondary now)."""
-        if not exc.regions or self.readonly or exc.reason not in (Reason.IO, Reason.CHECKSUM):
-            return False
-        new = self._mark(exc.regions, exc.reason)
-        if self._repl is None:
-            return False
-        if self._do is not None:
-            # Retry only if a region moved to R; a failed PO region has no other copy of its data.
-            return any(self._route.is_remote(r) for r in new)
-        self._begin_for_read(exc.regions)
-        return True
-
-    def _begin_for_read(self, regions: Iterable[int]) -> None:
-        """Begin the distributed overlay so that ``regions`` can be read; a secondary that cannot
-        be reached makes them unavailable for now (a later read tries again)."""
-        try:
-            self.begin_distributed_overlay()
-        except StoreError as exc:
-            regs = sorted(regions)
-            raise RegionUnavailableError(
-                f"{self.path}: regions {region_ranges(regs)} are not valid locally and the distributed "
-                f"overlay cannot begin: {exc}", regs, Reason.SECONDARY_UNAVAILABLE) from exc
+            return self._unavail.mark(regions, reason)
 
     def mark_unavailable(self, regions: Iterable[int]) -> None:
         """Declare regions unreadable (lost device or link); with a secondary, this begins the
@@ -990,7 +958,6 @@ class Volume:
         with self._wlock:
             self.flush()
             self._unavail.clear()
-            self._unavail_reason.clear()
             self._unavail.store()
             self._route.end()
         _log.warning("%s: restored to PIT %s (%d regions rewritten); distributed overlay ended",
@@ -1001,8 +968,7 @@ class Volume:
 
 class _Regions:
     """The volume as its collaborators see it (:class:`ReplicationHost`, a :class:`LocalRegions`;
-    :class:`HydrationTarget`; :class:`FailoverHost`): the one bridge from them to the volume's
-    private members."""
+    :class:`HydrationTarget`): the one bridge from them to the volume's private members."""
 
     __slots__ = ("_vol",)
 
@@ -1053,30 +1019,6 @@ class _Regions:
 
     def snapshot(self) -> Snapshot:
         return self._vol.snapshot()
-
-    @property
-    def readonly(self) -> bool:
-        return self._vol.readonly
-
-    @property
-    def wlock(self) -> threading.RLock:
-        return self._vol._wlock
-
-    def state(self) -> DistributedOverlayState | None:
-        return self._vol._do
-
-    def store(self) -> ObjectStore | None:
-        repl = self._vol._repl
-        return repl.store if repl is not None else None
-
-    def reason(self, r: int) -> Reason:
-        return self._vol._unavail_reason.get(r, Reason.UNAVAILABLE)
-
-    def begin_for_read(self, regions: Iterable[int]) -> None:
-        self._vol._begin_for_read(regions)
-
-    def mark(self, regions: Iterable[int], reason: Reason) -> list[int]:
-        return self._vol._mark(regions, reason)
 
     def io_count(self) -> int:
         return self._vol._route.io_count

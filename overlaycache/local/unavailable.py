@@ -8,11 +8,16 @@ such regions are read from.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable
 
 from overlaycache._fs import write_file_atomic
 from overlaycache._impl import core
-from overlaycache.errors import FormatError
+from overlaycache.errors import FormatError, Reason
+from overlaycache.local.geometry import region_ranges
+
+_log = logging.getLogger(__name__)
 
 _MAGIC = b"OCUNAV01"
 
@@ -24,6 +29,7 @@ class UnavailableMap:
         self.path = os.path.join(directory, "unavailable.map")
         self.bits = core.Bitmap(num_regions)
         self.dirty = False
+        self.reasons: dict[int, Reason] = {}  # why, for messages (not persisted)
         self._count = 0  # kept so that the read path's any() is O(1), not a scan of the bitmap
         try:
             with open(self.path, "rb") as f:
@@ -47,8 +53,27 @@ class UnavailableMap:
         self.dirty = True
         return True
 
+    def mark(self, regions: Iterable[int], reason: Reason) -> list[int]:
+        """Mark ``regions`` for ``reason`` and store the map if that changed it (the caller holds
+        the volume's writer lock); returns the newly marked ones, which are logged."""
+        new = []
+        for r in regions:
+            self.reasons.setdefault(r, reason)
+            if self.add(r):
+                new.append(r)
+        if new:
+            self.store()
+            _log.error("%s: regions %s are unavailable locally (%s)", os.path.dirname(self.path),
+                       region_ranges(new), reason)
+        return new
+
+    def reason(self, r: int) -> Reason:
+        """Why region ``r`` is unavailable (as first found since the volume was opened)."""
+        return self.reasons.get(r, Reason.UNAVAILABLE)
+
     def discard(self, r: int) -> None:
         """Unmark region ``r``."""
+        self.reasons.pop(r, None)
         if self.bits.test(r):
             self.bits.clear(r)
             self._count -= 1
@@ -57,6 +82,7 @@ class UnavailableMap:
     def clear(self) -> None:
         """Unmark every region."""
         self.bits.clear_range(0, self.bits.nbits)
+        self.reasons.clear()
         self._count = 0
         self.dirty = True
 

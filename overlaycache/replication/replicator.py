@@ -123,7 +123,7 @@ class Replicator:
                 _log.warning("%s: secondary unreachable (%s); the volume is registered there when it is back",
                              vol.path, exc)
             if resync:
-                self._resync()
+                self.resync()
         except BaseException:
             self.close()
             raise
@@ -150,7 +150,7 @@ class Replicator:
         if not self._registered:
             self._register_volume()
 
-    def _resync(self) -> None:
+    def resync(self) -> None:
         """Mark every region whose current checksum differs from the secondary's record."""
         sums = self.vol.checksums()
         remote_now = self.vol.remote_regions()  # not valid locally: nothing to compare or ship
