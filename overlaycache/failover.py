@@ -44,6 +44,7 @@ from overlaycache.errors import (
     RegionUnavailableError,
     StaleStackError,
     StoreError,
+    VolumeClosedError,
 )
 from overlaycache.images import RemoteImage
 from overlaycache.local.geometry import Geometry, byte_view, region_ranges
@@ -162,6 +163,59 @@ class Router:
         if self._state() is None:
             return set()
         return {r for r, c in enumerate(self.codes(0, self._geo.num_regions)) if c == CODE_R}
+
+    # -- local copies --------------------------------------------------------------------------------
+    def _live(self) -> core.Stack:
+        stack = self._layers.live
+        if stack is None:
+            raise VolumeClosedError(f"{self.path}: volume is closed")
+        return stack
+
+    def local_checksum(self, r: int) -> bytes | None:
+        """The checksum of region ``r``'s current local version, or None when it is not known valid
+        (R, or not yet committed). The caller holds the writer lock."""
+        if self.is_remote(r):
+            return None
+        self._live()
+        return self._layers.committed_checksum(r)
+
+    def read_region(self, r: int) -> bytes:
+        """The current local bytes of region ``r`` (for shipping): never the remote copy.
+
+        Raises
+        ------
+        RegionUnavailableError
+            The region is not valid locally (its newest local version is lost); a failed read
+            marks it unavailable.
+        """
+        if self.is_remote(r):
+            raise RegionUnavailableError(f"region {r} is not valid locally", (r,), Reason.UNAVAILABLE)
+        while True:
+            try:
+                return bytes(self._live().read(r * self._geo.region_size, self._geo.region_length(r)))
+            except StaleStackError:
+                continue
+            except RegionUnavailableError as exc:
+                with self._wlock:
+                    self._unavail.mark(exc.regions, exc.reason)
+                raise
+
+    def read_if_identical(self, r: int, csum: bytes, offset: int, out: memoryview) -> bool:
+        """Read ``out`` at ``offset`` (inside region ``r``) locally if the region's current version
+        has checksum ``csum``; returns False, reading nothing, otherwise (recovery images)."""
+        with self._wlock:
+            if self.local_checksum(r) != csum:
+                return False
+            try:
+                while True:
+                    try:
+                        self._live().readinto(offset, out)
+                        return True
+                    except StaleStackError:
+                        continue
+            except RegionUnavailableError as exc:
+                self._unavail.mark(exc.regions, exc.reason)
+                return False
 
     # -- begin and end -------------------------------------------------------------------------------
     def begin(self, repl: Replicator, flush: Callable[[], None]) -> Snapshot:

@@ -80,11 +80,11 @@ class Volume:
                  remote_fraction: float | None = None) -> None:
         self.path = path
         self.readonly = readonly
-        self._regions = _Regions(self)
         self._lock_fd = lock_fd
         self._meta = meta
         self.id: str = meta.id
         self._geo = meta.geometry
+        self._regions = _Regions(self)
         self.verify = verify
         self._wlock = threading.RLock()
         self._merge_lock = threading.RLock()  # one merge at a time; close waits for it
@@ -619,25 +619,6 @@ class Volume:
             return layers.merge_oldest()
 
     # -- the secondary ------------------------------------------------------------------------------
-    def _read_region(self, r: int) -> bytes:
-        """The current local bytes of region ``r``, for shipping: never the remote copy.
-
-        Raises
-        ------
-        RegionUnavailableError
-            The region is not valid locally (its newest local version is lost).
-        """
-        if self._route.is_remote(r):
-            raise RegionUnavailableError(f"region {r} is not valid locally", (r,), Reason.UNAVAILABLE)
-        while True:
-            try:
-                return bytes(self._live().read(r * self._geo.region_size, self._geo.region_length(r)))
-            except StaleStackError:
-                continue
-            except RegionUnavailableError as exc:
-                self._mark(exc.regions, exc.reason)
-                raise
-
     def _current_checksums(self) -> bytearray:
         """The checksum of every region's current version, from the layers' tables (no data read)."""
         with self._wlock:
@@ -874,30 +855,6 @@ class Volume:
 
 
     # -- recovery ------------------------------------------------------------------------------------
-    def _local_checksum_locked(self, r: int) -> bytes | None:
-        """The checksum of region ``r``'s current local version, or None when it is not known valid
-        (unavailable, not yet committed). The caller holds ``_wlock``."""
-        if self._route.is_remote(r):
-            return None
-        return self._live_layers().committed_checksum(r)
-
-    def _read_if_identical(self, r: int, csum: bytes, offset: int, out: memoryview) -> bool:
-        """Read ``out`` at ``offset`` (inside region ``r``) locally if the region's current version
-        has checksum ``csum``; returns False, reading nothing, otherwise."""
-        with self._wlock:
-            if self._local_checksum_locked(r) != csum:
-                return False
-            try:
-                while True:
-                    try:
-                        self._live().readinto(offset, out)
-                        return True
-                    except StaleStackError:
-                        continue
-            except RegionUnavailableError as exc:
-                self._mark(exc.regions, exc.reason)
-                return False
-
     def diff(self, a: Any, b: Any = None) -> list[int]:
         """Regions whose contents differ between two PIT snapshots (or images), or between one and
         the volume as it is now (``b=None``); from manifests and checksums, no data read."""
@@ -906,7 +863,7 @@ class Volume:
             if x is None:
                 def current(r: int) -> bytes | None:
                     with self._wlock:
-                        return self._local_checksum_locked(r)
+                        return self._route.local_checksum(r)
                 return current
             img = x if hasattr(x, "region_checksum") else self.remote_image(x)
             return img.region_checksum  # type: ignore[no-any-return]
@@ -922,7 +879,7 @@ class Volume:
                     if top.dirty.test(r):
                         cur: bytes | None = bytes(top.sums[16 * r : 16 * r + 16])
                     else:
-                        cur = self._local_checksum_locked(r)
+                        cur = self._route.local_checksum(r)
                     if got != cur:
                         out.append(r)
                 return out
@@ -970,37 +927,17 @@ class _Regions:
     """The volume as its collaborators see it (:class:`ReplicationHost`, a :class:`LocalRegions`;
     :class:`HydrationTarget`): the one bridge from them to the volume's private members."""
 
-    __slots__ = ("_vol",)
-
     def __init__(self, vol: Volume) -> None:
         self._vol = vol
-
-    @property
-    def path(self) -> str:
-        return self._vol.path
-
-    @property
-    def volume_id(self) -> str:
-        return self._vol.id
-
-    @property
-    def size(self) -> int:
-        return self._vol.size
-
-    @property
-    def region_size(self) -> int:
-        return self._vol.region_size
-
-    @property
-    def num_regions(self) -> int:
-        return self._vol.num_regions
+        self.path, self.volume_id, self.size = vol.path, vol.id, vol.size
+        self.region_size, self.num_regions = vol.region_size, vol.num_regions
 
     @property
     def closed(self) -> bool:
         return self._vol.closed
 
     def read_region(self, r: int) -> bytes:
-        return self._vol._read_region(r)
+        return self._vol._route.read_region(r)
 
     def checksums(self) -> bytearray:
         return self._vol._current_checksums()
@@ -1009,7 +946,7 @@ class _Regions:
         return self._vol._remote_regions()
 
     def read_if_identical(self, r: int, csum: bytes, offset: int, out: memoryview) -> bool:
-        return self._vol._read_if_identical(r, csum, offset, out)
+        return self._vol._route.read_if_identical(r, csum, offset, out)
 
     def ship_pending(self) -> int:
         return self._vol._ship_pending()
