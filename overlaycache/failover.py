@@ -48,6 +48,7 @@ from overlaycache.errors import (
 )
 from overlaycache.images import RemoteImage
 from overlaycache.local.geometry import Geometry, byte_view, region_ranges
+from overlaycache.local.layers import Overlay
 from overlaycache.local.meta import DistributedOverlayState
 from overlaycache.local.stack import LayerStack
 from overlaycache.local.unavailable import UnavailableMap
@@ -120,6 +121,7 @@ class Router:
         self._flush = flush
         self._wlock = layers.wlock
         self._layers = layers
+        self._scratch = bytearray(layers.geo.region_size)  # partial writes, under the stack lock
         self._unavail = unavail
         self._geo: Geometry = geo
         self._cache_regions = cache_regions
@@ -216,6 +218,58 @@ class Router:
             except RegionUnavailableError as exc:
                 self._unavail.mark(exc.regions, exc.reason)
                 return False
+
+    # -- writes ------------------------------------------------------------------------------------------
+    def write_region(self, top: Overlay, r: int, intra: int, piece: memoryview,
+                     fetched: dict[int, bytes] | None = None) -> None:
+        """Write ``piece`` at ``intra`` in region ``r`` of the top overlay; the caller holds the
+        writer lock and the stack lock. A partial write takes the rest of the region from the
+        layers below, or from the PIT when the region is not valid locally (``fetched`` has the
+        PIT's bytes of such regions, see :meth:`remote_edges`)."""
+        rlen = self._geo.region_length(r)
+        # Not valid locally (even a version in the top overlay): the rest comes from the PIT.
+        remote = self.is_remote(r)
+        if top.needs_current(r, intra, len(piece)) or (remote and len(piece) != rlen):
+            region = memoryview(self._scratch)[:rlen]
+            if remote:
+                got = (fetched or {}).get(r)
+                if got is not None:
+                    region[:] = got
+                else:
+                    self.read_region_remote(r, region)
+            else:
+                self._live().readinto_locked(r * self._geo.region_size, region)
+            top.write_region(r, intra, piece, region)
+        else:
+            top.write_region(r, intra, piece)
+        if self._unavail.bits.test(r) and self._state() is None:
+            # The top overlay now holds a whole, fresh version: the region is readable again.
+            self._unavail.discard(r)
+
+    def hydrate_batch(self, regions: list[int]) -> int:
+        """Install the PIT's version of those of ``regions`` still R in the top overlay (hydration);
+        returns how many were installed."""
+        with self._wlock:
+            self._live()
+            want = [r for r in regions if self._state() is not None and self.is_remote(r)]
+        if not want:
+            return 0
+        got = self.fetch(want, "cannot be fetched for hydration")
+        installed = 0
+        with self._wlock:
+            if self._state() is None:
+                return 0
+            self._live()
+            top = self._layers.top
+            self._layers.rw.acquire_write()
+            try:
+                for r in want:
+                    if self.is_remote(r):  # not written meanwhile
+                        self.write_region(top, r, 0, memoryview(got[r]))
+                        installed += 1
+            finally:
+                self._layers.rw.release_write()
+        return installed
 
     # -- begin and end -------------------------------------------------------------------------------
     def begin(self, repl: Replicator, flush: Callable[[], None]) -> Snapshot:

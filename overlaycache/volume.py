@@ -41,7 +41,6 @@ from overlaycache.local.geometry import byte_view, check_geometry, check_int
 from overlaycache.local.layers import BaseLayer, Overlay
 from overlaycache.local.meta import (
     DistributedOverlayState,
-    SecondaryRecord,
     VolumeMeta,
     read_meta,
     remove_meta_temp,
@@ -49,7 +48,7 @@ from overlaycache.local.meta import (
 )
 from overlaycache.local.stack import LayerStack
 from overlaycache.local.unavailable import UnavailableMap
-from overlaycache.replication import Lag, Replicator
+from overlaycache.replication import Lag, Replicator, attach
 from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
 
 _log = logging.getLogger(__name__)
@@ -93,7 +92,6 @@ class Volume:
         self._router: Router | None = None
         self._repl: Replicator | None = None
         self._hydration: Hydration | None = None
-        self._scratch = bytearray(self._geo.region_size)
         try:
             self._unavail = UnavailableMap(path, self._geo.num_regions)
             self._layers = layers = LayerStack(path, meta, not readonly, self._rw, self._wlock, self._merge_lock)
@@ -135,21 +133,9 @@ class Volume:
                 known.resync = True
                 self._store_meta()
             return
-        location = str(getattr(store, "location", repr(store)))
-        mode = mode or (known.mode if known is not None else None) or "async"
-        if period is None and known is not None:
-            period = known.period
-        # Not closed cleanly last time: a region may have been shipped from a write that was never
-        # flushed and is now lost locally, so the secondary's records are checked against ours.
-        resync = known is None or known.location != location or known.resync or not known.clean
-        self._repl = Replicator(self._regions, store, mode, period, sync_policy, max_lag_regions, workers,
-                                resync=False)
+        self._repl, self._meta.secondary = attach(self._regions, store, known, mode, period, sync_policy,
+                                                  max_lag_regions, workers)
         self._route.repl = self._repl
-        if known is not None and known.location != location:
-            self._repl.remote.reset()
-        if resync:
-            self._repl.resync()
-        self._meta.secondary = SecondaryRecord(location, mode, period, clean=False)
         self._store_meta()
         self._repl.start()
 
@@ -475,9 +461,10 @@ class Volume:
         repl = self._repl
         if repl is not None:
             repl.throttle()
+        route = self._route
         remote: dict[int, bytes] = {}
         if self._unavail.any():
-            remote = self._route.remote_edges(offset, len(view))
+            remote = route.remote_edges(offset, len(view))
         with self._wlock:
             top = self._live_layers().top
             self._rw.acquire_write()
@@ -487,7 +474,7 @@ class Volume:
                     r = pos // rs
                     intra = pos - r * rs
                     take = min(rs - intra, end - pos)
-                    self._write_region(top, r, intra, view[pos - offset : pos - offset + take], remote)
+                    route.write_region(top, r, intra, view[pos - offset : pos - offset + take], remote)
                     pos += take
             finally:
                 self._rw.release_write()
@@ -497,30 +484,6 @@ class Volume:
             self.flush()
             repl.ship_after_write(offset // rs, (offset + len(view) - 1) // rs)
         return len(view)
-
-    def _write_region(self, top: Overlay, r: int, intra: int, piece: memoryview,
-                      fetched: dict[int, bytes] | None = None) -> None:
-        """Write ``piece`` at ``intra`` in region ``r``; the caller holds both locks. ``fetched``
-        has the PIT's bytes of R regions written in part (see :meth:`Router.remote_edges`)."""
-        rlen = self._geo.region_length(r)
-        # Not valid locally (even a version in the top overlay): the rest comes from the PIT.
-        remote = self._route.is_remote(r)
-        if top.needs_current(r, intra, len(piece)) or (remote and len(piece) != rlen):
-            region = memoryview(self._scratch)[:rlen]
-            if remote:
-                got = (fetched or {}).get(r)
-                if got is not None:
-                    region[:] = got
-                else:
-                    self._route.read_region_remote(r, region)
-            else:
-                self._live().readinto_locked(r * self._geo.region_size, region)
-            top.write_region(r, intra, piece, region)
-        else:
-            top.write_region(r, intra, piece)
-        if self._unavail.bits.test(r) and self._do is None:
-            # The top overlay now holds a whole, fresh version: the region is readable again.
-            self._unavail.discard(r)
 
     def flush(self) -> None:
         """Make every write so far durable (data first, then the journal that points at it)."""
@@ -797,29 +760,6 @@ class Volume:
                 raise hyd.error
         return hyd
 
-    def _hydrate_batch(self, regions: list[int]) -> int:
-        """Install the PIT's version of the regions still R; returns how many were installed."""
-        with self._wlock:
-            self._live()
-            want = [r for r in regions if self._do is not None and self._route.is_remote(r)]
-        if not want:
-            return 0
-        got = self._route.fetch(want, "cannot be fetched for hydration")
-        installed = 0
-        with self._wlock:
-            if self._do is None:
-                return 0
-            top = self._live_layers().top
-            self._rw.acquire_write()
-            try:
-                for r in want:
-                    if self._route.is_remote(r):  # not written meanwhile
-                        self._write_region(top, r, 0, memoryview(got[r]))
-                        installed += 1
-            finally:
-                self._rw.release_write()
-        return installed
-
     def clear_cache(self) -> int:
         """Drop every region kept in the remote region cache; returns how many were dropped."""
         self._live()
@@ -961,4 +901,4 @@ class _Regions:
         return self._vol._route.io_count
 
     def hydrate_batch(self, regions: list[int]) -> int:
-        return self._vol._hydrate_batch(regions)
+        return self._vol._route.hydrate_batch(regions)

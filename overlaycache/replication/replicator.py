@@ -38,6 +38,7 @@ from overlaycache.errors import (
     StoreError,
 )
 from overlaycache.local.layers import zero_checksums
+from overlaycache.local.meta import SecondaryRecord
 from overlaycache.local.regions import ReplicationHost
 from overlaycache.replication.maps import ChangeMap, RemoteMap
 from overlaycache.replication.modes import Mode, mode_for
@@ -461,3 +462,32 @@ class Replicator:
         self.last_manifest = raw
         _log.info("%s: snapshot %s (%s) published to %s", self.vol.path, snap.id, label, self.store.location)
         return snap
+
+
+def attach(host: ReplicationHost, store: Any, known: SecondaryRecord | None, mode: str | None,
+           period: float | None, sync_policy: str, max_lag_regions: int | None,
+           workers: int) -> tuple[Replicator, SecondaryRecord]:
+    """A replicator of ``host`` to ``store``, its records checked, not started yet; and the record
+    of the secondary to keep in the volume's metadata.
+
+    Without ``mode`` (and ``period``) the volume resumes what ``known``, the record of the
+    secondary it was last attached to, says. The secondary's records are compared with the
+    volume's checksums (and what differs marked pending) when it is a new or another secondary,
+    when changes went untracked while detached, or when the volume was not closed cleanly (a
+    region may have been shipped from a write that was never flushed and is now lost locally).
+    """
+    location = str(getattr(store, "location", repr(store)))
+    mode = mode or (known.mode if known is not None else None) or "async"
+    if period is None and known is not None:
+        period = known.period
+    resync = known is None or known.location != location or known.resync or not known.clean
+    repl = Replicator(host, store, mode, period, sync_policy, max_lag_regions, workers, resync=False)
+    try:
+        if known is not None and known.location != location:
+            repl.remote.reset()
+        if resync:
+            repl.resync()
+    except BaseException:
+        repl.close()
+        raise
+    return repl, SecondaryRecord(location, mode, period, clean=False)
