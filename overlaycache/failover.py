@@ -219,6 +219,20 @@ class Router:
                 self._unavail.mark(exc.regions, exc.reason)
                 return False
 
+    def differing(self, theirs: Callable[[int], bytes]) -> list[int]:
+        """The regions whose current version (written since the last commit or not) has another
+        checksum than ``theirs(r)``; from the tables, no data read (uncommitted regions hashed)."""
+        with self._wlock:
+            self._live()
+            top = self._layers.top
+            top.hash_dirty()
+            out = []
+            for r in range(self._geo.num_regions):
+                mine = bytes(top.sums[16 * r : 16 * r + 16]) if top.dirty.test(r) else self.local_checksum(r)
+                if theirs(r) != mine:
+                    out.append(r)
+            return out
+
     # -- writes ------------------------------------------------------------------------------------------
     def write_region(self, top: Overlay, r: int, intra: int, piece: memoryview,
                      fetched: dict[int, bytes] | None = None) -> None:

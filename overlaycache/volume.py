@@ -25,6 +25,7 @@ from typing import Any
 
 from overlaycache._fs import lock_directory
 from overlaycache._impl import core
+from overlaycache.clone import Clone, open_clone
 from overlaycache.errors import (
     InvalidArgumentError,
     Reason,
@@ -32,11 +33,10 @@ from overlaycache.errors import (
     StaleStackError,
     VolumeClosedError,
 )
-from overlaycache.clone import Clone, open_clone
 from overlaycache.failover import CODE_NAMES, READAHEAD_BYTES, Router
 from overlaycache.hydration import Hydration
-from overlaycache.jobs import IDLE, Job
 from overlaycache.images import RecoveryImage, VirtualImage
+from overlaycache.jobs import IDLE, Job
 from overlaycache.local.geometry import byte_view, check_geometry, check_int
 from overlaycache.local.layers import BaseLayer, Overlay
 from overlaycache.local.meta import (
@@ -48,11 +48,12 @@ from overlaycache.local.meta import (
 )
 from overlaycache.local.stack import LayerStack
 from overlaycache.local.unavailable import UnavailableMap
+from overlaycache.remote.catalog import Catalog
 from overlaycache.replication import Lag, Replicator, attach
 from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
+from overlaycache.store.base import ObjectStore
 
 _log = logging.getLogger(__name__)
-
 
 
 class Volume:
@@ -73,7 +74,7 @@ class Volume:
     """
 
     def __init__(self, path: str, meta: VolumeMeta, readonly: bool, lock_fd: int,
-                 secondary: Any = None, replication: str | None = None, period: float | None = None,
+                 secondary: ObjectStore | None = None, replication: str | None = None, period: float | None = None,
                  sync_policy: str = "degrade", max_lag_regions: int | None = None, workers: int = 16,
                  verify: str = "always", cache_regions: int = 4096, readahead: int = READAHEAD_BYTES,
                  remote_fraction: float | None = None) -> None:
@@ -120,7 +121,7 @@ class Volume:
             self._teardown()
             raise
 
-    def _attach(self, store: Any, mode: str | None, period: float | None, sync_policy: str,
+    def _attach(self, store: ObjectStore | None, mode: str | None, period: float | None, sync_policy: str,
                 max_lag_regions: int | None, workers: int) -> None:
         """Start replication to ``store``, or note that changes go untracked while detached."""
         known = self._meta.secondary
@@ -141,7 +142,7 @@ class Volume:
 
     # -- lifecycle --------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike[str], size: int, region_size: int = 65536, secondary: Any = None,
+    def create(cls, path: str | os.PathLike[str], size: int, region_size: int = 65536, secondary: ObjectStore | None = None,
                replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
                max_lag_regions: int | None = None, workers: int = 16, verify: str = "always",
                cache_regions: int = 4096, readahead: int = READAHEAD_BYTES,
@@ -216,7 +217,7 @@ class Volume:
                         remote_fraction=remote_fraction)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], readonly: bool = False, secondary: Any = None,
+    def open(cls, path: str | os.PathLike[str], readonly: bool = False, secondary: ObjectStore | None = None,
              replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
              max_lag_regions: int | None = None, workers: int = 16, verify: str = "always",
              cache_regions: int = 4096, readahead: int = READAHEAD_BYTES,
@@ -594,7 +595,7 @@ class Volume:
         return self._repl
 
     @property
-    def secondary(self) -> Any:
+    def secondary(self) -> ObjectStore | None:
         """The attached store, or None."""
         return self._repl.store if self._repl is not None else None
 
@@ -651,14 +652,13 @@ class Volume:
 
     def snapshots(self) -> list[Snapshot]:
         """The PIT snapshots of this volume on the secondary, oldest first."""
-        repl = self._replicator()
-        return list(repl.store.snapshots(self.id))
+        return Catalog(self._replicator().store).snapshots(self.id)
 
     def remote_image(self, snapshot: Snapshot | str) -> Any:
         """A read-only image of a PIT snapshot, read from the secondary."""
-        repl = self._replicator()
-        snap = find_snapshot(self.snapshots(), snapshot, f"{repl.store.location} volume {self.id}")
-        return repl.store.image(self.id, snap)
+        catalog = Catalog(self._replicator().store)
+        where = f"{catalog.store.location} volume {self.id}"
+        return catalog.image(self.id, find_snapshot(catalog.snapshots(self.id), snapshot, where))
 
     # -- unavailable regions and the distributed overlay ---------------------------------------------
     @property
@@ -799,30 +799,15 @@ class Volume:
         """Regions whose contents differ between two PIT snapshots (or images), or between one and
         the volume as it is now (``b=None``); from manifests and checksums, no data read."""
 
-        def sums(x: Any) -> Callable[[int], bytes | None]:
-            if x is None:
-                def current(r: int) -> bytes | None:
-                    with self._wlock:
-                        return self._route.local_checksum(r)
-                return current
+        def sums(x: Any) -> Callable[[int], bytes]:
             img = x if hasattr(x, "region_checksum") else self.remote_image(x)
             return img.region_checksum  # type: ignore[no-any-return]
 
+        if a is None or b is None:
+            if a is None and b is None:
+                raise InvalidArgumentError("diff needs a snapshot or an image")
+            return self._route.differing(sums(b if a is None else a))
         sa, sb = sums(a), sums(b)
-        if b is None:
-            with self._wlock:
-                top = self._live_layers().top
-                top.hash_dirty()
-                out = []
-                for r in range(self._geo.num_regions):
-                    got = sa(r)
-                    if top.dirty.test(r):
-                        cur: bytes | None = bytes(top.sums[16 * r : 16 * r + 16])
-                    else:
-                        cur = self._route.local_checksum(r)
-                    if got != cur:
-                        out.append(r)
-                return out
         return [r for r in range(self._geo.num_regions) if sa(r) != sb(r)]
 
     def restore(self, image: Any, progress: Callable[[int, int], None] | None = None,

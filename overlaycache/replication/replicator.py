@@ -39,7 +39,9 @@ from overlaycache.errors import (
 )
 from overlaycache.local.layers import zero_checksums
 from overlaycache.local.meta import SecondaryRecord
+from overlaycache.store.base import ObjectStore
 from overlaycache.local.regions import ReplicationHost
+from overlaycache.remote.catalog import Catalog
 from overlaycache.replication.maps import ChangeMap, RemoteMap
 from overlaycache.replication.modes import Mode, mode_for
 from overlaycache.remote.layout import encode_volume_record, manifest_key, region_key, snapshot_id, volume_key
@@ -78,7 +80,7 @@ class Replicator:
     Created by :class:`Volume`; see the module docstring for the contract.
     """
 
-    def __init__(self, vol: ReplicationHost, store: Any, mode: str, period: float | None, sync_policy: str,
+    def __init__(self, vol: ReplicationHost, store: ObjectStore, mode: str, period: float | None, sync_policy: str,
                  max_lag_regions: int | None, workers: int, resync: bool) -> None:
         self.policy: Mode = mode_for(mode, period)
         if sync_policy not in SYNC_POLICIES:
@@ -138,7 +140,7 @@ class Replicator:
         try:
             self.store.put(key, record, if_absent=True)
         except ObjectExistsError:
-            found = self.store.volume_info(self.volume_id)
+            found = Catalog(self.store).volume_info(self.volume_id)
             if (found.get("size"), found.get("region_size")) != (self.vol.size, self.vol.region_size):
                 raise FormatError(
                     f"{self.store.location}: volume {self.volume_id} is stored with size {found.get('size')} "
@@ -464,7 +466,7 @@ class Replicator:
         return snap
 
 
-def attach(host: ReplicationHost, store: Any, known: SecondaryRecord | None, mode: str | None,
+def attach(host: ReplicationHost, store: ObjectStore, known: SecondaryRecord | None, mode: str | None,
            period: float | None, sync_policy: str, max_lag_regions: int | None,
            workers: int) -> tuple[Replicator, SecondaryRecord]:
     """A replicator of ``host`` to ``store``, its records checked, not started yet; and the record
