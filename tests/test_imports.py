@@ -149,6 +149,57 @@ def test_the_secondary_side_stays_below_the_images() -> None:
     assert graph["overlaycache.remote.layout"] <= {"overlaycache._impl", "overlaycache.errors"}
 
 
+def test_local_knows_nothing_above_it() -> None:
+    graph = import_graph()
+    allowed = {"overlaycache._fs", "overlaycache._impl", "overlaycache.errors", "overlaycache.snapshots"}
+    for mod, deps in graph.items():
+        if mod.startswith("overlaycache.local."):
+            assert {d for d in deps if not d.startswith("overlaycache.local")} <= allowed, mod
+
+
+# Private by convention, public by API: namedtuple's _replace.
+_PUBLIC_UNDERSCORED = {"_replace"}
+
+
+def private_reaches(root: Path = PACKAGE) -> list[str]:
+    """Accesses ``x._name`` (``x`` not ``self``/``cls``) in a module under ``root`` whose ``_name``
+    that module does not define itself: a reach into another module's private members."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "testing" in path.relative_to(root).parts:
+            continue  # harnesses poke at internals on purpose
+        tree = ast.parse(path.read_text(), str(path))
+        own: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                own.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+            elif isinstance(node, ast.arg):
+                own.add(node.arg)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                    and node.attr not in own and node.attr not in _PUBLIC_UNDERSCORED):
+                found.append(f"{path.relative_to(root.parent)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_private_member_check_finds_a_reach(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("class A:\n    def _own(self) -> None:\n        self._x = 1\n\n"
+                              "def f(a: A) -> None:\n    a._own()\n")
+    (pkg / "b.py").write_text("def g(vol: object) -> object:\n    return vol._stack\n")
+    assert private_reaches(pkg) == ["pkg/b.py:2: vol._stack"]
+
+
+def test_no_module_reaches_into_another_s_private_members() -> None:
+    assert private_reaches() == []
+
+
 PROBE = """
 import json, sys
 import overlaycache
