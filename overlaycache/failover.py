@@ -39,7 +39,6 @@ from overlaycache._fs import write_file_atomic
 from overlaycache._impl import core
 from overlaycache.errors import (
     InvalidArgumentError,
-    InvalidBufferError,
     Reason,
     RegionUnavailableError,
     StaleStackError,
@@ -47,7 +46,7 @@ from overlaycache.errors import (
     VolumeClosedError,
 )
 from overlaycache.images import RemoteImage
-from overlaycache.local.geometry import Geometry, byte_view, region_ranges
+from overlaycache.local.geometry import Geometry, byte_view, region_ranges, writable_range
 from overlaycache.local.layers import Overlay
 from overlaycache.local.meta import DistributedOverlayState
 from overlaycache.local.stack import LayerStack
@@ -582,11 +581,8 @@ class Router:
         """Serve a read whose share of R regions reaches ``remote_fraction`` from the PIT alone
         (PO regions excepted: the PIT does not have them); returns False, reading nothing, for
         any other read. PB regions are the same version in the PIT (not written since it)."""
-        view = byte_view(buffer)
-        if view.readonly:
-            raise InvalidBufferError("a writable buffer is required")
+        view = writable_range(buffer, offset, self._geo.size, "volume")
         n = len(view)
-        self._geo.check_range(offset, n)
         if n == 0:
             return False
         rs = self._geo.region_size
@@ -648,11 +644,8 @@ class Router:
             Regions that can be read from nowhere, all named (local read failures are raised as
             they are, for the volume to detect).
         """
-        view = byte_view(buffer)
-        if view.readonly:
-            raise InvalidBufferError("a writable buffer is required")
+        view = writable_range(buffer, offset, self._geo.size, "volume")
         n = len(view)
-        self._geo.check_range(offset, n)
         if n == 0:
             return 0
         rs = self._geo.region_size

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from overlaycache.clone import Clone
-from overlaycache.errors import InvalidBufferError, OutOfRangeError, StaleStackError, VolumeClosedError
+from overlaycache.errors import OutOfRangeError, StaleStackError, VolumeClosedError
+from overlaycache.local.geometry import writable_range
 from overlaycache.local.regions import LocalRegions
 from overlaycache.remote.cache import RegionCache
 from overlaycache.remote.manifest import Manifest
@@ -121,19 +122,6 @@ class VirtualImage:
 
     def __repr__(self) -> str:
         return f"VirtualImage(snapshot={self.snapshot.id!r}, size={self.size})"
-
-
-def _writable_range(buffer: Any, offset: int, size: int) -> memoryview:
-    """``buffer`` as a writable byte view, checked to fit at ``offset`` in an image of ``size``."""
-    try:
-        view = memoryview(buffer).cast("B")
-    except TypeError as exc:
-        raise InvalidBufferError(f"expected a writable buffer, got {type(buffer).__name__}") from exc
-    if view.readonly:
-        raise InvalidBufferError("a writable buffer is required")
-    if offset < 0 or offset + len(view) > size:
-        raise OutOfRangeError(f"bytes [{offset}, {offset + len(view)}) out of the image [0, {size})")
-    return view
 
 
 def _read_via_readinto(readinto: Any, offset: int, length: int) -> bytes:
@@ -262,7 +250,7 @@ class RemoteImage:
 
     def readinto(self, offset: int, buffer: Any) -> int:
         """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer; returns the count."""
-        view = _writable_range(buffer, offset, self.size)
+        view = writable_range(buffer, offset, self.size, "image")
         n = len(view)
         if n == 0:
             return 0
@@ -337,7 +325,7 @@ class RecoveryImage:
         """
         if self.closed:
             raise VolumeClosedError(f"image of snapshot {self.snapshot.id} is closed (or its volume)")
-        view = _writable_range(buffer, offset, self.size)
+        view = writable_range(buffer, offset, self.size, "image")
         n = len(view)
         if n == 0:
             return 0

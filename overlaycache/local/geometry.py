@@ -98,3 +98,15 @@ def byte_view(data: Any) -> memoryview:
     if not view.c_contiguous:
         raise InvalidBufferError("buffer must be C-contiguous")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def writable_range(buffer: Any, offset: Any, size: int, what: str) -> memoryview:
+    """``buffer`` as a flat writable byte view, checked to fit at ``offset`` in a ``what`` of
+    ``size`` bytes; else :class:`InvalidBufferError` or :class:`OutOfRangeError`."""
+    view = byte_view(buffer)
+    if view.readonly:
+        raise InvalidBufferError("a writable buffer is required")
+    check_int("offset", offset)
+    if offset < 0 or offset + len(view) > size:
+        raise OutOfRangeError(f"bytes [{offset}, {offset + len(view)}) out of the {what} [0, {size})")
+    return view

@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from overlaycache._impl import core
 from overlaycache.errors import (
