@@ -239,23 +239,27 @@ class Router:
         writer lock and the stack lock. A partial write takes the rest of the region from the
         layers below, or from the PIT when the region is not valid locally (``fetched`` has the
         PIT's bytes of such regions, see :meth:`remote_edges`)."""
+        bits = self._unavail.bits
         rlen = self._geo.region_length(r)
-        # Not valid locally (even a version in the top overlay): the rest comes from the PIT.
-        remote = self.is_remote(r)
-        if top.needs_current(r, intra, len(piece)) or (remote and len(piece) != rlen):
-            region = memoryview(self._scratch)[:rlen]
-            if remote:
-                got = (fetched or {}).get(r)
-                if got is not None:
-                    region[:] = got
+        if intra or len(piece) != rlen:  # partial: the rest of the region is needed unless patched in place
+            # Not valid locally (even a version in the top overlay): the rest comes from the PIT.
+            remote = bits.test(r) and self.location(r) == CODE_R
+            if remote or not top.dirty.test(r):
+                region = memoryview(self._scratch)[:rlen]
+                if remote:
+                    got = (fetched or {}).get(r)
+                    if got is not None:
+                        region[:] = got
+                    else:
+                        self.read_region_remote(r, region)
                 else:
-                    self.read_region_remote(r, region)
+                    self._live().readinto_locked(r * self._geo.region_size, region)
+                top.write_region(r, intra, piece, region)
             else:
-                self._live().readinto_locked(r * self._geo.region_size, region)
-            top.write_region(r, intra, piece, region)
+                top.write_region(r, intra, piece)
         else:
             top.write_region(r, intra, piece)
-        if self._unavail.bits.test(r) and self._state() is None:
+        if bits.test(r) and self._state() is None:
             # The top overlay now holds a whole, fresh version: the region is readable again.
             self._unavail.discard(r)
 

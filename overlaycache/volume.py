@@ -370,10 +370,14 @@ class Volume:
         with self._wlock:
             return self._live_layers().layer_map(first, n)
 
-    def _check_writable(self) -> None:
-        self._live()
+    def _check_writable(self) -> LayerStack:
+        """The layers, checking that the volume is open for writing."""
+        layers = self._layers
+        if layers is None or layers.live is None:
+            raise VolumeClosedError(f"{self.path}: volume is closed")
         if self.readonly:
             raise InvalidArgumentError(f"{self.path}: volume is open read-only")
+        return layers
 
     def _store_meta(self) -> None:
         if self._layers is not None:
@@ -454,20 +458,22 @@ class Volume:
         """
         view = byte_view(data)
         self._geo.check_range(offset, len(view))
-        self._check_writable()
+        layers = self._check_writable()
         if not len(view):
             return 0
-        geo = self._geo
-        rs = geo.region_size
+        rs = self._geo.region_size
         repl = self._repl
         if repl is not None:
             repl.throttle()
-        route = self._route
+        route = self._router
+        assert route is not None
         remote: dict[int, bytes] = {}
         if self._unavail.any():
             remote = route.remote_edges(offset, len(view))
         with self._wlock:
-            top = self._live_layers().top
+            if layers.live is None:
+                raise VolumeClosedError(f"{self.path}: volume is closed")
+            top = layers.overlays[-1]
             self._rw.acquire_write()
             pos, end = offset, offset + len(view)
             try:

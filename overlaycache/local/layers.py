@@ -336,19 +336,20 @@ class Overlay(Layer):
         versions are not valid, even one in this overlay); it is patched with ``piece`` and
         written whole.
         """
-        in_place = bool(self.dirty.test(r))
+        in_place = self.dirty.test(r)
         if in_place:
             slot = int(self.which.test(r))
         else:
             slot = int(not self.which.test(r)) if self.present.test(r) else 0
-        off = self.slot_offset(r, slot)
+        geo = self.geo
+        off = (r + slot * geo.num_regions) * geo.region_size  # slot_offset, inline: the hot path
         if current is not None:
             current[intra : intra + len(piece)] = piece
             self.data.write(off, current)
-        elif self.needs_current(r, intra, len(piece)):
-            raise OverlayCacheError(f"internal: a partial write of region {r} without its current bytes")
-        else:
+        elif in_place or (intra == 0 and len(piece) == min(geo.region_size, geo.size - r * geo.region_size)):
             self.data.write(off + intra, piece)
+        else:
+            raise OverlayCacheError(f"internal: a partial write of region {r} without its current bytes")
         if not in_place:
             if slot:
                 self.which.set(r)
