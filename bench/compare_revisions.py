@@ -89,6 +89,8 @@ def _load_report(path: str) -> ModuleType:
 @contextmanager
 def _worktrees(repo: str, revs: dict[str, str], parent: str | None) -> Iterator[tuple[str, dict[str, str]]]:
     """Detached worktrees of ``revs`` (label -> commit) in a temporary directory, removed on exit."""
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="oc-compare-", dir=parent)
     made: list[str] = []
     try:
