@@ -15,19 +15,24 @@ Contract
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from overlaycache._fs import lock_directory
+from overlaycache._fs import fsync_dir, lock_directory
 from overlaycache._impl import core
 from overlaycache.clone import Clone, open_clone
 from overlaycache.errors import (
     InvalidArgumentError,
+    InvalidBufferError,
+    OverlayCacheError,
     Reason,
     RegionUnavailableError,
     StaleStackError,
@@ -37,7 +42,7 @@ from overlaycache.failover import CODE_NAMES, READAHEAD_BYTES, Router
 from overlaycache.hydration import Hydration
 from overlaycache.images import RecoveryImage, VirtualImage
 from overlaycache.jobs import IDLE, Job
-from overlaycache.local.geometry import byte_view, check_geometry, check_int
+from overlaycache.local.geometry import byte_view, check_callback, check_geometry, check_path, check_regions
 from overlaycache.local.layers import BaseLayer, Overlay
 from overlaycache.local.meta import (
     DistributedOverlayState,
@@ -195,26 +200,49 @@ class Volume:
         Raises
         ------
         InvalidArgumentError
-            Bad size or region size, or ``path`` is not empty.
+            Bad size, region size or secondary, ``path`` is not empty, or its file system cannot
+            hold a file that large.
+
+        A create that fails (or is interrupted) leaves nothing behind: a new directory is built
+        beside ``path`` and renamed into place when complete; an empty one is emptied again.
         """
         geo = check_geometry(size, region_size)
-        path = os.fspath(path)
-        if os.path.exists(path):
-            if not os.path.isdir(path) or os.listdir(path):
-                raise InvalidArgumentError(f"{path}: exists and is not an empty directory")
-        else:
-            os.makedirs(path)
-        BaseLayer.create(path, geo)
-        Overlay.create(path, 1, geo)
+        path = check_path("path", path)
+        _check_store(secondary)
         if replication is not None and secondary is None:
             raise InvalidArgumentError("replication needs a secondary store")
-        meta = VolumeMeta(id=uuid.uuid4().hex, size=geo.size, region_size=geo.region_size,
-                          created_at=time.time(), layers=[1], next_layer=2, snapshots=[], next_snapshot=1)
-        write_meta(path, meta)
-        return cls.open(path, secondary=secondary, replication=replication, period=period,
-                        sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers,
-                        verify=verify, cache_regions=cache_regions, readahead=readahead,
-                        remote_fraction=remote_fraction)
+        existed = os.path.exists(path)
+        if existed and (not os.path.isdir(path) or os.listdir(path)):
+            raise InvalidArgumentError(f"{path}: exists and is not an empty directory")
+        parent, name = os.path.split(os.path.abspath(path))
+        build = path if existed else os.path.join(parent, f".{name}.creating-{uuid.uuid4().hex[:8]}")
+        made = False  # the volume is at ``path``
+        try:
+            try:
+                if not existed:
+                    os.makedirs(build)
+                BaseLayer.create(build, geo)
+                Overlay.create(build, 1, geo)
+                meta = VolumeMeta(id=uuid.uuid4().hex, size=geo.size, region_size=geo.region_size,
+                                  created_at=time.time(), layers=[1], next_layer=2, snapshots=[], next_snapshot=1)
+                write_meta(build, meta)
+                if not existed:
+                    os.rename(build, path)  # refused if someone made ``path`` meanwhile
+                    fsync_dir(parent)
+            except OSError as exc:
+                if exc.errno not in (errno.EFBIG, errno.EACCES, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
+                                     errno.ENOTEMPTY, errno.EINVAL, errno.ENAMETOOLONG):
+                    raise
+                raise InvalidArgumentError(f"{path}: cannot create a volume of {geo.size} bytes there: "
+                                           f"{exc.strerror} ({exc.filename or path})") from exc
+            made = True
+            return cls.open(path, secondary=secondary, replication=replication, period=period,
+                            sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers,
+                            verify=verify, cache_regions=cache_regions, readahead=readahead,
+                            remote_fraction=remote_fraction)
+        except BaseException:
+            _remove_created(path if made else build, keep_dir=existed)
+            raise
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], readonly: bool = False, secondary: ObjectStore | None = None,
@@ -235,7 +263,8 @@ class Volume:
         VolumeLockedError
             Another process (or another open in this one) has it open for writing.
         """
-        path = os.fspath(path)
+        path = check_path("path", path)
+        _check_store(secondary)
         read_meta(path)  # a clear error for what is not a volume, before creating a lock file in it
         lock_fd = lock_directory(path, readonly, "volume is open for writing elsewhere")
         try:
@@ -422,8 +451,8 @@ class Volume:
         OutOfRangeError, InvalidBufferError, RegionUnavailableError
             As :meth:`read`; also for a read-only buffer.
         """
-        if type(offset) is not int:
-            check_int("offset", offset)
+        if type(offset) is not int or not 0 <= offset <= self._geo.size:
+            self._geo.check_range(offset, 0)  # raises: not an int, or out of the volume
         layers = self._layers  # the hot path: no helper calls before the kernel
         while True:
             stack = None if layers is None else layers.live
@@ -441,6 +470,10 @@ class Volume:
             except RegionUnavailableError as exc:
                 if not self._route.detected(exc):
                     raise
+            except (TypeError, ValueError) as exc:  # the kernel refused the buffer
+                if isinstance(exc, OverlayCacheError):
+                    raise
+                raise InvalidBufferError(f"a writable, C-contiguous buffer is required: {exc}") from exc
 
     def write(self, offset: int, data: Any) -> int:
         """Write ``data`` (any bytes-like object) at ``offset``; returns the count.
@@ -566,7 +599,7 @@ class Volume:
             The clone is open elsewhere.
         """
         self._live()
-        return open_clone(self, path)
+        return open_clone(self, check_path("path", path))
 
     def merge_down(self) -> int:
         """Fold the oldest overlay into the base; returns the number of regions copied.
@@ -626,6 +659,7 @@ class Volume:
         SecondaryUnavailableError
             The store cannot be reached; nothing is lost, the regions stay pending.
         """
+        check_callback("progress", progress)
         repl = self._replicator()
         shipped = repl.ship(progress=progress)
         repl.wait_idle()
@@ -715,7 +749,7 @@ class Volume:
             A region number is not in the volume.
         """
         self._check_writable()
-        regs = [self._geo.check_region(r) for r in regions]
+        regs = [self._geo.check_region(r) for r in check_regions("regions", regions)]
         self._mark(regs, Reason.DECLARED)
         if self._repl is not None and regs:
             self.begin_distributed_overlay()
@@ -751,6 +785,7 @@ class Volume:
         ``background`` (one at a time: the running one is returned). A region the secondary cannot
         serve stops the run (``Hydration.error``; raised too when not in the background).
         """
+        check_callback("progress", progress)
         self._check_writable()
         with self._wlock:
             running = self._hydration
@@ -777,6 +812,7 @@ class Volume:
         Regions already unavailable are skipped. It runs as a :class:`~overlaycache.jobs.Job`;
         ``progress(done, total)`` is called after each batch of regions.
         """
+        check_callback("progress", progress)
         with self._wlock:
             if not self.readonly:
                 self._live_layers().top.hash_dirty()
@@ -832,6 +868,7 @@ class Volume:
         truncated gets its length back first; one that was deleted or replaced keeps the overlays
         (logged), as does any region that fails its checksum while merging.
         """
+        check_callback("progress", progress)
         self._check_writable()
         img = image if isinstance(image, RecoveryImage) else self.image(image)
         todo = self.diff(img)
@@ -853,6 +890,26 @@ class Volume:
         if fold:
             self._live_layers().fold()
         return todo
+
+def _check_store(store: Any) -> None:
+    if store is not None and not isinstance(store, ObjectStore):
+        raise InvalidArgumentError(
+            f"secondary must be an object store (S3Store, LocalStore, open_store(url)), got {type(store).__name__}")
+
+
+def _remove_created(path: str, keep_dir: bool) -> None:
+    """Undo a create: remove the volume's files, and its directory unless it was there before."""
+    if keep_dir:
+        for entry in os.listdir(path):
+            target = os.path.join(path, entry)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
 
 class _Regions:
     """The volume as its collaborators see it (:class:`ReplicationHost`, a :class:`LocalRegions`;

@@ -7,6 +7,7 @@ is an :class:`~overlaycache.errors.OverlayCacheError` (also the matching builtin
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,6 +15,8 @@ from overlaycache.errors import InvalidArgumentError, InvalidBufferError, OutOfR
 
 MIN_REGION_SIZE = 4 << 10
 MAX_REGION_SIZE = 64 << 20
+#: The largest volume: its files' offsets (an overlay holds two slots a region) fit in a C off_t.
+MAX_SIZE = 1 << 60
 
 
 class Geometry:
@@ -59,6 +62,8 @@ def check_geometry(size: Any, region_size: Any) -> Geometry:
     region_size = check_int("region_size", region_size)
     if size <= 0:
         raise InvalidArgumentError(f"size must be > 0, got {size}")
+    if size > MAX_SIZE:
+        raise InvalidArgumentError(f"size must be at most {MAX_SIZE} bytes (1 EiB), got {size}")
     if region_size & (region_size - 1) or not MIN_REGION_SIZE <= region_size <= MAX_REGION_SIZE:
         raise InvalidArgumentError(
             f"region_size must be a power of two in [{MIN_REGION_SIZE}, {MAX_REGION_SIZE}], got {region_size}"
@@ -80,6 +85,35 @@ def region_ranges(regions: Iterable[int]) -> str:
     if start is not None:
         out.append(f"{start}" if start == prev else f"{start}-{prev}")
     return ",".join(out) or "none"
+
+
+def check_path(name: str, value: Any) -> str:
+    """``value`` as a path string if it is a ``str`` or ``os.PathLike`` of one; else
+    :class:`InvalidArgumentError`."""
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        raise InvalidArgumentError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}") from None
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise InvalidArgumentError(f"{name} must be a non-empty path string without NUL, got {value!r}")
+    return path
+
+
+def check_callback(name: str, value: Any) -> None:
+    """``value`` must be None or callable; else :class:`InvalidArgumentError`."""
+    if value is not None and not callable(value):
+        raise InvalidArgumentError(f"{name} must be a callable or None, got {type(value).__name__}")
+
+
+def check_regions(name: str, value: Any) -> list[int]:
+    """``value`` as a list of ints if it is an iterable of ints; else :class:`InvalidArgumentError`."""
+    if isinstance(value, (str, bytes)):
+        raise InvalidArgumentError(f"{name} must be an iterable of region numbers, got {type(value).__name__}")
+    try:
+        items = list(value)
+    except TypeError:
+        raise InvalidArgumentError(f"{name} must be an iterable of region numbers, got {type(value).__name__}") from None
+    return [check_int("region", r) for r in items]
 
 
 def check_int(name: str, value: Any) -> int:
