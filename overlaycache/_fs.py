@@ -20,6 +20,11 @@ from typing import Any
 from overlaycache._impl import core
 from overlaycache.errors import FormatError, VolumeLockedError
 
+#: Volume data is private: files and directories of volumes, clones and caches have no group or
+#: other access (the umask can only take more away).
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
 
 def fsync_dir(path: str) -> None:
     """fsync a directory so that renames and creations in it are durable."""
@@ -32,7 +37,7 @@ def fsync_dir(path: str) -> None:
 
 def write_file_new(path: str, data: bytes) -> None:
     """Create (or truncate) ``path`` with ``data`` and fsync it; the caller fsyncs the directory."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         view = memoryview(data)
         while view:
@@ -109,7 +114,7 @@ def lock_directory(directory: str, shared: bool, busy: str) -> int:
     """
     lock_path = os.path.join(directory, "lock")
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
     except OSError as exc:
         raise FormatError(f"{lock_path}: cannot open lock file: {exc.strerror}", lock_path) from exc
     try:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from overlaycache._impl import core
-from overlaycache._fs import lock_directory, read_json_checked, write_json_atomic
+from overlaycache._fs import DIR_MODE, lock_directory, read_json_checked, write_json_atomic
 from overlaycache.local.geometry import byte_view
 from overlaycache.errors import (
     CloneMismatchError,
@@ -259,7 +259,7 @@ class Clone:
         _check_image_open(image, path)
         made = not os.path.exists(path)
         if made:
-            os.makedirs(path)
+            os.makedirs(path, mode=DIR_MODE)
             fsync_dir(os.path.dirname(os.path.abspath(path)))
         elif not os.path.isdir(path) or os.listdir(path):
             raise InvalidArgumentError(

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from overlaycache._fs import fsync_dir, lock_directory
+from overlaycache._fs import DIR_MODE, fsync_dir, lock_directory
 from overlaycache._impl import core
 from overlaycache.clone import Clone, open_clone
 from overlaycache.errors import (
@@ -220,7 +220,7 @@ class Volume:
         try:
             try:
                 if not existed:
-                    os.makedirs(build)
+                    os.makedirs(build, mode=DIR_MODE)
                 BaseLayer.create(build, geo)
                 Overlay.create(build, 1, geo)
                 meta = VolumeMeta(id=uuid.uuid4().hex, size=geo.size, region_size=geo.region_size,

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlaycache import Volume
+from overlaycache import LocalStore, Volume
 from overlaycache.errors import InvalidArgumentError, InvalidBufferError, OutOfRangeError, OverlayCacheError
 from overlaycache.local import layers as layers_mod
 
@@ -133,3 +133,29 @@ def test_create_refuses_a_non_empty_directory_and_leaves_it_alone(tmp_path: Path
     with pytest.raises(InvalidArgumentError):
         Volume.create(tmp_path / "v", SIZE)
     assert os.listdir(tmp_path / "v") == ["precious"]
+
+
+@pytest.mark.parametrize("prefix", ["../x", "a/../../b", "./a", "a//b", 3])
+def test_local_store_prefix_cannot_leave_its_root(tmp_path: Path, prefix: Any) -> None:
+    with pytest.raises(InvalidArgumentError):
+        LocalStore(tmp_path / "root", prefix=prefix)
+    assert sorted(os.listdir(tmp_path)) in ([], ["root"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "b").exists()
+
+
+def test_volume_files_are_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        with Volume.create(tmp_path / "v", SIZE, region_size=RS) as vol:
+            vol.write(0, b"secret")
+            vol.local_snapshot()
+            vol.flush()
+            with vol.image("1") as img, img.clone(tmp_path / "c") as clone:
+                clone.write(0, b"x")
+                clone.flush()
+    finally:
+        os.umask(old)
+    for top in ("v", "c"):
+        assert (tmp_path / top).stat().st_mode & 0o077 == 0, top
+        for entry in (tmp_path / top).iterdir():
+            assert entry.stat().st_mode & 0o077 == 0, entry

@@ -136,8 +136,8 @@ def test_the_store_protocol_knows_nothing_above_it() -> None:
 def test_the_secondary_side_stays_below_the_images() -> None:
     graph = import_graph()
     # remote/ (but the catalog, which opens images) reads stores through their protocol only.
-    allowed = {"overlaycache._impl", "overlaycache.errors", "overlaycache.snapshots", "overlaycache.store.base",
-               "overlaycache.local.geometry"}
+    allowed = {"overlaycache._fs", "overlaycache._impl", "overlaycache.errors", "overlaycache.snapshots",
+               "overlaycache.store.base", "overlaycache.local.geometry"}
     for mod, deps in graph.items():
         if mod.startswith("overlaycache.remote.") and mod != "overlaycache.remote.catalog":
             assert {d for d in deps if not d.startswith("overlaycache.remote.")} <= allowed, mod

@@ -30,7 +30,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-from overlaycache._fs import write_file_new
+from overlaycache._fs import FILE_MODE, write_file_new
 from overlaycache._impl import core
 from overlaycache.errors import FormatError, MediaError, OverlayCacheError
 from overlaycache.local.geometry import Geometry
@@ -141,7 +141,7 @@ class BaseLayer(Layer):
     @staticmethod
     def create(directory: str, geo: Geometry) -> None:
         """Create an all-zero base (sparse) with its checksum table."""
-        fd = os.open(os.path.join(directory, "base.data"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(os.path.join(directory, "base.data"), os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             os.ftruncate(fd, geo.size)
             os.fsync(fd)
@@ -238,7 +238,7 @@ class Overlay(Layer):
     def create(directory: str, layer_id: int, geo: Geometry) -> None:
         """Create the empty files of an overlay (durably)."""
         prefix = os.path.join(directory, f"overlay-{layer_id}")
-        fd = os.open(prefix + ".data", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(prefix + ".data", os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             os.ftruncate(fd, 2 * geo.num_regions * geo.region_size)
             os.fsync(fd)

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from collections.abc import Iterator
 from typing import Any
 
+from overlaycache._fs import DIR_MODE, FILE_MODE
 from overlaycache._impl import core
 from overlaycache.errors import FormatError, InvalidArgumentError, MediaError
 
@@ -56,7 +57,7 @@ class RegionCache:
     def __init__(self, directory: str, region_size: int, capacity: int, lock: Any = None) -> None:
         if capacity < 1:
             raise InvalidArgumentError(f"cache capacity must be >= 1 region, got {capacity}")
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
         self.region_size = region_size
         self.capacity = capacity
         self.index_path = os.path.join(directory, "cache.index")
@@ -76,14 +77,14 @@ class RegionCache:
         self.hits = self.misses = self.dropped = 0
         self._index_fd = self._open_index()
         self._free = [slot for slot in reversed(range(capacity)) if self._entries[slot] is None]
-        self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         length = capacity * region_size
         if os.fstat(self._data_fd).st_size != length:
             os.ftruncate(self._data_fd, length)
         self.data = core.DataFile(self._data_fd, length, True, self.data_path)
 
     def _open_index(self) -> int:
-        fd = os.open(self.index_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.index_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         head = os.pread(fd, _HEAD.size, 0)
         want = _HEAD.pack(_MAGIC, 1, self.region_size, self.capacity)
         if head != want:

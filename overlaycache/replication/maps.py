@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import struct
 
+from overlaycache._fs import FILE_MODE
 from overlaycache._impl import core
 from overlaycache.errors import FormatError
 from overlaycache.remote.layout import RECORD
@@ -33,7 +34,7 @@ class RemoteMap:
         self.n = num_regions
         length = _RMAP_HEADER + RECORD.size * num_regions
         if not os.path.exists(path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
                 os.ftruncate(fd, length)
                 os.pwrite(fd, _RMAP_HEAD.pack(_RMAP_MAGIC, 1, region_size, num_regions, 1), 0)
@@ -95,7 +96,7 @@ class ChangeMap:
         self.n = num_regions
         self.nbytes = 8 * ((num_regions + 63) // 64)
         if not os.path.exists(path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
                 os.write(fd, _CMAP_MAGIC + bytes(self.nbytes))
                 os.fsync(fd)

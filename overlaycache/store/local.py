@@ -39,7 +39,14 @@ class LocalStore(CatalogMixin):
 
     def __init__(self, root: str | os.PathLike[str], prefix: str = "") -> None:
         self.root = os.path.abspath(os.fspath(root))
+        if not isinstance(prefix, str):
+            raise InvalidArgumentError(f"prefix must be a string, got {type(prefix).__name__}")
         self.prefix = prefix.strip("/")
+        if self.prefix:
+            try:
+                _check_key(self.prefix)  # no "..": every key stays under the root
+            except InvalidArgumentError:
+                raise InvalidArgumentError(f"invalid prefix {prefix!r}: empty, '.' or '..' components") from None
         self.location = f"file://{self.root}" + (f"/{self.prefix}" if self.prefix else "")
         os.makedirs(self.root, exist_ok=True)
 
