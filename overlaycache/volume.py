@@ -107,6 +107,11 @@ class Volume:
             layers.route = self._router.route
             layers.apply_verify_policy(verify)
             layers.live = layers.build()
+            if not readonly and layers.top.truncated_at is not None:
+                # The top overlay's file was truncated: its lost versions are unavailable (read from
+                # the secondary, or an error naming them); then new versions can be written again.
+                self._unavail.mark(layers.top.lost_regions(), Reason.IO)
+                layers.top.restore_length()
             if meta.merging is not None and not readonly:
                 _log.info("%s: finishing an interrupted merge of overlay %s", path, meta.merging)
                 with self._wlock:

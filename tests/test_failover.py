@@ -112,6 +112,22 @@ def test_corruption_found_by_a_read_begins_the_distributed_overlay(tmp_path: Pat
         assert vol.location_map() == ["PB", "PB", "R", "PB", "PB", "PB", "PB", "PB"]
 
 
+def test_truncated_base_at_open_is_served_from_the_secondary(tmp_path: Path, s3_store: Any) -> None:
+    """A volume whose base.data was cut while it was closed still opens; the regions past the cut
+    are read from the secondary through the distributed overlay."""
+    import os
+
+    vol = fig3_primary(tmp_path, s3_store, True)
+    with vol:
+        assert vol.merge_down() == 8  # everything into the base file
+        vol.replicate()
+    os.truncate(tmp_path / "vol" / "base.data", 4 * RS)  # regions 4..7 vanish
+    with Volume.open(tmp_path / "vol", secondary=s3_store) as vol:
+        assert chars(vol) == "1 b c z e f 4 h"
+        assert vol.unavailable == frozenset({4, 5, 6, 7}) and vol.distributed_overlay is not None
+        assert vol.location_map() == ["PB"] * 4 + ["R"] * 4
+
+
 def test_truncated_base_under_a_live_volume(tmp_path: Path, s3_store: Any) -> None:
     vol = fig3_primary(tmp_path, s3_store, True)
     with vol:

@@ -90,16 +90,22 @@ def _read_exact(fd: int, n: int, offset: int, path: str) -> bytes:
     return data
 
 
-def _open_data(path: str, length: int, writable: bool) -> tuple[int, Any]:
+def _open_data(path: str, length: int, writable: bool) -> tuple[int, Any, int | None]:
+    """Open and map a data file of ``length`` bytes; returns its fd, its mapping, and where it ends
+    if it is shorter (truncated under the volume: the bytes past its end cannot be read, and a read
+    of them raises :class:`MediaError` through the core's SIGBUS guard, never zeros)."""
     try:
         fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     except FileNotFoundError as exc:
         raise FormatError(f"{path}: missing", path) from exc
     try:
         actual = os.fstat(fd).st_size
+        short = None
         if actual < length:
-            raise FormatError(f"{path}: truncated ({actual} bytes, expected {length})", path)
-        return fd, core.DataFile(fd, length, writable, path)
+            _log.error("%s: truncated (%d bytes, expected %d); the regions stored past its end are unavailable",
+                       path, actual, length)
+            short = actual
+        return fd, core.DataFile(fd, length, writable, path), short
     except BaseException:
         os.close(fd)
         raise
@@ -129,7 +135,7 @@ class BaseLayer(Layer):
         self.data_path = os.path.join(directory, "base.data")
         self.sums_path = os.path.join(directory, "base.sums")
         self.writable = writable
-        self._fd, self.data = _open_data(self.data_path, geo.size, writable)
+        self._fd, self.data, self.truncated_at = _open_data(self.data_path, geo.size, writable)
         try:
             self.sums = self._load_sums()
         except BaseException:
@@ -224,7 +230,7 @@ class Overlay(Layer):
         self.sums = bytearray(16 * n)
         self._batch = 0
         self._journal_bytes = 0
-        self._fd, self.data = _open_data(self.data_path, 2 * n * geo.region_size, writable)
+        self._fd, self.data, self.truncated_at = _open_data(self.data_path, 2 * n * geo.region_size, writable)
         try:
             self._load_table()
             self._replay_journal()
@@ -358,6 +364,26 @@ class Overlay(Layer):
             self.present.set(r)
             self.dirty.set(r)
         self.verified.set(r)
+
+    def lost_regions(self) -> list[int]:
+        """The regions whose current version lies (in part) past the end of a truncated data file."""
+        end = self.truncated_at
+        if end is None:
+            return []
+        out = []
+        for a, b in self.present.runs():
+            for r in range(a, b):
+                if self.slot_offset(r, int(self.which.test(r))) + self.geo.region_length(r) > end:
+                    out.append(r)
+        return out
+
+    def restore_length(self) -> None:
+        """Give a truncated data file its length back (sparse), so that new versions can be written;
+        call it once its lost regions are recorded as unavailable (their slots now read as zeros)."""
+        if self.truncated_at is not None:
+            os.ftruncate(self._fd, 2 * self.geo.num_regions * self.geo.region_size)
+            os.fsync(self._fd)
+            self.truncated_at = None
 
     def hash_dirty(self) -> list[int]:
         """Compute the checksums of the regions written since the last commit; returns them."""
