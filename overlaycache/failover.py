@@ -24,7 +24,10 @@ with the region cache once the distributed overlay is active (cache misses and p
 fetched from the PIT), and region by region from their locations otherwise. Remote bytes enter
 only through the PIT's region source. A read that finds the layout changed under it (the
 distributed overlay began, a region moved to R) raises :class:`StaleStackError`, and the volume
-runs it again from the start.
+runs it again from the start. The router is also the volume as its collaborators see it: the
+:class:`~overlaycache.local.regions.ReplicationHost` of the replicator, the
+:class:`~overlaycache.local.regions.LocalRegions` of recovery images and the
+:class:`~overlaycache.hydration.HydrationTarget` of hydration.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ class Router:
             raise InvalidArgumentError(f"remote_fraction must be in (0, 1] or None, got {remote_fraction!r}")
         self.path = layers.directory
         self.volume_id = layers.meta.id
+        self.size, self.region_size, self.num_regions = geo.size, geo.region_size, geo.num_regions
         self.readonly = readonly
         self.repl: Replicator | None = None  # the replicator, once the secondary is attached
         self._flush = flush
@@ -161,11 +165,23 @@ class Router:
 
     def remote_regions(self) -> set[int]:
         """The regions read from the remote PIT (R) now."""
-        if self._state() is None:
-            return set()
-        return {r for r, c in enumerate(self.codes(0, self._geo.num_regions)) if c == CODE_R}
+        with self._wlock:
+            if self._state() is None:
+                return set()
+            return {r for r, c in enumerate(self.codes(0, self._geo.num_regions)) if c == CODE_R}
 
-    # -- local copies --------------------------------------------------------------------------------
+    # -- local copies (the volume as LocalRegions / ReplicationHost / HydrationTarget) -------------
+    @property
+    def closed(self) -> bool:
+        """Whether the volume is closed."""
+        return self._layers.live is None
+
+    def checksums(self) -> bytearray:
+        """The checksum of every region's current version, from the layers' tables (no data read)."""
+        with self._wlock:
+            self._live()
+            return self._layers.checksums()
+
     def _live(self) -> core.Stack:
         stack = self._layers.live
         if stack is None:
@@ -353,10 +369,9 @@ class Router:
     def begin_for_read(self, regions: Iterable[int]) -> None:
         """Begin the distributed overlay so that ``regions`` can be read; a secondary that cannot
         be reached makes them unavailable for now (a later read tries again)."""
-        assert self.repl is not None
         try:
             with self._wlock:
-                self.begin(self.repl, self._flush)
+                self.begin(self._replicator(), self._flush)
         except StoreError as exc:
             regs = sorted(regions)
             raise RegionUnavailableError(
@@ -371,11 +386,37 @@ class Router:
             self._layers.persist()
             self.stop()
 
-    def ship_pending(self, repl: Replicator) -> int:
+    def _replicator(self) -> Replicator:
+        if self.repl is None:
+            raise InvalidArgumentError(f"{self.path}: no secondary attached (open with secondary=...)")
+        return self.repl
+
+    def begin_distributed_overlay(self) -> Snapshot:
+        """Begin the distributed overlay (see :meth:`begin`), taking the writer lock."""
+        repl = self._replicator()
+        if self.readonly:
+            raise InvalidArgumentError(f"{self.path}: volume is open read-only")
+        with self._wlock:
+            return self.begin(repl, self._flush)
+
+    def snapshot(self, label: str | None = None) -> Snapshot:
+        """Publish a consistent PIT: drain what is unsynced while writes go on, then hold writers
+        off for the remainder, so that the manifest is one image of the volume."""
+        repl = self._replicator()
+        self.ship_pending()
+        with self._wlock:
+            self._flush()
+            self.ship_pending()
+            repl.wait_idle()
+            self.ship_pending()
+            return repl.publish(label)
+
+    def ship_pending(self) -> int:
         """Ship every pending region; during a distributed overlay, a pending region that cannot be
         read is lost instead of failing the shipment: its newest version is gone (the secondary has
         its last replicated one). It is recorded in the state's ``lost``, logged, and no longer
         pending; reads of it fail until it is written again."""
+        repl = self._replicator()
         if self._state() is None:
             return repl.ship()
         lost: set[int] = set()

@@ -34,6 +34,7 @@ class HydrationTarget(Protocol):
     def region_size(self) -> int:
         """Bytes per region."""
 
+    @property
     def io_count(self) -> int:
         """Foreground reads and writes so far (hydration yields to them)."""
 
@@ -60,7 +61,7 @@ class Hydration(Job):
                  progress: Callable[[int, int], None] | None, rate: float | None, idle: float = IDLE) -> None:
         super().__init__("hydration", target.path, regions, target.hydrate_batch, batch=BATCH,
                          unit_bytes=target.region_size, progress=progress, rate=rate, idle=idle,
-                         activity=target.io_count)
+                         activity=lambda: target.io_count)
 
     @property
     def installed(self) -> int:

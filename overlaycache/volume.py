@@ -15,18 +15,13 @@ Contract
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import os
-import shutil
 import threading
-import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from overlaycache._fs import DIR_MODE, fsync_dir, lock_directory
+from overlaycache._fs import lock_directory
 from overlaycache._impl import core
 from overlaycache.clone import Clone, open_clone
 from overlaycache.errors import (
@@ -43,7 +38,6 @@ from overlaycache.hydration import Hydration
 from overlaycache.images import RecoveryImage, VirtualImage
 from overlaycache.jobs import IDLE, Job
 from overlaycache.local.geometry import byte_view, check_callback, check_geometry, check_path, check_regions
-from overlaycache.local.layers import BaseLayer, Overlay
 from overlaycache.local.meta import (
     DistributedOverlayState,
     VolumeMeta,
@@ -51,7 +45,7 @@ from overlaycache.local.meta import (
     remove_meta_temp,
     write_meta,
 )
-from overlaycache.local.stack import LayerStack
+from overlaycache.local.stack import LayerStack, create_volume_files, remove_volume_files
 from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.remote.catalog import Catalog
 from overlaycache.replication import Lag, Replicator, attach
@@ -89,7 +83,6 @@ class Volume:
         self._meta = meta
         self.id: str = meta.id
         self._geo = meta.geometry
-        self._regions = _Regions(self)
         self.verify = verify
         self._wlock = threading.RLock()
         self._merge_lock = threading.RLock()  # one merge at a time; close waits for it
@@ -144,7 +137,7 @@ class Volume:
                 known.resync = True
                 self._store_meta()
             return
-        self._repl, self._meta.secondary = attach(self._regions, store, known, mode, period, sync_policy,
+        self._repl, self._meta.secondary = attach(self._route, store, known, mode, period, sync_policy,
                                                   max_lag_regions, workers)
         self._route.repl = self._repl
         self._store_meta()
@@ -216,37 +209,14 @@ class Volume:
         _check_store(secondary)
         if replication is not None and secondary is None:
             raise InvalidArgumentError("replication needs a secondary store")
-        existed = os.path.exists(path)
-        if existed and (not os.path.isdir(path) or os.listdir(path)):
-            raise InvalidArgumentError(f"{path}: exists and is not an empty directory")
-        parent, name = os.path.split(os.path.abspath(path))
-        build = path if existed else os.path.join(parent, f".{name}.creating-{uuid.uuid4().hex[:8]}")
-        made = False  # the volume is at ``path``
+        existed = create_volume_files(path, geo)
         try:
-            try:
-                if not existed:
-                    os.makedirs(build, mode=DIR_MODE)
-                BaseLayer.create(build, geo)
-                Overlay.create(build, 1, geo)
-                meta = VolumeMeta(id=uuid.uuid4().hex, size=geo.size, region_size=geo.region_size,
-                                  created_at=time.time(), layers=[1], next_layer=2, snapshots=[], next_snapshot=1)
-                write_meta(build, meta)
-                if not existed:
-                    os.rename(build, path)  # refused if someone made ``path`` meanwhile
-                    fsync_dir(parent)
-            except OSError as exc:
-                if exc.errno not in (errno.EFBIG, errno.EACCES, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
-                                     errno.ENOTEMPTY, errno.EINVAL, errno.ENAMETOOLONG):
-                    raise
-                raise InvalidArgumentError(f"{path}: cannot create a volume of {geo.size} bytes there: "
-                                           f"{exc.strerror} ({exc.filename or path})") from exc
-            made = True
             return cls.open(path, secondary=secondary, replication=replication, period=period,
                             sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers,
                             verify=verify, cache_regions=cache_regions, readahead=readahead,
                             remote_fraction=remote_fraction)
         except BaseException:
-            _remove_created(path if made else build, keep_dir=existed)
+            remove_volume_files(path, keep_dir=existed)
             raise
 
     @classmethod
@@ -578,7 +548,7 @@ class Volume:
             isinstance(snapshot, str) and self._repl is not None
             and not any(snapshot in (s.id, s.label) for s in self.local_snapshots())
         ):
-            return RecoveryImage(self._regions, self.remote_image(snapshot))
+            return RecoveryImage(self._route, self.remote_image(snapshot))
         snap = self._find_snapshot(snapshot)
         with self._wlock:
             layers = self._live_layers()
@@ -627,11 +597,6 @@ class Volume:
             return layers.merge_oldest()
 
     # -- the secondary ------------------------------------------------------------------------------
-    def _current_checksums(self) -> bytearray:
-        """The checksum of every region's current version, from the layers' tables (no data read)."""
-        with self._wlock:
-            return self._live_layers().checksums()
-
     def _replicator(self) -> Replicator:
         self._live()
         if self._repl is None:
@@ -676,24 +641,13 @@ class Volume:
         Drains what is unsynced while writes go on, then holds writers off for the remainder, so
         the manifest is one consistent image of the volume.
         """
-        repl = self._replicator()
+        self._replicator()
         if label is not None:
             if not isinstance(label, str) or not label:
                 raise InvalidArgumentError("label must be a non-empty string")
             if any(s.label == label for s in self.snapshots()):
                 raise InvalidArgumentError(f"a snapshot labelled {label!r} exists on the secondary")
-        self._ship_pending()
-        with self._wlock:
-            self.flush()
-            self._ship_pending()
-            repl.wait_idle()
-            self._ship_pending()
-            return repl.publish(label)
-
-    def _ship_pending(self) -> int:
-        """Ship every pending region. During a distributed overlay, a pending region that cannot be
-        read is lost (see :meth:`Router.ship_pending`) instead of failing the shipment."""
-        return self._route.ship_pending(self._replicator())
+        return self._route.snapshot(label)
 
     def snapshots(self) -> list[Snapshot]:
         """The PIT snapshots of this volume on the secondary, oldest first."""
@@ -720,11 +674,6 @@ class Volume:
         """The active distributed overlay: its first layer, PIT snapshot id and lost regions; or None."""
         do = self._do
         return do.to_json() if do is not None else None
-
-    def _remote_regions(self) -> set[int]:
-        """The regions read from the remote PIT (R) now."""
-        with self._wlock:
-            return self._route.remote_regions()
 
     def location_map(self, first: int = 0, count: int | None = None) -> list[str]:
         """Where each region of ``[first, first + count)`` is read from: "PO", "PB" or "R".
@@ -770,10 +719,9 @@ class Volume:
 
         Returns the PIT snapshot that serves the regions not valid locally (R).
         """
-        repl = self._replicator()
+        self._replicator()
         self._check_writable()
-        with self._wlock:
-            return self._route.begin(repl, self.flush)
+        return self._route.begin_distributed_overlay()
 
     def hydrate(self, progress: Callable[[int, int], None] | None = None, *, background: bool = False,
                 rate: float | None = None, idle: float = IDLE) -> Hydration:
@@ -796,8 +744,8 @@ class Volume:
             running = self._hydration
             if running is not None and not running.finished:
                 return running
-            regions = sorted(self._remote_regions())
-            hyd = self._hydration = Hydration(self._regions, regions, progress, rate, idle)
+            regions = sorted(self._route.remote_regions())
+            hyd = self._hydration = Hydration(self._route, regions, progress, rate, idle)
         if background:
             hyd.start()
         else:
@@ -900,58 +848,3 @@ def _check_store(store: Any) -> None:
     if store is not None and not isinstance(store, ObjectStore):
         raise InvalidArgumentError(
             f"secondary must be an object store (S3Store, LocalStore, open_store(url)), got {type(store).__name__}")
-
-
-def _remove_created(path: str, keep_dir: bool) -> None:
-    """Undo a create: remove the volume's files, and its directory unless it was there before."""
-    if keep_dir:
-        for entry in os.listdir(path):
-            target = os.path.join(path, entry)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(target)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-class _Regions:
-    """The volume as its collaborators see it (:class:`ReplicationHost`, a :class:`LocalRegions`;
-    :class:`HydrationTarget`): the one bridge from them to the volume's private members."""
-
-    def __init__(self, vol: Volume) -> None:
-        self._vol = vol
-        self.path, self.volume_id, self.size = vol.path, vol.id, vol.size
-        self.region_size, self.num_regions = vol.region_size, vol.num_regions
-
-    @property
-    def closed(self) -> bool:
-        return self._vol.closed
-
-    def read_region(self, r: int) -> bytes:
-        return self._vol._route.read_region(r)
-
-    def checksums(self) -> bytearray:
-        return self._vol._current_checksums()
-
-    def remote_regions(self) -> set[int]:
-        return self._vol._remote_regions()
-
-    def read_if_identical(self, r: int, csum: bytes, offset: int, out: memoryview) -> bool:
-        return self._vol._route.read_if_identical(r, csum, offset, out)
-
-    def ship_pending(self) -> int:
-        return self._vol._ship_pending()
-
-    def begin_distributed_overlay(self) -> Snapshot:
-        return self._vol.begin_distributed_overlay()
-
-    def snapshot(self) -> Snapshot:
-        return self._vol.snapshot()
-
-    def io_count(self) -> int:
-        return self._vol._route.io_count
-
-    def hydrate_batch(self, regions: list[int]) -> int:
-        return self._vol._route.hydrate_batch(regions)

@@ -1,8 +1,9 @@
 """What the collaborators of a volume may ask of its local regions.
 
-The replicator, hydration, recovery images and the failover router talk to the volume through
-these small protocols, never through its private members; :class:`overlaycache.volume.Volume`
-hands each of them an object implementing the protocol it needs.
+The replicator, hydration and recovery images talk to the volume through these small protocols,
+never through its private members. The volume hands them its failover router
+(:class:`overlaycache.failover.Router`), which knows where each region's valid copy is and
+implements them.
 """
 
 from __future__ import annotations

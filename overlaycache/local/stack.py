@@ -20,16 +20,22 @@ Contract
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from overlaycache._fs import fsync_dir
+from overlaycache._fs import DIR_MODE, fsync_dir
 from overlaycache._impl import core
 from overlaycache.errors import InvalidArgumentError, MediaError, OverlayCacheError, Reason, RegionUnavailableError
 from overlaycache.local.layers import BaseLayer, Layer, Overlay
+from overlaycache.local.geometry import Geometry
 from overlaycache.local.meta import VolumeMeta, write_meta
 from overlaycache.snapshots import LocalSnapshot, find_snapshot
 
@@ -409,3 +415,61 @@ class LayerStack:
             except OverlayCacheError:  # pragma: no cover - only after a failed open
                 _log.exception("%s: closing %s", self.directory, layer.name)
         self.overlays = []
+
+
+def create_volume_files(path: str, geo: Geometry) -> bool:
+    """Create the files of a new, empty volume in ``path`` (a new directory, or an empty one);
+    returns whether the directory was there before.
+
+    A new directory is built beside ``path`` and renamed into place once complete, an existing
+    one is emptied again: a create that fails or is interrupted (even by KeyboardInterrupt)
+    leaves nothing behind and can be retried as it is.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``path`` is not empty, or the volume cannot be made there (a file too large for the file
+        system, no permission, a read-only file system, a name too long).
+    """
+    existed = os.path.exists(path)
+    if existed and (not os.path.isdir(path) or os.listdir(path)):
+        raise InvalidArgumentError(f"{path}: exists and is not an empty directory")
+    parent, name = os.path.split(os.path.abspath(path))
+    build = made = path if existed else os.path.join(parent, f".{name}.creating-{uuid.uuid4().hex[:8]}")
+    try:
+        if not existed:
+            os.makedirs(build, mode=DIR_MODE)
+        BaseLayer.create(build, geo)
+        Overlay.create(build, 1, geo)
+        write_meta(build, VolumeMeta(id=uuid.uuid4().hex, size=geo.size, region_size=geo.region_size,
+                                     created_at=time.time(), layers=[1], next_layer=2, snapshots=[],
+                                     next_snapshot=1))
+        if not existed:
+            os.rename(build, path)  # refused if someone made ``path`` meanwhile
+            made = path
+            fsync_dir(parent)
+    except BaseException as exc:
+        remove_volume_files(made, keep_dir=existed)
+        if isinstance(exc, OSError) and exc.errno in _BAD_PLACE:
+            raise InvalidArgumentError(f"{path}: cannot create a volume of {geo.size} bytes there: "
+                                       f"{exc.strerror} ({exc.filename or path})") from exc
+        raise
+    return existed
+
+
+_BAD_PLACE = (errno.EFBIG, errno.EACCES, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.EINVAL,
+              errno.ENAMETOOLONG)
+
+
+def remove_volume_files(path: str, keep_dir: bool) -> None:
+    """Undo a create: remove the volume's files, and its directory unless it was there before."""
+    if keep_dir:
+        for entry in os.listdir(path):
+            target = os.path.join(path, entry)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
