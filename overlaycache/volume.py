@@ -100,6 +100,15 @@ class Volume:
             layers.route = self._router.route
             layers.apply_verify_policy(verify)
             layers.live = layers.build()
+            # A damaged journal: the versions it may have committed cannot be trusted where their
+            # overlay is the one serving them (read from the secondary, or an error naming them).
+            for ov in layers.overlays:
+                lost = [r for r in ov.untrusted if layers.layer_map(r, 1)[0] == ov.id]
+                if readonly:
+                    for r in lost:
+                        self._unavail.add(r)
+                else:
+                    self._unavail.mark(lost, Reason.CHECKSUM)
             if not readonly and layers.top.truncated_at is not None:
                 # The top overlay's file was truncated: its lost versions are unavailable (read from
                 # the secondary, or an error naming them); then new versions can be written again.

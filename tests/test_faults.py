@@ -469,6 +469,56 @@ def test_torn_journal_tail_is_ignored(impl: ModuleType, journalled: Path, tail: 
         assert_regions(vol, {**expected, 7: 5})
 
 
+def _flip(raw: bytes, at: int) -> bytes:
+    return raw[:at] + bytes([raw[at] ^ 0x40]) + raw[at + 1 :]
+
+
+# A damaged committed batch followed by a valid one: corruption, not a torn tail.
+CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], set[int]]] = {
+    # region 4's record checksum in batch 0: its regions are 4 and 5; batch 1 names 5 again
+    "first-batch-record": (lambda j: _flip(j, 16 + 20), {4}),
+    "first-batch-count": (lambda j: _flip(j, 4), {4}),
+    "first-batch-checksum": (lambda j: _flip(j, BATCH_BYTES - 1), {4}),
+    # bytes that are no batch between two valid ones: any region may be concerned, except those
+    # batch 1 names again; of those, the ones overlay 2 serves (4-7) are marked
+    "garbage-between": (lambda j: j[:BATCH_BYTES] + b"\xffgarbage" + j[BATCH_BYTES:], {4, 7}),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS), ids=list(CORRUPTIONS))
+def test_damaged_committed_batch_is_corruption_not_a_torn_tail(journalled: Path, case: str, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Later batches are kept, the regions the damaged one may have committed are unavailable (never
+    an older version read silently), the journal is neither cut nor rewritten, a copy of it is kept,
+    and the damage is logged as an error."""
+    damage, lost = CORRUPTIONS[case]
+    journal = journalled / "overlay-2.journal"
+    damaged = damage(journal.read_bytes())
+    journal.write_bytes(damaged)
+    good = {r: v for r, v in AFTER_BATCH_1.items() if r not in lost}
+    with Volume.open(journalled, readonly=True) as vol:
+        assert_regions(vol, good)
+        for r in lost:
+            with pytest.raises(RegionUnavailableError):
+                vol.read(r * RS, region_length(r))
+    assert sorted(p.name for p in journalled.iterdir() if ".damaged-" in p.name) == []  # read-only: no copy
+    with Volume.open(journalled) as vol:
+        assert vol.unavailable == frozenset(lost)
+        assert_regions(vol, good)
+        assert journal.read_bytes() == damaged  # the evidence is kept
+        copies = [p for p in journalled.iterdir() if ".damaged-" in p.name]
+        assert len(copies) == 1 and copies[0].read_bytes() == damaged
+        assert any(rec.levelname == "ERROR" and "damaged" in rec.getMessage() for rec in caplog.records)
+        for r in lost:  # whole new versions make them readable again, and are found after a crash
+            vol.write(r * RS, content(r, 5))
+        vol.flush()
+        assert vol.unavailable == frozenset()
+        again = crash_copy(journalled, tmp_path / "again")
+    with Volume.open(again) as vol:
+        assert vol.unavailable == frozenset()
+        assert_regions(vol, {**good, **{r: 5 for r in lost}})
+
+
 # -- locks --------------------------------------------------------------------------------------------
 def test_second_open_in_process_is_locked(vol_path: Path) -> None:
     """One writer at a time: a second open (for writing or reading) fails; the first is unharmed."""

@@ -27,13 +27,14 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from overlaycache._fs import FILE_MODE, write_file_new
 from overlaycache._impl import core
 from overlaycache.errors import FormatError, MediaError, OverlayCacheError
-from overlaycache.local.geometry import Geometry
+from overlaycache.local.geometry import Geometry, region_ranges
 
 _log = logging.getLogger(__name__)
 
@@ -230,6 +231,7 @@ class Overlay(Layer):
         self.sums = bytearray(16 * n)
         self._batch = 0
         self._journal_bytes = 0
+        self.untrusted: list[int] = []  # regions a damaged journal may have committed (see _replay_journal)
         self._fd, self.data, self.truncated_at = _open_data(self.data_path, 2 * n * geo.region_size, writable)
         try:
             self._load_table()
@@ -285,32 +287,91 @@ class Overlay(Layer):
         finally:
             os.close(fd)
 
+    def _batch_end(self, raw: bytes, pos: int) -> int | None:
+        """Where the batch starting at ``pos`` ends (after its checksum), if a whole, valid one does."""
+        if pos + _BATCH.size > len(raw):
+            return None
+        magic, count, _batch = _BATCH.unpack_from(raw, pos)
+        end = pos + _BATCH.size + count * _RECORD.size
+        if magic != _BATCH_MAGIC or end + 16 > len(raw) or core.checksum(raw[pos:end]) != raw[end : end + 16]:
+            return None
+        return int(end) + 16
+
+    def _next_batch(self, raw: bytes, pos: int) -> int | None:
+        """The start of the first valid batch after ``pos``, if any."""
+        at = raw.find(_BATCH_MAGIC, pos + 1)
+        while at >= 0:
+            if self._batch_end(raw, at) is not None:
+                return at
+            at = raw.find(_BATCH_MAGIC, at + 1)
+        return None
+
     def _replay_journal(self) -> None:
+        """Apply the committed batches. A bad batch at the end is a torn tail (never committed: cut
+        off). A bad batch followed by valid ones is corruption: the valid ones are applied, the
+        regions the damaged span may have named (all, when it cannot be parsed) are left in
+        :attr:`untrusted` unless a later batch names them again, the journal is kept as it is and
+        a copy of it saved beside it, and it is logged as an error."""
         try:
             with open(self.journal_path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError as exc:
             raise FormatError(f"{self.journal_path}: missing", self.journal_path) from exc
+        n = self.geo.num_regions
+        suspect = core.Bitmap(n)
+        damaged = 0
         pos = 0
-        applied = 0
-        while pos + _BATCH.size <= len(raw):
-            magic, count, batch = _BATCH.unpack_from(raw, pos)
-            end = pos + _BATCH.size + count * _RECORD.size
-            if magic != _BATCH_MAGIC or end + 16 > len(raw) or core.checksum(raw[pos:end]) != raw[end : end + 16]:
-                break  # torn or garbage tail: everything before it was committed
+        while pos < len(raw):
+            end = self._batch_end(raw, pos)
+            if end is None:
+                later = self._next_batch(raw, pos)
+                if later is None:
+                    break  # torn or garbage tail: everything before it was committed
+                self._suspect_span(raw, pos, later, suspect)
+                damaged += later - pos
+                pos = later
+                continue
+            _magic, count, batch = _BATCH.unpack_from(raw, pos)
             for k in range(count):
                 r, slot, csum = _RECORD.unpack_from(raw, pos + _BATCH.size + k * _RECORD.size)
-                if r >= self.geo.num_regions or slot > 1:
+                if r >= n or slot > 1:
                     raise FormatError(f"{self.journal_path}: record for region {r} out of range", self.journal_path)
                 self._apply(r, slot, csum)
+                suspect.clear(r)  # named again after the damage: this version is committed
             self._batch = batch + 1
-            applied += 1
-            pos = end + 16
+            pos = end
+        self.untrusted = [r for a, b in suspect.runs() for r in range(a, b)]
+        if damaged:
+            _log.error("%s: %d bytes of committed journal are damaged; regions %s cannot be trusted and are "
+                       "unavailable; the journal is kept as it was", self.journal_path, damaged,
+                       region_ranges(self.untrusted))
+            if self.writable:
+                with open(self.journal_path + f".damaged-{int(time.time())}", "wb") as f:
+                    f.write(raw)
+                    f.flush()
+                    os.fsync(f.fileno())
         if pos != len(raw):
             _log.warning("%s: ignoring %d bytes of uncommitted journal tail", self.journal_path, len(raw) - pos)
             if self.writable:
                 os.truncate(self.journal_path, pos)
         self._journal_bytes = pos
+
+    def _suspect_span(self, raw: bytes, start: int, stop: int, suspect: core.Bitmap) -> None:
+        """Mark the regions a damaged span of the journal may name: those of its records when it
+        is laid out as one batch whose records are all plausible, else every region."""
+        nrec, rest = divmod(stop - start - _BATCH.size - 16, _RECORD.size)
+        records = []
+        if nrec >= 0 and rest == 0:
+            for k in range(nrec):
+                r, slot, _csum = _RECORD.unpack_from(raw, start + _BATCH.size + k * _RECORD.size)
+                if r >= self.geo.num_regions or slot > 1:
+                    break
+                records.append(r)
+            else:
+                for r in records:
+                    suspect.set(r)
+                return
+        suspect.set_range(0, self.geo.num_regions)
 
     def _apply(self, r: int, slot: int, csum: bytes) -> None:
         self.present.set(r)
