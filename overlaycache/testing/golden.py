@@ -38,8 +38,7 @@ def build_v1(path: str) -> None:
         vol.flush()
         vol.write(rs + 10, b"OVERLAY")  # second version goes to the other slot
         vol.write(3 * rs, b"tail" * 25)
-        vol.flush()
-        vol._live_layers().top.commit()
+        vol.flush()  # commits the top overlay's journal batch
         # Keep the journal un-checkpointed: skip close()'s checkpoint by tearing down directly.
         vol._teardown()
 
