@@ -200,10 +200,6 @@ class RemoteImage:
         """Whether region ``r``'s version is all zeros (served without a request)."""
         return self.source.is_zero(r)
 
-    def _fetch(self, r: int, keep: bool = True) -> bytes:
-        # The former entry point, kept for callers not yet moved to ``source.fetch`` (the package has none).
-        return self.source.fetch(r, keep)
-
     def fetch_many(self, regions: Sequence[int]) -> tuple[dict[int, bytes], dict[int, BaseException]]:
         """Fetch ``regions`` in parallel; returns their bytes and, per region that failed, the error.
 

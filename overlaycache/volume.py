@@ -124,14 +124,21 @@ class Volume:
                     with self._wlock:
                         self._router.start()
         except BaseException:
-            if self._repl is not None:
-                self._repl.close()
-                self._repl = None
-                if self._router is not None:
-                    self._router.repl = None
+            self._detach_replicator()
             self._lock_fd = -1  # Volume.open closes it
             self._teardown()
             raise
+
+    def _detach_replicator(self) -> bool:
+        """Stop and close the replicator, if there is one; returns whether there was."""
+        repl = self._repl
+        if repl is None:
+            return False
+        repl.close()  # first: its shipper may still be using the router's reference
+        self._repl = None
+        if self._router is not None:
+            self._router.repl = None
+        return True
 
     def _attach(self, store: ObjectStore | None, mode: str | None, period: float | None, sync_policy: str,
                 max_lag_regions: int | None, workers: int) -> None:
@@ -313,15 +320,11 @@ class Volume:
                     committed = True
             finally:
                 try:
-                    if self._repl is not None:
-                        self._repl.close()
-                        self._repl = None
-                        if self._router is not None:
-                            self._router.repl = None
-                        if committed:  # everything shipped was flushed: no check needed on open
-                            assert self._meta.secondary is not None
-                            self._meta.secondary.clean = True
-                            self._store_meta()
+                    if self._detach_replicator() and committed:
+                        # Everything shipped was flushed: no check needed on open.
+                        assert self._meta.secondary is not None
+                        self._meta.secondary.clean = True
+                        self._store_meta()
                 finally:
                     self._teardown()
 

@@ -185,9 +185,6 @@ class VolumeMeta:
         except (KeyError, TypeError, ValueError, AttributeError, OverlayCacheError) as exc:
             raise FormatError(f"{path}: invalid contents ({exc})", path) from exc
 
-    def snapshot_by_id(self, snapshot_id: str) -> LocalSnapshot | None:
-        return next((s for s in self.snapshots if s.id == snapshot_id), None)
-
 
 def read_meta(directory: str) -> VolumeMeta:
     """Read and check ``volume.json`` in ``directory``.
