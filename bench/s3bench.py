@@ -71,3 +71,30 @@ def client(url: str, creds: dict[str, str]) -> Any:
                  retries={"total_max_attempts": 4, "mode": "standard"},
                  request_checksum_calculation="when_required", response_checksum_validation="when_required")
     return boto3.client("s3", endpoint_url=url, region_name="us-east-1", config=cfg, **creds)
+
+
+def pit_ranges(store: Any, volume_id: str, snapshot: Any, regions: set[int] | None = None,
+               prefix: str = "") -> list[tuple[str, int, int]]:
+    """The byte ranges of a PIT's regions in their packs, adjacent ones merged as the region source
+    merges them (:data:`overlaycache.remote.source.MAX_RUN_BYTES`): what a plain boto3 client
+    that knew the layout would GET. Keys carry ``prefix`` (the store's own prefix)."""
+    from overlaycache.remote.catalog import Catalog
+    from overlaycache.remote.layout import pack_key
+    from overlaycache.remote.source import MAX_RUN_BYTES
+
+    pit = Catalog(store).pit_map(volume_id, snapshot)
+    runs: list[list[int]] = []  # [pack, start, end]
+    for r, _seq, pack, off, length, _csum in sorted(pit.stored(), key=lambda e: (e[2], e[3])):
+        if pack == 0 or (regions is not None and r not in regions):
+            continue
+        if runs and runs[-1][0] == pack and runs[-1][2] == off and off + length - runs[-1][1] <= MAX_RUN_BYTES:
+            runs[-1][2] = off + length
+        else:
+            runs.append([pack, off, off + length])
+    return [(f"{prefix}{pack_key(volume_id, p)}", a, b - a) for p, a, b in runs]
+
+
+def ranged_get(client: Any, bucket: str, key: str, start: int, length: int) -> bytes:
+    """One ranged GET with plain boto3."""
+    body: bytes = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")["Body"].read()
+    return body

@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 
 from _support import MiB, interleaved, pattern, record
-from s3bench import WORKERS, client, endpoint  # noqa: F401  (endpoint: a fixture)
+from s3bench import WORKERS, client, endpoint, pit_ranges, ranged_get  # noqa: F401  (endpoint: a fixture)
 from overlaycache import Volume
-from overlaycache.remote.layout import region_key
 from overlaycache.store import S3Store
 
 RS = 64 << 10
@@ -56,7 +55,8 @@ def degraded(request: pytest.FixtureRequest, endpoint: tuple[str, str, dict[str,
     fd = os.open(plain, os.O_RDONLY)
     mm = mmap.mmap(fd, SIZE, prot=mmap.PROT_READ)
     snap = vol.distributed_overlay["snapshot"]  # type: ignore[index]
-    keys = [f"bench/{region_key(vol.id, r, _seq(vol, r))}" for r in remote]
+    keys = pit_ranges(store, vol.id, vol.distributed_overlay["snapshot_id"], set(remote),  # type: ignore[index]
+                      prefix="bench/")
     state = {"name": name, "pct": pct, "vol": vol, "image": image, "remote": remote, "mm": mm,
              "keys": keys, "client": client(url, creds), "bucket": bucket, "snap": snap}
     yield state
@@ -64,11 +64,6 @@ def degraded(request: pytest.FixtureRequest, endpoint: tuple[str, str, dict[str,
     os.close(fd)
     vol.close()
     store.close()
-
-
-def _seq(vol: Volume, r: int) -> int:
-    assert vol._repl is not None
-    return vol._repl.remote.get(r)[0]
 
 
 def _read_all(vol: Volume, buf: mmap.mmap, expected: bytes | None) -> None:
@@ -95,7 +90,7 @@ def test_remote_reads(benchmark: Any, degraded: dict[str, Any], pass_: int, vari
 
         def run() -> None:
             with ThreadPoolExecutor(WORKERS) as pool:
-                got = list(pool.map(lambda k: c.get_object(Bucket=bucket, Key=k)["Body"].read(), degraded["keys"]))
+                got = list(pool.map(lambda k: ranged_get(c, bucket, *k), degraded["keys"]))
             assert sum(len(g) for g in got) == len(remote) * RS
             for r in local:
                 out[: RS] = view[r * RS : (r + 1) * RS]

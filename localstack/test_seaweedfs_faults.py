@@ -163,8 +163,8 @@ def test_parallel_remote_read_killed(tmp_path: Path, seaweed: SeaweedServer, k: 
     ff.parallel_remote_read_killed(tmp_path, seaweed, k, racing)
 
 
-@pytest.mark.parametrize(("where", "k", "reopen"), [("regions", 4, True), ("manifest", 0, False)],
-                         ids=["after-4-puts-reopened", "manifest-live"])
+@pytest.mark.parametrize(("where", "k", "reopen"), [("regions", 4, True), ("root", 0, False)],
+                         ids=["after-4-puts-reopened", "root-live"])
 def test_forced_replication_killed(tmp_path: Path, seaweed: SeaweedServer, where: str, k: int,
                                    reopen: bool) -> None:
     ff.forced_replication_killed(tmp_path, seaweed, where, k, reopen)

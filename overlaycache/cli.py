@@ -105,7 +105,7 @@ def demo_replication(endpoint: str | None = None, bucket: str = "overlaycache-de
                      directory: str | None = None, out: TextIO | None = None, key_id: str | None = None,
                      secret: str | None = None) -> None:
     """Replicate a volume over real HTTP to an S3 server and read its PITs back from the store alone."""
-    from overlaycache.remote.layout import regions_prefix
+    from overlaycache.remote.layout import decode_pack_index, packs_prefix
     from overlaycache.store import S3Store
 
     stream = out if out is not None else sys.stdout
@@ -146,11 +146,16 @@ def demo_replication(endpoint: str | None = None, bucket: str = "overlaycache-de
         reader = S3Store(bucket, prefix="demo", endpoint_url=endpoint, aws_access_key_id=key_id,
                           aws_secret_access_key=secret)
         print(f"  read back with a new client from the store alone: volumes {reader.volumes()}", file=stream)
-        objects = len(list(reader.list(regions_prefix(vid))))
+        packs = list(reader.list(packs_prefix(vid)))
+        versions = 0
+        for key in packs:
+            index = decode_pack_index(reader.get(key, 0, 4096), key)
+            versions += 0 if isinstance(index, int) else len(index.entries)
         for snap in reader.snapshots(vid):
             with reader.image(vid, snap) as img:
                 show(f"image of {snap.label} (seq {snap.seq})", [chr(img.read(r * rs, 1)[0]) for r in range(8)])
-        print(f"  {objects} region objects stored: each version once, under its own key", file=stream)
+        print(f"  {versions} region versions stored in {len(packs)} packs: each version once, many per object",
+              file=stream)
         reader.close()
         store.close()
     finally:

@@ -545,7 +545,7 @@ class Clone:
     def diff(self) -> list[int]:
         """Regions whose contents in the clone differ from the image's, in increasing order.
 
-        Compares checksums: the PIT's from its manifest, others by reading the image's region.
+        Compares checksums: the PIT's from its map, others by reading the image's region.
 
         Raises
         ------

@@ -5,7 +5,7 @@ checksum mismatch, or the operator declaring them lost), the volume:
 
 1. ships every unsynced region that is still readable (unsynced regions that cannot be read are
    *lost*: their newest copy is the last replicated version; they are logged and reported),
-2. publishes a PIT snapshot on the secondary (a manifest: no data is copied),
+2. publishes a PIT snapshot on the secondary (its map: no data is copied),
 3. pushes a fresh overlay: every later write goes there; the layers below are never written again
    until the distributed overlay ends (``merge_down`` is refused meanwhile).
 
@@ -57,8 +57,9 @@ from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.replication import Replicator
 from overlaycache.snapshots import Snapshot
 from overlaycache.remote.cache import RegionCache
-from overlaycache.remote.layout import manifest_key
-from overlaycache.remote.manifest import decode_manifest
+from overlaycache.remote.layout import decode_root, root_key
+from overlaycache.remote.tree import PageSource, PitMap
+from overlaycache.replication.replicator import MIRROR, PINNED_ROOT
 
 if TYPE_CHECKING:
     from overlaycache.store.base import ObjectStore
@@ -69,8 +70,9 @@ PO, PB, R = "PO", "PB", "R"
 #: Byte codes used internally (as returned by :func:`location_codes`).
 CODE_PO, CODE_R, CODE_PB = 0, 1, 2
 CODE_NAMES = {CODE_PO: PO, CODE_R: R, CODE_PB: PB}
-#: The PIT's manifest, kept in the volume's directory while a distributed overlay is active.
-DO_MANIFEST = "distributed-overlay.manifest"
+#: The PIT's root, kept in the volume's directory while a distributed overlay is active (its map
+#: pages stay in the replicator's mirror meanwhile).
+DO_ROOT = PINNED_ROOT
 READAHEAD_BYTES = 64 << 20
 
 
@@ -312,7 +314,7 @@ class Router:
         1. Ship every unsynced region that is still readable; unsynced regions that cannot be read
            are lost (their newest copy is the last replicated one): logged and kept in the state's
            ``lost``.
-        2. Publish a PIT snapshot on the secondary (its manifest kept locally too).
+        2. Publish a PIT snapshot on the secondary (its root kept locally too, its map pages pinned).
         3. Push a fresh overlay: all later writes go to it; the layers below are not written again.
 
         If any step fails, nothing has begun and the unreadable regions stay pending.
@@ -329,7 +331,7 @@ class Router:
             repl.wait_idle()
             repl.ship(skip_unreadable=lost)
             snap = repl.publish(f"distributed-overlay-{int(time.time())}")
-            self.save_manifest(repl.last_manifest)
+            self.save_root(repl.last_root)
             layer = meta.next_layer
             meta.distributed_overlay = DistributedOverlayState(layer, snap.seq, snap.id, snap.created_at, sorted(lost))
             try:
@@ -451,26 +453,31 @@ class Router:
         stack = self._layers.build()
         self._layers.install_live(self.route(stack) if routed else stack)
 
-    def save_manifest(self, raw: bytes) -> None:
-        """Keep the PIT's manifest locally: the remote image must open even while the secondary
-        is unreachable."""
-        write_file_atomic(os.path.join(self._layers.directory, DO_MANIFEST), raw)
+    def save_root(self, raw: bytes) -> None:
+        """Keep the PIT's root locally (and so its pages in the mirror): the remote image must open
+        even while the secondary is unreachable."""
+        write_file_atomic(os.path.join(self._layers.directory, DO_ROOT), raw)
 
     def start(self) -> None:
         """Serve the distributed overlay's R regions through the read kernel and the region cache;
-        the caller holds the writer lock. The PIT's manifest is kept locally, so cached regions
-        are served even while the secondary is unreachable or not attached."""
+        the caller holds the writer lock. The PIT's root is kept locally and its pages in the
+        mirror, so cached regions are served even while the secondary is unreachable or not
+        attached."""
         do = self._state()
         assert do is not None
-        path = os.path.join(self._layers.directory, DO_MANIFEST)
+        path = os.path.join(self._layers.directory, DO_ROOT)
         store = self._store()
         try:
             with open(path, "rb") as f:
-                manifest = decode_manifest(f.read(), path)
+                root = decode_root(f.read(), path)
         except FileNotFoundError:
             if store is None:
                 raise InvalidArgumentError(f"{self.path}: no secondary attached (open with secondary=...)")
-            manifest = decode_manifest(store.get(manifest_key(self.volume_id, do.snapshot)))
+            key = root_key(self.volume_id, do.snapshot)
+            raw = store.get(key)
+            root = decode_root(raw, f"{store.location}/{key}")
+            write_file_atomic(path, raw)
+        manifest = PitMap(root, PageSource(store, self.volume_id, os.path.join(self._layers.directory, MIRROR)))
         if self.cache is None:
             self.cache = RegionCache(os.path.join(self._layers.directory, "cache"), self._geo.region_size,
                                      min(self._cache_regions, self._geo.num_regions), lock=self._layers.rw)
@@ -479,7 +486,8 @@ class Router:
         live = self._layers.live
         if live is not None and live.routed:
             self._rebuild_live(routed=False)  # no reader may use a slot table no longer kept
-        self.remote = RemoteImage(store, manifest, cache_regions=64, region_cache=self.cache, workers=self._workers)
+        self.remote = RemoteImage(store, manifest, cache_regions=64, region_cache=self.cache, workers=self._workers,
+                                  readahead=0)  # the router reads ahead itself
         self.cache.bind(manifest)
         self._rebuild_live(routed=True)
         self._ra_next = 0
@@ -493,9 +501,11 @@ class Router:
             self.remote.close()
             self.remote = None
         try:
-            os.unlink(os.path.join(self._layers.directory, DO_MANIFEST))
+            os.unlink(os.path.join(self._layers.directory, DO_ROOT))
         except FileNotFoundError:
             pass
+        if self.repl is not None:
+            self.repl.sweep_mirror()  # the PIT's pages are no longer pinned
 
     def pit(self) -> RemoteImage:
         """The distributed overlay's PIT, opened (routing started) if it is not yet."""

@@ -19,12 +19,15 @@ from overlaycache.errors import OutOfRangeError, StaleStackError, VolumeClosedEr
 from overlaycache.local.geometry import writable_range
 from overlaycache.local.regions import LocalRegions
 from overlaycache.remote.cache import RegionCache
-from overlaycache.remote.manifest import Manifest
 from overlaycache.remote.source import RegionSource
 from overlaycache.snapshots import LocalSnapshot
 
+#: What a sequential read of a remote image keeps in flight ahead of it, by default.
+READAHEAD = 32 << 20
+
 if TYPE_CHECKING:
     # Only for annotations: the store package's backends import the catalog, which imports this.
+    from overlaycache.remote.tree import PitMap
     from overlaycache.store.base import ObjectStore
 
 
@@ -136,24 +139,27 @@ class RemoteImage:
     """A read-only, lazy virtual image of a PIT snapshot, read from the secondary alone.
 
     Regions come from its :class:`~overlaycache.remote.source.RegionSource` (:attr:`source`):
-    fetched on demand by a pool of ``workers`` threads (in parallel when a read spans several; a
-    region already being fetched is waited for, not fetched twice), verified against the
-    manifest's checksums, and kept in ``region_cache`` if given. The image keeps the last
-    ``cache_regions`` regions it read in memory. Regions never written read as zeros without a
-    request.
+    fetched on demand by a pool of ``workers`` threads (regions adjacent in one pack with one
+    ranged GET; a region already being fetched is waited for, not fetched twice), verified against
+    the map's checksums, and kept in ``region_cache`` if given. The image keeps the last
+    ``cache_regions`` regions it read in memory; a sequential read keeps ``readahead`` regions in
+    flight ahead of it. Regions never written read as zeros without a request.
 
     Parameters
     ----------
     store : ObjectStore or None
         Where the region objects are (None: no secondary attached).
-    manifest : Manifest
-        The snapshot's manifest.
+    manifest : PitMap
+        The snapshot's map.
     cache_regions : int
         Regions kept in memory.
     workers : int
         Threads fetching in parallel.
     region_cache : RegionCache, optional
         A cache of region versions shared across images and restarts.
+    readahead : int, optional
+        Regions a sequential read keeps in flight ahead of it (default: 32 MiB worth; 0: none, for
+        a reader that asks for exactly the regions it needs).
 
     Attributes
     ----------
@@ -167,8 +173,8 @@ class RemoteImage:
         Where the image's bytes come from.
     """
 
-    def __init__(self, store: ObjectStore | None, manifest: Manifest, cache_regions: int = 64, workers: int = 16,
-                 region_cache: RegionCache | None = None) -> None:
+    def __init__(self, store: ObjectStore | None, manifest: PitMap, cache_regions: int = 256, workers: int = 16,
+                 region_cache: RegionCache | None = None, readahead: int | None = None) -> None:
         self.source = RegionSource(store, manifest, workers=workers, region_cache=region_cache)
         self.snapshot = manifest.snapshot
         self.volume_id = manifest.volume_id
@@ -176,11 +182,15 @@ class RemoteImage:
         self.region_size = manifest.region_size
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_regions = cache_regions
+        default = max(1, READAHEAD // manifest.region_size)
+        self._ahead = max(0, default if readahead is None else readahead)
+        self._next = 0  # the region after the last read: a read starting there is sequential
+        self._ra_next = 0  # the first region not yet asked for by the readahead
         self._lock = threading.Lock()
 
     @property
     def gets(self) -> int:
-        """Objects fetched from the secondary so far."""
+        """GET requests made to the secondary so far."""
         return self.source.gets
 
     @property
@@ -189,7 +199,7 @@ class RemoteImage:
         return self.source.region_cache
 
     def region_checksum(self, r: int) -> bytes:
-        """The checksum of region ``r`` in this snapshot, from the manifest."""
+        """The checksum of region ``r`` in this snapshot, from its map."""
         return self.source.region_checksum(r)
 
     def version(self, r: int) -> int:
@@ -226,6 +236,8 @@ class RemoteImage:
         out: dict[int, bytes] = {}
         missing = []
         with self._lock:
+            sequential = first == self._next
+            self._next = first + count
             for r in range(first, first + count):
                 hit = self._cache.get(r)
                 if hit is not None:
@@ -233,13 +245,27 @@ class RemoteImage:
                     out[r] = hit
                 else:
                     missing.append(r)
+            window = None
+            if sequential and self._ahead:
+                # A sequential reader: keep the next ``_ahead`` regions in flight (runs of one pack
+                # in one ranged GET each, in parallel), these regions' fetches first.
+                start = max(first, self._ra_next)
+                stop = min(first + count + self._ahead, -(-self.size // self.region_size))
+                if start < stop:
+                    window = (start, stop)
+            else:
+                self._ra_next = 0
+        if window is not None:
+            started = self.source.prefetch(range(*window), limit=self._ahead + count)
+            with self._lock:
+                self._ra_next = window[0] + started
         fetched, errors = self.source.fetch_many(missing)
         if errors:
             raise next(iter(errors.values()))
         out.update(fetched)
         with self._lock:
-            for r, data in fetched.items():
-                self._cache[r] = data
+            for r in missing:
+                self._cache[r] = fetched[r]
                 if len(self._cache) > self._cache_regions:
                     self._cache.popitem(last=False)
         return [out[r] for r in range(first, first + count)]

@@ -4,9 +4,9 @@ finding one by id or label.
 A *local snapshot* freezes the top overlay of a volume and pushes an empty one (the seed's overlay
 snapshot, Fig. 2). Its image is the stack of layers from the base up to the frozen overlay.
 
-A *PIT snapshot* lives on the secondary: a cutoff ``seq`` and a manifest that names, per region, the
+A *PIT snapshot* lives on the secondary: a cutoff ``seq`` and a map that names, per region, the
 newest stored version with ``seq <= cutoff`` and its checksum. Its keys and object formats are in
-:mod:`overlaycache.remote.layout`, the manifest codec in :mod:`overlaycache.remote.manifest`.
+:mod:`overlaycache.remote.layout`, the map trees in :mod:`overlaycache.remote.tree`.
 
 This module holds only the values and the lookup: both the local side (``local/``) and the
 secondary's (``remote/``) use it, and it imports neither.
@@ -57,7 +57,7 @@ class Snapshot:
     Attributes
     ----------
     id : str
-        The cutoff seq as 16 hex digits (the manifest's key).
+        The cutoff seq as 16 hex digits (the name of its root).
     seq : int
         Cutoff: the snapshot holds, per region, the newest version with ``seq <= cutoff``.
     created_at : float

@@ -49,6 +49,8 @@ from overlaycache.local.stack import LayerStack, create_volume_files, remove_vol
 from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.remote.catalog import Catalog
 from overlaycache.replication import Lag, Replicator, attach
+from overlaycache.replication.replicator import PACK_DELAY, PACK_SIZE, check_pack_options
+from overlaycache.store.metered import MeteredStore, StoreStats
 from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
 from overlaycache.store.base import ObjectStore
 
@@ -76,7 +78,8 @@ class Volume:
                  secondary: ObjectStore | None = None, replication: str | None = None, period: float | None = None,
                  sync_policy: str = "degrade", max_lag_regions: int | None = None, workers: int = 16,
                  verify: str = "always", cache_regions: int = 4096, readahead: int = READAHEAD_BYTES,
-                 remote_fraction: float | None = None) -> None:
+                 remote_fraction: float | None = None, pack_size: int = PACK_SIZE,
+                 pack_delay: float = PACK_DELAY) -> None:
         self.path = path
         self.readonly = readonly
         self._lock_fd = lock_fd
@@ -90,6 +93,7 @@ class Volume:
         self._layers: LayerStack | None = None
         self._router: Router | None = None
         self._repl: Replicator | None = None
+        self._metered: MeteredStore | None = None
         self._hydration: Hydration | None = None
         try:
             self._unavail = UnavailableMap(path, self._geo.num_regions)
@@ -119,7 +123,8 @@ class Volume:
                 with self._wlock:
                     layers.merge_oldest()
             if not readonly:
-                self._attach(secondary, replication, period, sync_policy, max_lag_regions, workers)
+                self._attach(secondary, replication, period, sync_policy, max_lag_regions, workers, pack_size,
+                             pack_delay)
                 if self._do is not None:
                     with self._wlock:
                         self._router.start()
@@ -141,7 +146,7 @@ class Volume:
         return True
 
     def _attach(self, store: ObjectStore | None, mode: str | None, period: float | None, sync_policy: str,
-                max_lag_regions: int | None, workers: int) -> None:
+                max_lag_regions: int | None, workers: int, pack_size: int, pack_delay: float) -> None:
         """Start replication to ``store``, or note that changes go untracked while detached."""
         known = self._meta.secondary
         if store is None:
@@ -153,8 +158,10 @@ class Volume:
                 known.resync = True
                 self._store_meta()
             return
-        self._repl, self._meta.secondary = attach(self._route, store, known, mode, period, sync_policy,
-                                                  max_lag_regions, workers)
+        metered = MeteredStore(store)
+        self._repl, self._meta.secondary = attach(self._route, metered, known, mode, period,
+                                                  sync_policy, max_lag_regions, workers, pack_size, pack_delay)
+        self._metered = metered
         self._route.repl = self._repl
         self._store_meta()
         self._repl.start()
@@ -165,7 +172,8 @@ class Volume:
                replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
                max_lag_regions: int | None = None, workers: int = 16, verify: str = "always",
                cache_regions: int = 4096, readahead: int = READAHEAD_BYTES,
-               remote_fraction: float | None = None) -> Volume:
+               remote_fraction: float | None = None, pack_size: int = PACK_SIZE,
+               pack_delay: float = PACK_DELAY) -> Volume:
         """Create a volume of ``size`` zero bytes in the directory ``path`` and open it.
 
         Parameters
@@ -194,6 +202,12 @@ class Volume:
             Async back-pressure: writes wait while more regions than this are behind.
         workers : int
             Parallel transfers to the secondary.
+        pack_size : int
+            Target size of a pack, the object many region versions are stored in on the secondary:
+            1 to 64 MiB (default 8 MiB).
+        pack_delay : float
+            Seconds the background shipper waits for a pack to fill before it ships a partial one
+            (default 1 s): the bound it adds to the recovery point of async mode.
         cache_regions : int
             Capacity of the local cache of regions read from the secondary (``cache/`` in the
             volume's directory; kept across restarts).
@@ -223,6 +237,7 @@ class Volume:
         geo = check_geometry(size, region_size)
         path = check_path("path", path)
         _check_store(secondary)
+        check_pack_options(pack_size, pack_delay)
         if replication is not None and secondary is None:
             raise InvalidArgumentError("replication needs a secondary store")
         existed = create_volume_files(path, geo)
@@ -230,7 +245,7 @@ class Volume:
             return cls.open(path, secondary=secondary, replication=replication, period=period,
                             sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers,
                             verify=verify, cache_regions=cache_regions, readahead=readahead,
-                            remote_fraction=remote_fraction)
+                            remote_fraction=remote_fraction, pack_size=pack_size, pack_delay=pack_delay)
         except BaseException:
             remove_volume_files(path, keep_dir=existed)
             raise
@@ -240,7 +255,8 @@ class Volume:
              replication: str | None = None, period: float | None = None, sync_policy: str = "degrade",
              max_lag_regions: int | None = None, workers: int = 16, verify: str = "always",
              cache_regions: int = 4096, readahead: int = READAHEAD_BYTES,
-             remote_fraction: float | None = None) -> Volume:
+             remote_fraction: float | None = None, pack_size: int = PACK_SIZE,
+             pack_delay: float = PACK_DELAY) -> Volume:
         """Open an existing volume; the replication arguments are those of :meth:`create`.
 
         Without ``replication``, a volume opened with its secondary resumes the mode it had. A
@@ -256,6 +272,7 @@ class Volume:
         """
         path = check_path("path", path)
         _check_store(secondary)
+        check_pack_options(pack_size, pack_delay)
         read_meta(path)  # a clear error for what is not a volume, before creating a lock file in it
         lock_fd = lock_directory(path, readonly, "volume is open for writing elsewhere")
         try:
@@ -263,7 +280,8 @@ class Volume:
             if not readonly:
                 cls._remove_orphans(path, meta)
             return cls(path, meta, readonly, lock_fd, secondary, replication, period, sync_policy,
-                       max_lag_regions, workers, verify, cache_regions, readahead, remote_fraction)
+                       max_lag_regions, workers, verify, cache_regions, readahead, remote_fraction, pack_size,
+                       pack_delay)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -560,7 +578,8 @@ class Volume:
             isinstance(snapshot, str) and self._repl is not None
             and not any(snapshot in (s.id, s.label) for s in self.local_snapshots())
         ):
-            return RecoveryImage(self._route, self.remote_image(snapshot))
+            # It asks the PIT for exactly the regions not identical locally: no readahead.
+            return RecoveryImage(self._route, self.remote_image(snapshot, readahead=0))
         snap = self._find_snapshot(snapshot)
         with self._wlock:
             layers = self._live_layers()
@@ -616,9 +635,15 @@ class Volume:
         return self._repl
 
     @property
+    def secondary_stats(self) -> StoreStats | None:
+        """Requests made to the secondary and bytes moved since the volume was opened, by kind
+        (PUT, GET, HEAD, LIST, DELETE): what its object-store bill counts. None without one."""
+        return self._metered.stats() if self._repl is not None and self._metered is not None else None
+
+    @property
     def secondary(self) -> ObjectStore | None:
-        """The attached store, or None."""
-        return self._repl.store if self._repl is not None else None
+        """The attached store (as given), or None."""
+        return self._metered.inner if self._repl is not None and self._metered is not None else None
 
     @property
     def replication(self) -> str | None:
@@ -651,7 +676,7 @@ class Volume:
         """Publish a PIT snapshot on the secondary and return it.
 
         Drains what is unsynced while writes go on, then holds writers off for the remainder, so
-        the manifest is one consistent image of the volume.
+        the PIT is one consistent image of the volume.
         """
         self._replicator()
         if label is not None:
@@ -665,11 +690,12 @@ class Volume:
         """The PIT snapshots of this volume on the secondary, oldest first."""
         return Catalog(self._replicator().store).snapshots(self.id)
 
-    def remote_image(self, snapshot: Snapshot | str) -> Any:
-        """A read-only image of a PIT snapshot, read from the secondary."""
+    def remote_image(self, snapshot: Snapshot | str, readahead: int | None = None) -> Any:
+        """A read-only image of a PIT snapshot, read from the secondary (see :meth:`Catalog.image`)."""
         catalog = Catalog(self._replicator().store)
         where = f"{catalog.store.location} volume {self.id}"
-        return catalog.image(self.id, find_snapshot(catalog.snapshots(self.id), snapshot, where))
+        return catalog.image(self.id, find_snapshot(catalog.snapshots(self.id), snapshot, where),
+                             readahead=readahead)
 
     # -- unavailable regions and the distributed overlay ---------------------------------------------
     @property
@@ -804,7 +830,7 @@ class Volume:
     # -- recovery ------------------------------------------------------------------------------------
     def diff(self, a: Any, b: Any = None) -> list[int]:
         """Regions whose contents differ between two PIT snapshots (or images), or between one and
-        the volume as it is now (``b=None``); from manifests and checksums, no data read."""
+        the volume as it is now (``b=None``); from PIT maps and checksums, no data read."""
 
         def sums(x: Any) -> Callable[[int], bytes]:
             img = x if hasattr(x, "region_checksum") else self.remote_image(x)

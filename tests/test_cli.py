@@ -38,7 +38,7 @@ def test_demo_replication_reads_back_from_the_store(tmp_path: Path, moto_endpoin
     t1 = next(v for k, v in got.items() if k.startswith("image of T1"))
     t2 = next(v for k, v in got.items() if k.startswith("image of T2"))
     assert t1 == "a b c d e f g h" and t2 == "1 b c z e f 4 h"
-    assert "11 region objects stored" in buf.getvalue()
+    assert "11 region versions stored in 2 packs" in buf.getvalue()
 
 
 def test_cli_commands_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,7 +33,7 @@ from overlaycache.errors import (
     VolumeClosedError,
     VolumeLockedError,
 )
-from overlaycache.remote.layout import is_region_key
+from overlaycache.remote.layout import is_pack_key
 from overlaycache.testing.patterns import random_writes, region_chars
 
 RS = 4096
@@ -404,7 +404,7 @@ class DownStore:
         self.down = False
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        if self.down and is_region_key(key):
+        if self.down and is_pack_key(key):
             raise SecondaryUnavailableError(f"{self.location}: unreachable (test)", self.location)
         return bytes(self.inner.get(key, start, length))
 

@@ -58,15 +58,15 @@ def test_fig3_distributed_overlay(tmp_path: Path, s3_store: Any, region_6_synced
         if region_6_synced:
             assert shipped == []
         else:
-            assert len(shipped) == 1 and "/000000000006/" in shipped[0]
+            assert shipped == [6]
         assert vol.unavailable == frozenset({2, 3, 5})
         put(vol, 0, "u")
         put(vol, 3, "7")
         assert vol.location_map() == ["PO", "PB", "R", "PO", "PB", "R", "PB", "PB"]
         gets_before = len(store.region_gets)
         assert chars(vol) == "u b c 7 e f 4 h"
-        fetched = {k.split("/")[-2] for k in store.region_gets[gets_before:]}
-        assert fetched == {f"{2:012x}", f"{5:012x}"}  # only the R regions come from the secondary
+        fetched = set(store.region_gets[gets_before:])
+        assert fetched == {2, 5}  # only the R regions come from the secondary
         with store.image(vol.id, do["snapshot_id"]) as pit:
             assert chars(pit) == "1 b c z e f 4 h"
         assert vol.begin_distributed_overlay().id == do["snapshot_id"]  # idempotent

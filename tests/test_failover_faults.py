@@ -86,15 +86,15 @@ def test_parallel_remote_read_killed(tmp_path: Path, moto: MotoServer, k: int, r
 
 
 @pytest.mark.parametrize("reopen", [False, True], ids=["live", "reopened"])
-@pytest.mark.parametrize(("where", "k"), [("regions", 0), ("regions", 4), ("manifest", 0),
-                                          ("manifest-landed", 0)],
-                         ids=["first-put", "after-4-puts", "manifest", "manifest-landed"])
+@pytest.mark.parametrize(("where", "k"), [("regions", 0), ("regions", 4), ("root", 0),
+                                          ("root-landed", 0)],
+                         ids=["first-put", "after-4-puts", "root", "root-landed"])
 def test_forced_replication_killed(tmp_path: Path, moto: MotoServer, where: str, k: int, reopen: bool) -> None:
     ff.forced_replication_killed(tmp_path, moto, where, k, reopen)
 
 
 # -- regressions: failed begins, refused writes -----------------------------------------------------
-@pytest.mark.parametrize("where", ["regions", "manifest"])
+@pytest.mark.parametrize("where", ["regions", "root"])
 def test_lost_regions_survive_a_failed_begin(tmp_path: Path, moto: MotoServer, where: str) -> None:
     ff.lost_regions_survive_a_failed_begin(tmp_path, moto, where)
 

@@ -1,30 +1,46 @@
 """Golden files pin the on-disk format and the objects on the secondary: a change to either must be a
 visible decision.
 
-If a format change is intended, bump the format version, keep reading v1, and regenerate with
-``python -m overlaycache.testing.golden tests/golden/v1`` (the volume) or
-``python -m overlaycache.testing.golden --manifest tests/golden/v1.manifest`` (a manifest).
+If a format change is intended, bump the format version and regenerate with
+``python -m overlaycache.testing.golden tests/golden/v1`` (the local volume) or
+``python -m overlaycache.testing.golden --v2 tests/golden`` (the v2 pack, roots and map pages).
+``tests/golden/v1.manifest`` is a PIT manifest of the removed format v1, kept to show that a v1
+store is refused; it is not rebuilt.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
+
+import pytest
 
 from overlaycache import Volume
 from overlaycache._impl import core
+from overlaycache.errors import FormatError
 from overlaycache.remote.layout import (
+    PAGE_HEAD,
+    ROOT_HEAD,
+    Root,
+    check_volume_format,
+    decode_page,
+    decode_root,
+    decode_root_header,
     decode_volume_record,
     encode_volume_record,
-    manifest_key,
-    manifests_prefix,
-    region_key,
+    pack_key,
+    page_key,
+    root_key,
     snapshot_id,
+    verify_pack,
     volume_key,
 )
-from overlaycache.remote.manifest import decode_manifest
-from overlaycache.snapshots import Snapshot
+from overlaycache.remote.tree import PageSource, PitMap
+from overlaycache.replication.maps import RemoteMap
+from overlaycache.store import LocalStore
 from overlaycache.testing import golden as make
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -51,36 +67,180 @@ def test_v1_files_are_reproduced_byte_for_byte(tmp_path: Path) -> None:
         assert (tmp_path / "v" / name).read_bytes() == (GOLDEN / "v1" / name).read_bytes(), name
 
 
-# -- the objects on the secondary --------------------------------------------------------------
+# -- the objects on the secondary (format v2) ---------------------------------------------------
 
-def test_v1_manifest_decodes() -> None:
-    vid, size, rs, seq, created_at, label, regions = make.MANIFEST_V1
-    m = decode_manifest((GOLDEN / "v1.manifest").read_bytes())
-    assert (m.volume_id, m.size, m.region_size, m.num_regions) == (vid, size, rs, 3)
-    assert m.snapshot == Snapshot("0000000000001234", seq, created_at, label)
-    for r, (s, b) in enumerate(regions):
-        assert m.entry(r) == (s, bytes(core.checksum(bytes([b]) * 16)))
+def _sum(data: bytes) -> bytes:
+    return bytes(core.checksum(data))
 
 
-def test_v1_manifest_is_reproduced() -> None:
-    """Byte for byte up to the compressed records (zlib's output may differ between its builds)."""
-    golden = (GOLDEN / "v1.manifest").read_bytes()
-    raw = make.build_manifest_v1()
-    head = golden.index(b"golden" + b"vol-1") + len(b"golden" + b"vol-1")
-    assert raw[:head] == golden[:head]
-    assert decode_manifest(raw) == decode_manifest(golden)
-
-
-def test_v1_keys() -> None:
+def test_v2_keys() -> None:
     assert volume_key("vol-1") == "volumes/vol-1/volume.json"
-    assert region_key("vol-1", 5, 7) == "volumes/vol-1/regions/1b/000000000005/0000000000000007"
-    assert manifests_prefix("vol-1") == "volumes/vol-1/snapshots/"
-    assert manifest_key("vol-1", 0x1234) == "volumes/vol-1/snapshots/0000000000001234.manifest"
+    assert pack_key("vol-1", 7) == "volumes/vol-1/packs/b2/0000000000000007.pack"
+    assert page_key("vol-1", bytes(range(16))) == "volumes/vol-1/pages/00/000102030405060708090a0b0c0d0e0f"
+    assert root_key("vol-1", 0x1234) == "volumes/vol-1/snapshots/0000000000001234.root"
     assert snapshot_id(0x1234) == "0000000000001234"
 
 
-def test_v1_volume_record() -> None:
-    raw = b'{"format": 1, "id": "vol-1", "region_size": 4096, "size": 8292}'
+def test_v2_volume_record() -> None:
+    raw = b'{"format": 2, "id": "vol-1", "region_size": 4096, "size": 8292}'
     assert encode_volume_record("vol-1", 8292, 4096) == raw
-    assert decode_volume_record(raw, volume_key("vol-1")) == {"format": 1, "id": "vol-1", "region_size": 4096,
-                                                             "size": 8292}
+    info = decode_volume_record(raw, volume_key("vol-1"))
+    assert info == {"format": 2, "id": "vol-1", "region_size": 4096, "size": 8292}
+    check_volume_format(info, "here")  # accepted: no exception
+
+
+@pytest.mark.parametrize("raw", [b'{"format": 1, "id": "vol-1", "region_size": 4096, "size": 8292}',
+                                 b'{"id": "vol-1", "region_size": 4096, "size": 8292}'],
+                         ids=["format-1", "no-format"])
+def test_a_v1_volume_record_is_refused(raw: bytes) -> None:
+    info = decode_volume_record(raw, volume_key("vol-1"))
+    assert info["format"] == 1  # a record without "format" was written by v1
+    with pytest.raises(FormatError, match="format 1"):
+        check_volume_format(info, "here")
+
+
+def test_v2_pack_decodes() -> None:
+    raw = (GOLDEN / "v2.pack").read_bytes()
+    vid, rs, pack, created_at, versions = make.PACK_V2
+    index = verify_pack(raw)
+    assert (index.volume_id, index.region_size, index.pack, index.created_at) == (vid, rs, pack, created_at)
+    assert index.data_offset == 157 and len(raw) == 157 + 4096 + 100 + 16
+    assert [(e.region, e.seq, e.offset, e.length) for e in index.entries] == [(1, 5, 157, 4096), (2, 6, 4253, 100)]
+    for e, (_r, _s, data) in zip(index.entries, versions, strict=True):
+        assert raw[e.offset : e.offset + e.length] == data and e.checksum == _sum(data)
+    assert raw[:8] == b"OCPACK02" and raw[-16:] == _sum(raw[:-16])
+
+
+def test_v2_pack_is_reproduced_byte_for_byte() -> None:
+    """A pack is not compressed: every byte is pinned."""
+    assert make.build_pack_v2() == (GOLDEN / "v2.pack").read_bytes()
+
+
+ROOTS = [("v2.root", make.ROOT_V2, 1, 1), ("v2-deep.root", make.DEEP_ROOT_V2, 2, 5)]
+
+
+def _golden_pages() -> dict[bytes, bytes]:
+    return {bytes.fromhex(p.name): p.read_bytes() for p in (GOLDEN / "v2-pages").iterdir()}
+
+
+@pytest.mark.parametrize(("name", "spec", "depth", "npages"), ROOTS, ids=[r[0] for r in ROOTS])
+def test_v2_root_and_pages_decode(tmp_path: Path, name: str, spec: make.RootSpec, depth: int,
+                                  npages: int) -> None:
+    vid, size, rs, seq, created_at, label, records = spec
+    raw = (GOLDEN / name).read_bytes()
+    root = decode_root(raw)
+    assert (root.volume_id, root.size, root.region_size, root.seq, root.created_at, root.label, root.depth) == (
+        vid, size, rs, seq, created_at, label, depth)
+    assert decode_root_header(raw) == (seq, created_at, label, vid)
+    store = LocalStore(tmp_path / "s")
+    for address, page in _golden_pages().items():
+        store.put(page_key(vid, address), page)
+    pages = PageSource(store, vid)
+    pit = PitMap(root, pages)
+    expected = {r: (s, p, o, n, _sum(d)) for r, s, p, o, n, d in records}
+    assert {r: (s, p, o, n, c) for r, s, p, o, n, c in pit.stored()} == expected
+    for r in sorted(expected) + [1, root.num_regions - 2]:
+        assert pit.record(r) == expected.get(r, (0, 0, 0, 0, bytes(16))), r
+    assert len(list(pit.page_addresses())) == npages and pages.gets == npages
+
+
+def test_v2_pages_are_the_pages_of_the_two_roots() -> None:
+    """Every golden page is named by its address and belongs to one of the roots; nothing else."""
+    built: dict[bytes, bytes] = {}
+    for _name, spec, _d, _n in ROOTS:
+        built.update(make.build_root_v2(spec)[1])
+    golden = _golden_pages()
+    assert sorted(golden) == sorted(built)
+    for address, raw in golden.items():
+        level, index = PAGE_HEAD.unpack_from(raw)[2:4]
+        decode_page(raw, address, level, index)  # verified against its address
+
+
+@pytest.mark.parametrize(("name", "spec", "depth", "npages"), ROOTS, ids=[r[0] for r in ROOTS])
+def test_v2_root_and_pages_are_reproduced(name: str, spec: make.RootSpec, depth: int, npages: int) -> None:
+    """Byte for byte up to the compressed parts (zlib's output may differ between its builds): the
+    root's header, label, volume id and header checksum; each page's header and address; and what
+    the compressed parts decompress to."""
+    golden = (GOLDEN / name).read_bytes()
+    raw, pages = make.build_root_v2(spec)
+    vid, label = spec[0], spec[5]
+    head = ROOT_HEAD.size + len((label or "").encode()) + len(vid.encode()) + 16
+    assert raw[:head] == golden[:head]
+    assert zlib.decompress(raw[head:-16]) == zlib.decompress(golden[head:-16])
+    assert decode_root(raw) == decode_root(golden)
+    assert len(pages) == npages
+    for address, page in pages.items():
+        pinned = (GOLDEN / "v2-pages" / address.hex()).read_bytes()
+        assert page[: PAGE_HEAD.size] == pinned[: PAGE_HEAD.size]
+        assert zlib.decompress(page[PAGE_HEAD.size :]) == zlib.decompress(pinned[PAGE_HEAD.size :])
+
+
+@pytest.mark.parametrize(("name", "spec", "depth", "npages"), ROOTS, ids=[r[0] for r in ROOTS])
+def test_the_tree_state_publishes_the_golden_pages(tmp_path: Path, name: str, spec: make.RootSpec, depth: int,
+                                                   npages: int) -> None:
+    """The replicator's tree (``TreeState`` over a ``RemoteMap``) encodes the same records to the
+    same pages as the format's definition in the golden builder."""
+    vid, size, rs, seq, created_at, label, records = spec
+    remote = RemoteMap(str(tmp_path / "remote.map"), rs, (size + rs - 1) // rs, True)
+    try:
+        for r, s, p, o, n, d in records:
+            remote.set(r, s, p, o, n, _sum(d))
+        remote.sync()
+        pages, top, leaves = remote.tree.prepare(remote.leaf_body)
+        golden_root = decode_root((GOLDEN / name).read_bytes())
+        assert dict(top) == golden_root.children
+        assert {addr for _l, _i, addr, _raw in pages} == set(make.build_root_v2(spec)[1])
+        assert len(pages) == npages
+    finally:
+        remote.close()
+
+
+# -- a store of format v1 is refused, never misread ---------------------------------------------
+
+def test_the_v1_manifest_fixture_is_a_v1_manifest() -> None:
+    """The fixture the refusal tests use is what :data:`MANIFEST_V1` says (v1 header, read here with
+    the v1 layout: magic, version, region_size, regions, size, seq, created_at, label and id lengths)."""
+    vid, size, rs, seq, created_at, label, regions = make.MANIFEST_V1
+    raw = (GOLDEN / "v1.manifest").read_bytes()
+    head = struct.Struct("<8sIIQQQdII")
+    fields = head.unpack_from(raw)
+    assert fields == (b"OCMANIF1", 1, rs, len(regions), size, seq, created_at, len(label), len(vid))
+    assert raw[head.size : head.size + len(label) + len(vid)] == (label + vid).encode()
+    assert raw[-16:] == _sum(raw[:-16])
+
+
+def test_decode_root_names_a_v1_manifest() -> None:
+    raw = (GOLDEN / "v1.manifest").read_bytes()
+    for decode in (decode_root, decode_root_header):
+        with pytest.raises(FormatError, match="format 1") as info:
+            decode(raw, "here")
+        assert info.value.path == "here"
+
+
+def _v1_store(tmp_path: Path, record: bool, suffix: str) -> LocalStore:
+    vid, size, rs, seq, _created_at, _label, _regions = make.MANIFEST_V1
+    store = LocalStore(tmp_path / "s", prefix="p")
+    if record:
+        store.put(volume_key(vid), b'{"format": 1, "id": "vol-1", "region_size": 4096, "size": 8292}')
+    store.put(f"volumes/{vid}/snapshots/{snapshot_id(seq)}{suffix}", (GOLDEN / "v1.manifest").read_bytes())
+    return store
+
+
+@pytest.mark.parametrize(("record", "suffix"), [(True, ".manifest"), (False, ".manifest"), (False, ".root")],
+                         ids=["v1-record", "manifest-only", "manifest-as-root"])
+def test_a_v1_store_is_refused_naming_format_1(tmp_path: Path, record: bool, suffix: str) -> None:
+    """A v1 volume (its record, or only its manifests) gets a FormatError naming format 1 from the
+    listing and from opening an image, never a misread. ``manifest-as-root``: a v1 manifest under a
+    v2 root's key is still named as one."""
+    store = _v1_store(tmp_path, record, suffix)
+    vid, seq = make.MANIFEST_V1[0], make.MANIFEST_V1[3]
+    assert store.volumes() == [vid]
+    with pytest.raises(FormatError, match="format 1"):
+        store.snapshots(vid)
+    with pytest.raises(FormatError, match="format 1"):
+        store.image(vid, snapshot_id(seq))
+
+
+def test_a_v2_root_is_not_a_v1_manifest() -> None:
+    """The refusal above is by content: the golden v2 root decodes, to the v2 Root type."""
+    assert isinstance(decode_root((GOLDEN / "v2.root").read_bytes()), Root)

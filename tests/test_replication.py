@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import overlaycache
-from overlaycache import Volume
+from overlaycache import LocalStore, Volume
 from overlaycache.errors import (
     CorruptionError,
     FormatError,
@@ -22,7 +22,8 @@ from overlaycache.errors import (
     SecondaryUnavailableError,
     SnapshotNotFoundError,
 )
-from overlaycache.remote.layout import encode_volume_record, manifest_key, region_key, regions_prefix, volume_key
+from overlaycache.store.metered import MeteredStore
+from overlaycache.remote.layout import decode_pack_index, encode_volume_record, packs_prefix, root_key, volume_key
 from overlaycache.testing.patterns import random_writes
 
 RS = 4096
@@ -87,10 +88,12 @@ def test_sync_write_is_on_the_store_when_it_returns(tmp_path: Path, s3_store: An
     with Volume.create(tmp_path / "v", 4 * RS, region_size=RS, secondary=flaky, replication="sync") as vol:
         before = flaky.puts
         vol.write(RS + 5, b"acknowledged")
-        assert flaky.puts == before + 1 and vol.replication_lag.regions == 0
-        keys = list(s3_store.list(regions_prefix(vol.id)))
-        assert len(keys) == 1 and keys[0].startswith(region_key(vol.id, 1, 0).rsplit("/", 1)[0])
-        assert s3_store.get(keys[0])[5:17] == b"acknowledged"
+        assert flaky.puts == before + 1 and vol.replication_lag.regions == 0  # one small pack
+        keys = list(s3_store.list(packs_prefix(vol.id)))
+        raw = s3_store.get(keys[0])
+        index = decode_pack_index(raw)
+        assert len(keys) == 1 and not isinstance(index, int) and [e.region for e in index.entries] == [1]
+        assert raw[index.entries[0].offset + 5 : index.entries[0].offset + 17] == b"acknowledged"
 
 
 def test_sync_degrades_to_async_and_catches_up(tmp_path: Path, s3_store: Any, caplog: Any) -> None:
@@ -145,7 +148,10 @@ def test_zero_regions_are_recorded_not_stored(tmp_path: Path, s3_store: Any) -> 
         vol.write(0, b"y" * RS)
         vol.write(RS, bytes(RS))
         snap = vol.snapshot()
-        assert len(list(s3_store.list(regions_prefix(vol.id)))) == 1
+        [key] = list(s3_store.list(packs_prefix(vol.id)))
+        index = decode_pack_index(s3_store.get(key))
+        assert not isinstance(index, int)
+        assert [(e.region, e.length) for e in index.entries] == [(0, RS), (1, 0)]  # zeros: listed, no bytes
         img = s3_store.image(vol.id, snap)
         assert img.read(0, 2 * RS) == b"y" * RS + bytes(RS) and img.gets == 1
 
@@ -196,14 +202,18 @@ def test_tampered_and_truncated_objects_are_corruption(tmp_path: Path, any_store
         vol.write(0, b"z" * RS)
         snap = vol.snapshot("t")
         vid = vol.id
-    [key] = list(any_store.list(regions_prefix(vid)))
-    any_store.put(key, b"Z" + b"z" * (RS - 1))
+    [key] = list(any_store.list(packs_prefix(vid)))
+    pack = any_store.get(key)
+    index = decode_pack_index(pack)
+    assert not isinstance(index, int)
+    at = index.entries[0].offset
+    any_store.put(key, pack[:at] + b"Z" + pack[at + 1 :])
     with pytest.raises(CorruptionError):
         any_store.image(vid, snap).read(0, 1)
-    any_store.put(key, b"z" * 100)
+    any_store.put(key, pack[: at + 100])
     with pytest.raises(CorruptionError):
         any_store.image(vid, snap).read(0, 1)
-    mkey = manifest_key(vid, snap.seq)
+    mkey = root_key(vid, snap.seq)
     raw = any_store.get(mkey)
     any_store.put(mkey, raw[:-5])
     with pytest.raises(CorruptionError):
@@ -240,7 +250,7 @@ def test_attach_to_a_volume_with_data_syncs_only_what_differs(tmp_path: Path, s3
     flaky = FlakyStore(s3_store)
     with Volume.open(tmp_path / "v", secondary=flaky, replication="async") as vol:
         snap = vol.snapshot()
-        assert flaky.puts == 1 + 4 + 1  # volume record, four regions, manifest
+        assert flaky.puts == 1 + 1 + 1 + 1  # volume record, one pack of four regions, a map page, the root
         want = vol.read(0, vol.size)
     with Volume.open(tmp_path / "v") as vol:  # detached: changes are not tracked...
         vol.write(5 * RS, b"offline")
@@ -273,7 +283,7 @@ def test_snapshot_lookup_and_bad_arguments(tmp_path: Path, s3_store: Any) -> Non
 CHILD = r"""
 import os, sys, random
 import overlaycache
-from overlaycache import Volume
+from overlaycache import LocalStore, Volume
 from overlaycache.store import S3Store
 endpoint, bucket, path = sys.argv[1:4]
 store = S3Store(bucket, prefix="appliance-1", endpoint_url=endpoint, aws_access_key_id="testing",
@@ -323,8 +333,10 @@ def test_kill_during_async_shipping(tmp_path: Path, s3_store: Any, moto_endpoint
 def test_initial_sync_reports_progress(tmp_path: Path, s3_store: Any) -> None:
     with Volume.create(tmp_path / "v", 600 * RS, region_size=RS) as vol:
         vol.write(0, b"x" * (300 * RS))
-    # Periodic mode with a long period: nothing ships in the background, so this call does it all.
-    with Volume.open(tmp_path / "v", secondary=s3_store, replication="periodic", period=3600) as vol:
+    # Periodic mode with a long period: nothing ships in the background, so this call does it all,
+    # in two packs of at most 256 regions.
+    with Volume.open(tmp_path / "v", secondary=s3_store, replication="periodic", period=3600,
+                     pack_size=1 << 20) as vol:
         assert vol.replication_lag.regions == 300
         steps: list[tuple[int, int]] = []
         assert vol.replicate(lambda done, total: steps.append((done, total))) == 300
@@ -334,7 +346,7 @@ def test_initial_sync_reports_progress(tmp_path: Path, s3_store: Any) -> None:
 
 CHILD_UNFLUSHED = r"""
 import sys, time
-from overlaycache import Volume
+from overlaycache import LocalStore, Volume
 from overlaycache.store import S3Store
 endpoint, bucket, path = sys.argv[1:4]
 store = S3Store(bucket, prefix="appliance-1", endpoint_url=endpoint, aws_access_key_id="testing",
@@ -370,3 +382,61 @@ def test_shipped_but_unflushed_write_lost_in_a_crash(tmp_path: Path, s3_store: A
         assert local[:RS] in (b"a" * RS, b"b" * RS)  # the write was not flushed: either is allowed
         snap = vol.snapshot()
         assert s3_store.image(vid, snap).read(0, vol.size) == local
+
+
+def _wait_for(cond: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_async_waits_for_a_pack_to_fill_or_its_delay(tmp_path: Path, s3_store: Any) -> None:
+    """A partial pack waits for ``pack_delay``; a full one ships at once (1 MiB packs of 4 KiB
+    regions: 256 regions)."""
+    store = MeteredStore(s3_store)
+    with Volume.create(tmp_path / "v", 600 * RS, region_size=RS, secondary=store, replication="async",
+                       pack_size=1 << 20, pack_delay=3600) as vol:
+        vol.write(0, b"p" * (10 * RS))
+        time.sleep(0.5)
+        assert vol.replication_lag.regions == 10 and store.stats()["PUT"].requests == 1  # the volume record
+        vol.write(10 * RS, b"q" * (300 * RS))
+        assert _wait_for(lambda: vol.replication_lag.regions == 0), "a full pack was not shipped"
+        assert store.stats()["PUT"].requests == 1 + 2  # 310 regions: a full pack and the rest
+    with Volume.create(tmp_path / "w", 8 * RS, region_size=RS, secondary=s3_store, replication="async",
+                       pack_delay=0.05) as vol:
+        vol.write(RS, b"r")
+        assert _wait_for(lambda: vol.replication_lag.regions == 0), "a partial pack never shipped"
+
+
+@pytest.mark.parametrize("kwargs", [{"pack_size": 1 << 19}, {"pack_size": (64 << 20) + 1}, {"pack_size": "8M"},
+                                    {"pack_size": 8.0 * (1 << 20)}, {"pack_delay": -1}, {"pack_delay": float("nan")},
+                                    {"pack_delay": True}, {"pack_delay": "1"}])
+def test_pack_options_are_checked(tmp_path: Path, kwargs: dict[str, Any]) -> None:
+    store = LocalStore(tmp_path / "s")
+    with pytest.raises(InvalidArgumentError):
+        Volume.create(tmp_path / "v", 4 * RS, region_size=RS, secondary=store, **kwargs)
+    assert not (tmp_path / "v").exists()
+
+
+def test_secondary_stats_count_requests_by_kind(tmp_path: Path, s3_store: Any) -> None:
+    with Volume.create(tmp_path / "v", 8 * RS, region_size=RS, secondary=s3_store, replication="periodic",
+                       period=3600) as vol:
+        assert vol.secondary_stats is not None and vol.secondary_stats.requests == 1  # the volume record
+        vol.write(0, b"s" * (3 * RS))
+        before = vol.secondary_stats
+        vol.snapshot()
+        spent = vol.secondary_stats - before
+        assert spent["PUT"].requests == 3  # one pack, one map page, the root
+        assert spent["PUT"].bytes > 3 * RS
+        mid = vol.secondary_stats
+        last = vol.snapshots()[-1]  # listing PITs is the volume's own request: counted
+        before = vol.secondary_stats
+        assert (before - mid)["GET"].requests == 2 and (before - mid)["LIST"].requests == 1  # record, root header
+        with vol.secondary.image(vol.id, last) as img:  # the store as given: not counted
+            img.read(0, RS)
+        assert (vol.secondary_stats - before).requests == 0
+    with Volume.create(tmp_path / "w", 8 * RS, region_size=RS) as vol:
+        assert vol.secondary_stats is None

@@ -302,10 +302,10 @@ def test_mostly_remote_reads_come_from_the_pit(tmp_path: Path, s3_store: Any) ->
         want[3 * RS : 4 * RS] = b"3" * RS
         assert vol.location_map(0, 5) == ["R", "R", "R", "PO", "PB"]
         assert vol.read(0, 5 * RS) == want[: 5 * RS]  # 3 of 5 remote: PB region 4 from the PIT too
-        assert sorted(int(k.split("/")[-2], 16) for k in store.region_gets) == [0, 1, 2, 4]
+        assert sorted(store.region_gets) == [0, 1, 2, 4]
         store.region_gets.clear()
         assert vol.read(6 * RS, 4 * RS) == want[6 * RS : 10 * RS]  # 1 of 4 remote: routed as usual
-        assert [int(k.split("/")[-2], 16) for k in store.region_gets] == [8]
+        assert store.region_gets == [8]
         store.down = True
         vol.clear_cache()
         with pytest.raises(RegionUnavailableError) as info:

@@ -13,23 +13,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from overlaycache.errors import CorruptionError, ObjectNotFoundError, SnapshotNotFoundError
+from overlaycache.errors import CorruptionError, FormatError, ObjectNotFoundError, SnapshotNotFoundError
 from overlaycache.images import RemoteImage
 from overlaycache.remote.layout import (
     VOLUMES_PREFIX,
+    check_volume_format,
+    decode_root,
+    decode_root_header,
     decode_volume_record,
-    is_manifest_key,
-    manifest_key,
-    manifests_prefix,
+    is_root_key,
+    root_header_length,
+    root_key,
+    roots_prefix,
+    snapshot_id,
     volume_key,
 )
-from overlaycache.remote.manifest import decode_manifest, read_manifest_header
+from overlaycache.remote.tree import PageSource, PitMap
 from overlaycache.snapshots import Snapshot, find_snapshot
 from overlaycache.store.base import ObjectStore
 
 __all__ = ["Catalog", "CatalogMixin"]
 
-#: Enough bytes of a manifest for its header and label (:func:`read_manifest_header`).
+#: Enough bytes of a root for its header, label and volume id (:func:`decode_root_header`).
 _HEADER_BYTES = 4096
 
 
@@ -86,8 +91,23 @@ class Catalog:
             raise SnapshotNotFoundError(f"{self.store.location}: no volume {volume_id!r}", volume_id) from exc
         return decode_volume_record(raw, key, self.store.location)
 
+    def check_format(self, volume_id: str) -> None:
+        """Refuse a volume the store holds in another format (a v1 store: one object per region).
+
+        Raises
+        ------
+        FormatError
+            The volume record names another format.
+        """
+        key = volume_key(volume_id)
+        try:
+            raw = self.store.get(key)
+        except ObjectNotFoundError:
+            return  # nothing stored yet (or only PITs without a record: their roots say)
+        check_volume_format(decode_volume_record(raw, key, self.store.location), f"{self.store.location}/{key}")
+
     def snapshots(self, volume_id: str) -> list[Snapshot]:
-        """The PIT snapshots of a volume, oldest first.
+        """The PIT snapshots of a volume, oldest first; each root's header is verified.
 
         Parameters
         ----------
@@ -98,14 +118,61 @@ class Catalog:
         -------
         list of Snapshot
             Sorted by ``seq``; empty for an unknown volume.
+
+        Raises
+        ------
+        FormatError
+            The store holds the volume in another format.
+        CorruptionError
+            A root's header is damaged, or names another volume or seq than its key.
         """
+        self.check_format(volume_id)
         out = []
-        for key in self.store.list(manifests_prefix(volume_id)):
-            if is_manifest_key(key):
-                out.append(read_manifest_header(self.store.get(key, 0, _HEADER_BYTES), key))
+        for key in self.store.list(roots_prefix(volume_id)):
+            where = f"{self.store.location}/{key}"
+            if key.endswith(".manifest"):
+                raise FormatError(f"{where}: a PIT manifest of format 1; this overlaycache reads format 2 only",
+                                  where)
+            if not is_root_key(key):
+                continue
+            raw = self.store.get(key, 0, _HEADER_BYTES)
+            if root_header_length(raw) > len(raw) == _HEADER_BYTES:  # a long label
+                raw = self.store.get(key, 0, root_header_length(raw))
+            seq, created, label, vid = decode_root_header(raw, where)
+            if vid != volume_id or root_key(volume_id, seq) != key:
+                raise CorruptionError(f"{where}: root of volume {vid!r} seq {seq:016x}, not of this key")
+            out.append(Snapshot(snapshot_id(seq), seq, created, label))
         return sorted(out, key=lambda s: s.seq)
 
-    def image(self, volume_id: str, snapshot: Any, cache_regions: int = 64) -> RemoteImage:
+    def pit_map(self, volume_id: str, snapshot: Any, mirror: str | None = None) -> PitMap:
+        """The map of one PIT snapshot, read lazily.
+
+        Parameters
+        ----------
+        volume_id : str
+            The volume.
+        snapshot : Snapshot or str
+            The snapshot, its id, or its label where labels are unique.
+        mirror : str, optional
+            A directory of page files to read before the store (see :class:`PageSource`).
+
+        Raises
+        ------
+        SnapshotNotFoundError
+            No such snapshot.
+        CorruptionError
+            The root is damaged or belongs to another volume.
+        """
+        store = self.store
+        snap = find_snapshot(self.snapshots(volume_id), snapshot, f"{store.location} volume {volume_id}")
+        key = root_key(volume_id, snap.seq)
+        root = decode_root(store.get(key), f"{store.location}/{key}")
+        if root.volume_id != volume_id:
+            raise CorruptionError(f"{store.location}/{key}: root of volume {root.volume_id}, not {volume_id}")
+        return PitMap(root, PageSource(store, volume_id, mirror))
+
+    def image(self, volume_id: str, snapshot: Any, cache_regions: int = 256,
+              readahead: int | None = None) -> RemoteImage:
         """A read-only, lazy virtual image of a PIT snapshot; no local volume needed.
 
         Parameters
@@ -116,6 +183,8 @@ class Catalog:
             The snapshot, its id, or its label where labels are unique.
         cache_regions : int
             Regions the image keeps in memory.
+        readahead : int, optional
+            Regions a sequential read keeps in flight ahead of it (default: 32 MiB worth).
 
         Returns
         -------
@@ -127,15 +196,12 @@ class Catalog:
         SnapshotNotFoundError
             No such snapshot.
         CorruptionError
-            The manifest is damaged or belongs to another volume.
+            The root is damaged or belongs to another volume.
+        FormatError
+            The store holds the volume in another format.
         """
-        store = self.store
-        snap = find_snapshot(self.snapshots(volume_id), snapshot, f"{store.location} volume {volume_id}")
-        key = manifest_key(volume_id, snap.seq)
-        manifest = decode_manifest(store.get(key), f"{store.location}/{key}")
-        if manifest.volume_id != volume_id:
-            raise CorruptionError(f"{store.location}/{key}: manifest of volume {manifest.volume_id}, not {volume_id}")
-        return RemoteImage(store, manifest, cache_regions=cache_regions)
+        return RemoteImage(self.store, self.pit_map(volume_id, snapshot), cache_regions=cache_regions,
+                           readahead=readahead)
 
 
 class CatalogMixin:
@@ -157,6 +223,13 @@ class CatalogMixin:
         """The PIT snapshots of a volume, oldest first (see :meth:`Catalog.snapshots`)."""
         return Catalog(self).snapshots(volume_id)
 
-    def image(self: ObjectStore, volume_id: str, snapshot: Any, cache_regions: int = 64) -> RemoteImage:
+    def check(self: ObjectStore, volume_id: str, repair: bool = False, read_data: bool = False) -> Any:
+        """Check a volume's packs, PIT roots and map pages; rebuild damaged PITs from the packs
+        with ``repair`` (see :func:`overlaycache.remote.check.check_volume`)."""
+        from overlaycache.remote.check import check_volume  # it builds on this module
+
+        return check_volume(self, volume_id, repair, read_data)
+
+    def image(self: ObjectStore, volume_id: str, snapshot: Any, cache_regions: int = 256) -> RemoteImage:
         """A read-only, lazy virtual image of a PIT snapshot (see :meth:`Catalog.image`)."""
         return Catalog(self).image(volume_id, snapshot, cache_regions)

@@ -1,110 +1,196 @@
-"""The object layout on the secondary (format v1): every key and every object format, in one place.
+"""The object layout on the secondary (format v2): every key and every object format, in one place.
 
 This module is the single reference for what overlaycache stores. Nothing else spells a key or
-packs an object's bytes: the replicator, the catalog, the region source and the manifest codec
-(:mod:`overlaycache.remote.manifest`) build and parse them through the names here. A new format
-(v2: regions packed into large objects) replaces this module and the codecs behind it.
+packs an object's bytes: the replicator, the catalog, the region source and the map tree
+(:mod:`overlaycache.remote.tree`) build and parse them through the names here.
+
+Format v2 packs region versions into large immutable objects and keeps each PIT snapshot's map as
+a tree of immutable, content-addressed pages, so that replication writes few objects, a PIT after
+``k`` changed regions writes ``O(k)`` bytes whatever the volume's size, and a read of adjacent
+regions is one ranged GET. A store of format v1 (one object per region version, one full manifest
+per PIT) is refused with a :class:`~overlaycache.errors.FormatError` naming its version.
 
 Keys
 ----
 Keys are relative to the store's own prefix; every key of a volume is under ``volumes/<id>/``, so
 several volumes share a bucket::
 
-    volumes/<id>/volume.json                           the volume record
-    volumes/<id>/regions/<shard>/<region>/<seq>        one region version
-    volumes/<id>/snapshots/<seq>.manifest              one PIT snapshot
+    volumes/<id>/volume.json                          the volume record
+    volumes/<id>/packs/<shard>/<pack>.pack            a pack of region versions
+    volumes/<id>/pages/<hh>/<hash>                    a map page (content-addressed)
+    volumes/<id>/snapshots/<seq>.root                 a PIT snapshot's root
 
-``<region>`` is the region number as 12 hex digits, ``<seq>`` 16 hex digits, and ``<shard>`` the
-first byte, as 2 hex digits, of the mmh3 x64-128 checksum of the region number as 8 little-endian
-bytes: it spreads the keys of neighbouring regions over the store's partitions.
+``<pack>`` and ``<seq>`` are 16 hex digits; ``<shard>`` is the first byte, as 2 hex digits, of the
+mmh3 x64-128 checksum of the pack number as 8 little-endian bytes (it spreads consecutive packs
+over the store's partitions); ``<hash>`` is the page's address (32 hex digits) and ``<hh>`` its
+first two.
 
 Generations
 -----------
-``seq`` numbers the region versions of a volume: volume-wide, strictly increasing, each handed out
-once (the replicator reserves them in blocks, durably). A PIT snapshot is a cutoff ``seq``; its id is
-that seq as 16 hex digits (:func:`snapshot_id`), which is also the name of its manifest.
+``seq`` numbers the region versions, packs and PIT snapshots of a volume from one counter:
+volume-wide, strictly increasing, each handed out once (the replicator reserves them in blocks,
+durably). A pack's number is a seq; a PIT snapshot is a cutoff seq, its id that seq as 16 hex
+digits (:func:`snapshot_id`). A PIT holds, per region, the newest version with ``seq <= cutoff``.
 
 The volume record
 -----------------
-``volume.json``: UTF-8 JSON with sorted keys, ``{"format": 1, "id": <id>, "region_size": <int>,
+``volume.json``: UTF-8 JSON with sorted keys, ``{"format": 2, "id": <id>, "region_size": <int>,
 "size": <int>}`` (:func:`encode_volume_record`). Written once, with a conditional PUT, when the
-volume is first attached; a volume of another geometry with the same id is refused.
+volume is first attached; a volume of another geometry with the same id is refused, and so is a
+record of another format.
 
-The region object
------------------
-Exactly the region's bytes, no header: ``region_size`` bytes, the last region of a volume
-``size - region * region_size``. It carries no checksum of its own: its manifest record has it, and a
-read that does not match is a :class:`~overlaycache.errors.CorruptionError`. Written once with a
-conditional PUT under a new seq, never overwritten. A version that is all zeros is never stored:
-the manifest records it with the checksum of zeros, and a reader serves it without a request.
+The pack
+--------
+Many region versions in one object, written once with a conditional PUT (:func:`encode_pack`):
 
-The record
-----------
-:data:`RECORD`, 32 bytes per region: ``seq`` (uint64 little-endian; 0 means never stored, the region
-is all zeros), the region's checksum (16 bytes, mmh3 x64-128 of its bytes; zeros where seq is 0),
-8 spare bytes of zeros. The manifests hold one per region; so does the primary's local
-``remote.map`` (the newest version of each region on the secondary).
+* :data:`PACK_HEAD`, little-endian: magic ``OCPACK02``, format version (uint32), region_size
+  (uint32), number of entries (uint32), volume id length (uint32), the pack's seq (uint64),
+  created_at (float64); then the volume id (UTF-8);
+* the index: one :data:`PACK_ENTRY` per region version, in the order of the data: region (uint64),
+  seq (uint64), offset of its bytes from the start of the pack (uint64), length (uint32), 4 bytes of
+  zeros, checksum (16 bytes, mmh3 x64-128 of the region's bytes). A version that is all zeros has
+  length 0 and no bytes in the pack (its checksum is that of the region's length of zeros): it is
+  listed so that the maps can be rebuilt from the packs alone;
+* 16 bytes: mmh3 x64-128 of the header, volume id and index (the index alone is read and verified
+  with one ranged GET of the pack's first bytes);
+* the regions' bytes, back to back;
+* 16 bytes: mmh3 x64-128 of everything before, so a damaged pack is detected by a full check.
 
-The manifest
-------------
-One per PIT snapshot (codec: :mod:`overlaycache.remote.manifest`):
+A pack describes itself: :func:`decode_pack_index` lists what it holds, so the maps can be rebuilt
+from the packs alone. The bytes of a region version that is all zeros are never stored: the pack
+lists it with length 0, the map records it with pack 0 and the checksum of zeros, and a reader
+serves it without a request.
 
-* :data:`MANIFEST_HEAD`, little-endian: magic ``OCMANIF1``, format version (uint32,
-  :data:`MANIFEST_VERSION`), region_size (uint32), number of regions (uint64), size (uint64), the
-  cutoff seq (uint64), created_at (float64, seconds since the epoch), label length and volume id
-  length (uint32 each);
-* the label (UTF-8, empty for none), then the volume id (UTF-8);
-* the records, one per region in region order, zlib-compressed;
-* 16 bytes: mmh3 x64-128 of everything before, so a tampered or truncated manifest is detected.
+The map record
+--------------
+:data:`RECORD`, 48 bytes: seq (uint64; 0: never replicated, the region is all zeros), pack (uint64;
+0: not stored, all zeros), offset in the pack (uint64), length (uint32), 4 bytes of zeros, checksum
+(16 bytes). The primary's local ``remote.map`` holds one per region (the newest version on the
+secondary); map pages hold the records of the regions they cover.
 
-A listing needs only the header and the label, read with a ranged GET of the first bytes.
+Map pages and the root
+----------------------
+A PIT's map is a tree of fixed span. A *leaf* covers :data:`LEAF_SPAN` consecutive regions; a node
+of level ``l >= 1`` covers :data:`FANOUT` consecutive pages of level ``l - 1``. The *depth* is the
+smallest ``d >= 1`` for which the volume has at most :data:`FANOUT` pages of level ``d - 1``
+(:func:`tree_shape`): 1 up to 64 GiB of 64 KiB regions, 2 up to 64 TiB, 3 beyond. The root lists
+the pages of level ``d - 1``.
+
+A page (:func:`encode_page`): :data:`PAGE_HEAD` (magic ``OCPAGE02``, version, level (uint32),
+index of the page within its level (uint64), number of entries (uint32)), then the entries
+zlib-compressed. A leaf's entries are :data:`LEAF_ENTRY` (the region's position within the leaf
+(uint32) and its record's fields), only for regions with ``seq > 0``; a node's are
+:data:`NODE_ENTRY` (the child's position within the node (uint32) and the child's address), only
+for children that have an entry. An empty page is never written. A page's *address* is
+the BLAKE2b-128 digest of its header and its uncompressed entries (:func:`page_address`); its key
+names the address, so a page that did not change between two PITs is one object, shared, and a
+page whose bytes do not match its address is detected when read.
+
+The root (:func:`encode_root`), one object per PIT snapshot:
+
+* :data:`ROOT_HEAD`, little-endian: magic ``OCROOT02``, version, region_size (uint32), size
+  (uint64), the cutoff seq (uint64), created_at (float64), leaf span, fan-out and depth (uint32
+  each), label length, volume id length and number of entries (uint32 each); the label (UTF-8,
+  empty for none) and the volume id;
+* 16 bytes: mmh3 x64-128 of the header, label and volume id, so a listing verifies what it shows
+  with one ranged GET of the first bytes;
+* the top-level entries (:data:`NODE_ENTRY`, positions being page indexes at level ``d - 1``),
+  zlib-compressed;
+* 16 bytes: mmh3 x64-128 of everything before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from overlaycache._impl import core
-from overlaycache.errors import FormatError
+from overlaycache.errors import CorruptionError, FormatError
 
 __all__ = [
-    "MANIFEST_HEAD",
-    "MANIFEST_MAGIC",
-    "MANIFEST_SUFFIX",
-    "MANIFEST_VERSION",
+    "FANOUT",
+    "LEAF_ENTRY",
+    "LEAF_SPAN",
+    "NODE_ENTRY",
+    "PACK_ENTRY",
+    "PACK_HEAD",
+    "PAGE_HEAD",
     "RECORD",
+    "ROOT_HEAD",
+    "ROOT_SUFFIX",
     "VOLUMES_PREFIX",
     "VOLUME_FORMAT",
+    "PackEntry",
+    "PackIndex",
+    "Root",
+    "check_volume_format",
+    "decode_pack_index",
+    "decode_page",
+    "decode_root",
+    "decode_root_header",
+    "root_header_length",
+    "pack_index_size",
+    "verify_pack",
     "decode_volume_record",
+    "encode_pack",
+    "encode_page",
+    "encode_root",
     "encode_volume_record",
-    "is_manifest_key",
-    "is_region_key",
-    "manifest_key",
-    "manifests_prefix",
-    "parse_region_key",
-    "region_key",
-    "regions_prefix",
+    "is_pack_key",
+    "is_root_key",
+    "pack_key",
+    "packs_prefix",
+    "page_address",
+    "page_key",
+    "pages_prefix",
+    "parse_pack_key",
+    "root_key",
+    "roots_prefix",
     "snapshot_id",
+    "tree_shape",
     "volume_key",
 ]
 
 #: Every volume's keys are under ``volumes/<id>/``.
 VOLUMES_PREFIX = "volumes/"
-#: The format version written in the volume record.
-VOLUME_FORMAT = 1
-#: The last part of a manifest's key.
-MANIFEST_SUFFIX = ".manifest"
-#: The manifest format this module reads and writes; newer ones are refused.
-MANIFEST_VERSION = 1
-#: The first bytes of every manifest.
-MANIFEST_MAGIC = b"OCMANIF1"
-#: The manifest's header: magic, version, region_size, num_regions, size, seq, created_at, label
-#: length, volume id length; the label and the volume id follow it.
-MANIFEST_HEAD = struct.Struct("<8sIIQQQdII")
-#: One region in the remote map and in manifests: seq (0 = all zeros, never stored), checksum, spare.
-RECORD = struct.Struct("<Q16s8x")
+#: The format version of the secondary this module reads and writes.
+VOLUME_FORMAT = 2
+#: The last part of a root's key.
+ROOT_SUFFIX = ".root"
+#: Regions per leaf page.
+LEAF_SPAN = 1024
+#: Children per node page (and at most in the root).
+FANOUT = 1024
+
+PACK_MAGIC = b"OCPACK02"
+PAGE_MAGIC = b"OCPAGE02"
+ROOT_MAGIC = b"OCROOT02"
+#: magic, version, region_size, count, volume id length, pack seq, created_at.
+PACK_HEAD = struct.Struct("<8sIIIIQd")
+#: region, seq, offset, length, (zeros), checksum.
+PACK_ENTRY = struct.Struct("<QQQI4x16s")
+#: seq, pack, offset, length, (zeros), checksum.
+RECORD = struct.Struct("<QQQI4x16s")
+#: magic, version, level, index within the level, count.
+PAGE_HEAD = struct.Struct("<8sIIQI")
+#: position in the leaf, then a record's fields.
+LEAF_ENTRY = struct.Struct("<IQQQI16s")
+#: position in the node (or, in the root, the page's index), child address.
+NODE_ENTRY = struct.Struct("<I16s")
+#: magic, version, region_size, size, seq, created_at, leaf span, fan-out, depth, label length,
+#: volume id length, count.
+ROOT_HEAD = struct.Struct("<8sIIQQdIIIIII")
+
+_SUM = 16
+
+
+def _sum(data: Any) -> bytes:
+    return bytes(core.checksum(data))
 
 
 # -- keys ------------------------------------------------------------------------------------------
@@ -114,128 +200,69 @@ def _volume_prefix(volume_id: str) -> str:
 
 
 def volume_key(volume_id: str) -> str:
-    """Key of a volume's record.
-
-    Parameters
-    ----------
-    volume_id : str
-        The volume.
-
-    Returns
-    -------
-    str
-        ``volumes/<id>/volume.json``.
-    """
+    """Key of a volume's record: ``volumes/<id>/volume.json``."""
     return f"{_volume_prefix(volume_id)}volume.json"
 
 
-def regions_prefix(volume_id: str) -> str:
-    """The prefix of every region object of a volume.
-
-    Parameters
-    ----------
-    volume_id : str
-        The volume.
-
-    Returns
-    -------
-    str
-        ``volumes/<id>/regions/``.
-    """
-    return f"{_volume_prefix(volume_id)}regions/"
+def packs_prefix(volume_id: str) -> str:
+    """The prefix of every pack of a volume: ``volumes/<id>/packs/``."""
+    return f"{_volume_prefix(volume_id)}packs/"
 
 
-def region_key(volume_id: str, region: int, seq: int) -> str:
-    """Key of one region version.
-
-    Parameters
-    ----------
-    volume_id : str
-        The volume.
-    region : int
-        The region number.
-    seq : int
-        The version's generation (> 0: versions with seq 0 are never stored).
-
-    Returns
-    -------
-    str
-        ``volumes/<id>/regions/<shard>/<region>/<seq>``.
-    """
-    shard = bytes(core.checksum(region.to_bytes(8, "little")))[0]
-    return f"{regions_prefix(volume_id)}{shard:02x}/{region:012x}/{seq:016x}"
+def pack_key(volume_id: str, pack: int) -> str:
+    """Key of pack number ``pack`` (> 0): ``volumes/<id>/packs/<shard>/<pack>.pack``."""
+    shard = _sum(pack.to_bytes(8, "little"))[0]
+    return f"{packs_prefix(volume_id)}{shard:02x}/{pack:016x}.pack"
 
 
-def parse_region_key(key: str) -> tuple[str, int, int]:
-    """The volume, region and seq named by a region object's key.
-
-    Parameters
-    ----------
-    key : str
-        A key as made by :func:`region_key`.
-
-    Returns
-    -------
-    tuple of (str, int, int)
-        ``(volume_id, region, seq)``.
+def parse_pack_key(key: str) -> tuple[str, int]:
+    """The volume and the pack number named by a pack's key.
 
     Raises
     ------
     ValueError
-        ``key`` is not a region object's key.
+        ``key`` is not a pack's key.
     """
     parts = key.split("/")
-    if len(parts) != 6 or f"{parts[0]}/" != VOLUMES_PREFIX or parts[2] != "regions":
-        raise ValueError(f"not a region object's key: {key!r}")
-    return parts[1], int(parts[4], 16), int(parts[5], 16)
+    if (len(parts) != 5 or f"{parts[0]}/" != VOLUMES_PREFIX or parts[2] != "packs"
+            or not parts[4].endswith(".pack") or len(parts[4]) != 21):
+        raise ValueError(f"not a pack's key: {key!r}")
+    return parts[1], int(parts[4][:16], 16)
 
 
-def is_region_key(key: str) -> bool:
-    """Whether ``key`` names a region object (see :func:`region_key`)."""
+def is_pack_key(key: str) -> bool:
+    """Whether ``key`` names a pack (see :func:`pack_key`)."""
     try:
-        parse_region_key(key)
+        parse_pack_key(key)
     except ValueError:
         return False
     return True
 
 
-def manifests_prefix(volume_id: str) -> str:
-    """The prefix of a volume's snapshot manifests.
+def pages_prefix(volume_id: str) -> str:
+    """The prefix of every map page of a volume: ``volumes/<id>/pages/``."""
+    return f"{_volume_prefix(volume_id)}pages/"
 
-    Parameters
-    ----------
-    volume_id : str
-        The volume.
 
-    Returns
-    -------
-    str
-        ``volumes/<id>/snapshots/``.
-    """
+def page_key(volume_id: str, address: bytes) -> str:
+    """Key of the page with ``address``: ``volumes/<id>/pages/<hh>/<hash>``."""
+    h = address.hex()
+    return f"{pages_prefix(volume_id)}{h[:2]}/{h}"
+
+
+def roots_prefix(volume_id: str) -> str:
+    """The prefix of a volume's PIT roots: ``volumes/<id>/snapshots/``."""
     return f"{_volume_prefix(volume_id)}snapshots/"
 
 
-def manifest_key(volume_id: str, seq: int) -> str:
-    """Key of the manifest of the snapshot with cutoff ``seq``.
-
-    Parameters
-    ----------
-    volume_id : str
-        The volume.
-    seq : int
-        The snapshot's cutoff.
-
-    Returns
-    -------
-    str
-        ``volumes/<id>/snapshots/<seq>.manifest``.
-    """
-    return f"{manifests_prefix(volume_id)}{snapshot_id(seq)}{MANIFEST_SUFFIX}"
+def root_key(volume_id: str, seq: int) -> str:
+    """Key of the root of the PIT with cutoff ``seq``: ``volumes/<id>/snapshots/<seq>.root``."""
+    return f"{roots_prefix(volume_id)}{snapshot_id(seq)}{ROOT_SUFFIX}"
 
 
-def is_manifest_key(key: str) -> bool:
-    """Whether ``key`` names a manifest (see :func:`manifest_key`)."""
-    return key.endswith(MANIFEST_SUFFIX)
+def is_root_key(key: str) -> bool:
+    """Whether ``key`` names a PIT root (see :func:`root_key`)."""
+    return key.endswith(ROOT_SUFFIX)
 
 
 def snapshot_id(seq: int) -> str:
@@ -246,22 +273,8 @@ def snapshot_id(seq: int) -> str:
 # -- the volume record -------------------------------------------------------------------------------
 
 def encode_volume_record(volume_id: str, size: int, region_size: int) -> bytes:
-    """The volume record's bytes.
-
-    Parameters
-    ----------
-    volume_id : str
-        The volume.
-    size : int
-        The volume's size in bytes.
-    region_size : int
-        Bytes per region.
-
-    Returns
-    -------
-    bytes
-        UTF-8 JSON with sorted keys: ``format``, ``id``, ``region_size``, ``size``.
-    """
+    """The volume record's bytes: UTF-8 JSON with sorted keys ``format``, ``id``, ``region_size``,
+    ``size``."""
     info = {"format": VOLUME_FORMAT, "id": volume_id, "size": size, "region_size": region_size}
     return json.dumps(info, sort_keys=True).encode()
 
@@ -269,29 +282,387 @@ def encode_volume_record(volume_id: str, size: int, region_size: int) -> bytes:
 def decode_volume_record(raw: bytes, key: str, location: str | None = None) -> dict[str, Any]:
     """Parse a volume record.
 
-    Parameters
-    ----------
-    raw : bytes
-        The object's bytes.
-    key : str
-        Its key, named by the error.
-    location : str, optional
-        The store, named in the error's message.
-
     Returns
     -------
     dict
-        The record; it has at least integer ``size`` and ``region_size``.
+        The record; it has at least integer ``format``, ``size`` and ``region_size``.
 
     Raises
     ------
     FormatError
         The record is not valid JSON or lacks the geometry.
     """
+    where = key if location is None else f"{location}/{key}"
     try:
         info = json.loads(raw)
-        int(info["size"]), int(info["region_size"])
-    except (ValueError, KeyError, TypeError) as exc:
-        where = key if location is None else f"{location}/{key}"
+        int(info["size"]), int(info["region_size"]), int(info.get("format", 1))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FormatError(f"{where}: invalid volume record", key) from exc
-    return dict(info)
+    info = dict(info)
+    info["format"] = int(info.get("format", 1))
+    return info
+
+
+def check_volume_format(info: dict[str, Any], where: str) -> None:
+    """Refuse a volume record of another format than :data:`VOLUME_FORMAT`.
+
+    Raises
+    ------
+    FormatError
+        Names the format found and the one this overlaycache reads.
+    """
+    found = info.get("format")
+    if found != VOLUME_FORMAT:
+        raise FormatError(f"{where}: the secondary holds this volume in format {found}; this overlaycache "
+                          f"reads and writes format {VOLUME_FORMAT} only", where)
+
+
+# -- packs -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackEntry:
+    """One region version in a pack: its region, seq, where its bytes are, and their checksum."""
+
+    region: int
+    seq: int
+    offset: int
+    length: int
+    checksum: bytes
+
+
+@dataclass(frozen=True)
+class PackIndex:
+    """What a pack says about itself (:func:`decode_pack_index`)."""
+
+    volume_id: str
+    region_size: int
+    pack: int
+    created_at: float
+    entries: tuple[PackEntry, ...]
+    #: Bytes of header, volume id, index and index checksum: where the data starts.
+    data_offset: int
+
+
+def pack_index_size(count: int, volume_id: str) -> int:
+    """Bytes before a pack's data: header, volume id, ``count`` index entries, index checksum."""
+    return PACK_HEAD.size + len(volume_id.encode()) + count * PACK_ENTRY.size + _SUM
+
+
+def encode_pack(volume_id: str, region_size: int, pack: int, created_at: float,
+                versions: Sequence[tuple[int, int, bytes, bytes]]) -> tuple[bytes, list[PackEntry]]:
+    """A pack object of ``versions``.
+
+    Parameters
+    ----------
+    volume_id : str
+        The volume.
+    region_size : int
+        Bytes per region.
+    pack : int
+        The pack's number (a seq).
+    created_at : float
+        Seconds since the epoch.
+    versions : sequence of (region, seq, data, checksum)
+        The region versions, in the order to store them; ``data`` empty for a version that is all
+        zeros (listed, not stored).
+
+    Returns
+    -------
+    raw : bytes
+        The pack's bytes.
+    entries : list of PackEntry
+        Where each version is in it, in the order given.
+    """
+    vid = volume_id.encode()
+    pos = pack_index_size(len(versions), volume_id)
+    entries = []
+    for region, seq, data, csum in versions:
+        entries.append(PackEntry(region, seq, pos, len(data), csum))
+        pos += len(data)
+    head = bytearray(PACK_HEAD.pack(PACK_MAGIC, VOLUME_FORMAT, region_size, len(versions), len(vid), pack,
+                                    created_at))
+    head += vid
+    for e in entries:
+        head += PACK_ENTRY.pack(e.region, e.seq, e.offset, e.length, e.checksum)
+    head += _sum(head)
+    out = bytearray(head)
+    for _r, _s, data, _c in versions:
+        out += data
+    out += _sum(out)
+    return bytes(out), entries
+
+
+def decode_pack_index(raw: bytes, key: str = "pack") -> PackIndex | int:
+    """A pack's index, from its first bytes.
+
+    Parameters
+    ----------
+    raw : bytes
+        The pack's first bytes (or all of it).
+    key : str
+        What to call it in errors.
+
+    Returns
+    -------
+    PackIndex or int
+        The index; or, when ``raw`` is too short to hold it, how many bytes are needed.
+
+    Raises
+    ------
+    CorruptionError
+        The index does not match its checksum.
+    FormatError
+        Not a pack, or of another format.
+    """
+    if len(raw) < PACK_HEAD.size:
+        return PACK_HEAD.size
+    magic, version, rs, count, vlen, pack, created = PACK_HEAD.unpack_from(raw)
+    if magic != PACK_MAGIC:
+        raise FormatError(f"{key}: not a pack", key)
+    if version != VOLUME_FORMAT:
+        raise FormatError(f"{key}: pack of format {version}, not {VOLUME_FORMAT}", key)
+    need: int = PACK_HEAD.size + vlen + count * PACK_ENTRY.size + _SUM
+    if len(raw) < need:
+        return need
+    if _sum(raw[: need - _SUM]) != raw[need - _SUM : need]:
+        raise CorruptionError(f"{key}: pack index checksum mismatch (damaged object)")
+    vid = raw[PACK_HEAD.size : PACK_HEAD.size + vlen].decode(errors="replace")
+    entries = []
+    pos = PACK_HEAD.size + vlen
+    for _k in range(count):
+        region, seq, off, length, csum = PACK_ENTRY.unpack_from(raw, pos)
+        entries.append(PackEntry(region, seq, off, length, bytes(csum)))
+        pos += PACK_ENTRY.size
+    return PackIndex(vid, rs, pack, created, tuple(entries), need)
+
+
+def verify_pack(raw: bytes, key: str = "pack") -> PackIndex:
+    """Decode and verify a whole pack: its index, its trailing checksum and every region's checksum.
+
+    Raises
+    ------
+    CorruptionError
+        Any of them does not match, or the pack is truncated.
+    FormatError
+        Not a pack, or of another format.
+    """
+    index = decode_pack_index(raw, key)
+    if isinstance(index, int) or len(raw) < _SUM or _sum(raw[:-_SUM]) != raw[-_SUM:]:
+        raise CorruptionError(f"{key}: pack checksum mismatch (damaged or truncated object)")
+    for e in index.entries:
+        if e.length == 0:
+            continue  # all zeros: listed, not stored
+        if e.offset + e.length > len(raw) - _SUM or _sum(raw[e.offset : e.offset + e.length]) != e.checksum:
+            raise CorruptionError(f"{key}: region {e.region} version {e.seq:016x} does not match its checksum")
+    return index
+
+
+# -- map pages ----------------------------------------------------------------------------------------
+
+def tree_shape(num_regions: int) -> tuple[int, list[int]]:
+    """The depth of a volume's map tree and the number of pages at each level.
+
+    Returns
+    -------
+    depth : int
+        Levels of pages below the root (>= 1).
+    counts : list of int
+        ``counts[l]``: pages at level ``l`` (0: leaves), for ``l < depth``.
+    """
+    counts = [max(1, -(-num_regions // LEAF_SPAN))]
+    while counts[-1] > FANOUT:
+        counts.append(-(-counts[-1] // FANOUT))
+    return len(counts), counts
+
+
+def page_address(head: bytes, body: bytes) -> bytes:
+    """A page's address: BLAKE2b-128 of its header and uncompressed entries."""
+    h = hashlib.blake2b(head, digest_size=16)
+    h.update(body)
+    return h.digest()
+
+
+def encode_page(level: int, index: int, entries: bytes, count: int) -> tuple[bytes, bytes]:
+    """A map page.
+
+    Parameters
+    ----------
+    level : int
+        0 for a leaf.
+    index : int
+        The page's index within its level.
+    entries : bytes
+        ``count`` :data:`LEAF_ENTRY` (a leaf) or :data:`NODE_ENTRY` (a node), by position.
+    count : int
+        How many.
+
+    Returns
+    -------
+    address : bytes
+        16 bytes (:func:`page_address`).
+    raw : bytes
+        The object's bytes.
+    """
+    head = PAGE_HEAD.pack(PAGE_MAGIC, VOLUME_FORMAT, level, index, count)
+    return page_address(head, entries), head + zlib.compress(entries, 1)
+
+
+def decode_page(raw: bytes, address: bytes, level: int, index: int, key: str = "page") -> tuple[bytes, int]:
+    """Parse and verify a map page.
+
+    Parameters
+    ----------
+    raw : bytes
+        The object's bytes.
+    address : bytes
+        The address it was fetched by.
+    level, index : int
+        Where in the tree it was expected.
+    key : str
+        What to call it in errors.
+
+    Returns
+    -------
+    entries : bytes
+        Its uncompressed entries.
+    count : int
+        How many.
+
+    Raises
+    ------
+    CorruptionError
+        The page does not match its address, or is not where it was expected.
+    FormatError
+        Not a page, or of another format.
+    """
+    if len(raw) < PAGE_HEAD.size:
+        raise CorruptionError(f"{key}: truncated map page")
+    magic, version, lvl, idx, count = PAGE_HEAD.unpack_from(raw)
+    if magic != PAGE_MAGIC:
+        raise FormatError(f"{key}: not a map page", key)
+    if version != VOLUME_FORMAT:
+        raise FormatError(f"{key}: map page of format {version}, not {VOLUME_FORMAT}", key)
+    try:
+        body = zlib.decompress(raw[PAGE_HEAD.size :])
+    except zlib.error as exc:
+        raise CorruptionError(f"{key}: map page does not decompress (damaged object)") from exc
+    if page_address(raw[: PAGE_HEAD.size], body) != address:
+        raise CorruptionError(f"{key}: map page does not match its address (damaged object)")
+    size = LEAF_ENTRY.size if lvl == 0 else NODE_ENTRY.size
+    if (lvl, idx) != (level, index) or len(body) != count * size:
+        raise CorruptionError(f"{key}: map page for level {lvl} page {idx}, expected level {level} page {index}")
+    return body, count
+
+
+# -- roots ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Root:
+    """A decoded PIT root: the snapshot, the volume's geometry, the tree's shape and its top entries."""
+
+    volume_id: str
+    size: int
+    region_size: int
+    seq: int
+    created_at: float
+    label: str | None
+    depth: int
+    #: Page index at level ``depth - 1`` -> address.
+    children: dict[int, bytes]
+
+    @property
+    def num_regions(self) -> int:
+        """The number of regions."""
+        return (self.size + self.region_size - 1) // self.region_size
+
+
+def encode_root(volume_id: str, size: int, region_size: int, seq: int, created_at: float, label: str | None,
+                children: Iterable[tuple[int, bytes]]) -> bytes:
+    """A PIT root object (see the module docstring); ``children`` are (page index, address) at the
+    tree's top level, by index."""
+    n = (size + region_size - 1) // region_size
+    depth, _counts = tree_shape(n)
+    lab = (label or "").encode()
+    vid = volume_id.encode()
+    body = b"".join(NODE_ENTRY.pack(i, a) for i, a in children)
+    count = len(body) // NODE_ENTRY.size
+    head = ROOT_HEAD.pack(ROOT_MAGIC, VOLUME_FORMAT, region_size, size, seq, created_at, LEAF_SPAN, FANOUT, depth,
+                          len(lab), len(vid), count) + lab + vid
+    out = head + _sum(head) + zlib.compress(body, 1)
+    return out + _sum(out)
+
+
+def _root_head(raw: bytes, key: str) -> tuple[tuple[Any, ...], str | None, str, int]:
+    if len(raw) < ROOT_HEAD.size + _SUM:
+        raise CorruptionError(f"{key}: truncated PIT root")
+    fields = ROOT_HEAD.unpack_from(raw)
+    magic, version = fields[0], fields[1]
+    if magic != ROOT_MAGIC:
+        if raw[:8] == b"OCMANIF1":
+            raise FormatError(f"{key}: a PIT manifest of format 1; this overlaycache reads format "
+                              f"{VOLUME_FORMAT} only", key)
+        raise FormatError(f"{key}: not a PIT root", key)
+    if version != VOLUME_FORMAT:
+        raise FormatError(f"{key}: PIT root of format {version}, not {VOLUME_FORMAT}", key)
+    llen, vlen = fields[9], fields[10]
+    end = ROOT_HEAD.size + llen + vlen
+    if len(raw) < end + _SUM:
+        raise CorruptionError(f"{key}: truncated PIT root")
+    if _sum(raw[:end]) != raw[end : end + _SUM]:
+        raise CorruptionError(f"{key}: PIT root header checksum mismatch (damaged object)")
+    label = raw[ROOT_HEAD.size : ROOT_HEAD.size + llen].decode()
+    vid = raw[ROOT_HEAD.size + llen : end].decode()
+    return fields, label or None, vid, end + _SUM
+
+
+def root_header_length(raw: bytes) -> int:
+    """How many first bytes of a root hold its header, label, volume id and header checksum (0
+    when ``raw`` does not start with a root's header)."""
+    if len(raw) < ROOT_HEAD.size or raw[:8] != ROOT_MAGIC:
+        return 0
+    fields = ROOT_HEAD.unpack_from(raw)
+    return int(ROOT_HEAD.size + fields[9] + fields[10] + _SUM)
+
+
+def decode_root_header(raw: bytes, key: str = "root") -> tuple[int, float, str | None, str]:
+    """The cutoff seq, created_at, label and volume id from a root's first bytes, verified.
+
+    Raises
+    ------
+    CorruptionError
+        The header does not match its checksum, or ``raw`` is too short.
+    FormatError
+        Not a root, or of another format (a v1 manifest is named as such).
+    """
+    fields, label, vid, _end = _root_head(raw, key)
+    return int(fields[4]), float(fields[5]), label, vid
+
+
+def decode_root(raw: bytes, key: str = "root") -> Root:
+    """Parse and verify a whole PIT root.
+
+    Raises
+    ------
+    CorruptionError
+        The root does not match its checksums, or its shape is not the one its geometry implies.
+    FormatError
+        Not a root, or of another format.
+    """
+    fields, label, vid, end = _root_head(raw, key)
+    if _sum(raw[:-_SUM]) != raw[-_SUM:]:
+        raise CorruptionError(f"{key}: PIT root checksum mismatch (tampered or truncated)")
+    _m, _v, rs, size, seq, created, span, fanout, depth, _l, _vl, count = fields
+    n = (size + rs - 1) // rs if rs else 0
+    if rs <= 0 or (span, fanout, depth) != (LEAF_SPAN, FANOUT, tree_shape(n)[0]):
+        raise CorruptionError(f"{key}: PIT root has a tree shape ({span}, {fanout}, {depth}) this volume cannot have")
+    try:
+        body = zlib.decompress(raw[end:-_SUM])
+    except zlib.error as exc:
+        raise CorruptionError(f"{key}: PIT root body does not decompress") from exc
+    if len(body) != count * NODE_ENTRY.size:
+        raise CorruptionError(f"{key}: PIT root has {len(body)} bytes of entries for {count}")
+    children = {}
+    for k in range(count):
+        i, addr = NODE_ENTRY.unpack_from(body, k * NODE_ENTRY.size)
+        children[int(i)] = bytes(addr)
+    return Root(vid, size, rs, seq, created, label, depth, children)

@@ -1,16 +1,18 @@
 """The region source: the one way remote bytes enter the process.
 
-A :class:`RegionSource` serves the regions of one PIT snapshot, as its manifest names them, from a
-store. Images of PIT snapshots and the volume's distributed overlay read the secondary through it
-and through nothing else.
+A :class:`RegionSource` serves the regions of one PIT snapshot, as its map names them
+(:class:`~overlaycache.remote.tree.PitMap`), from a store. Images of PIT snapshots and the
+volume's distributed overlay read the secondary through it and through nothing else.
 
 Contract
 --------
+* A region is a ranged GET of its bytes in its pack; regions adjacent in one pack that are fetched
+  together (a read, a prefetch) are one ranged GET, split after it arrives.
 * Every byte returned is verified: a region version from the store that does not match the
-  manifest's checksum (tampered or truncated object) is a :class:`CorruptionError`, never data. The
+  map's checksum (tampered or truncated object) is a :class:`CorruptionError`, never data. The
   region cache verifies its own entries and drops a damaged one, which is then fetched again.
-* A region whose version is all zeros (never stored: seq 0, or the checksum of zeros) is served
-  without a request.
+* A region whose version is all zeros (never stored: seq 0, pack 0, or the checksum of zeros) is
+  served without a request.
 * With a region cache, a fetch is served from it when it has the version, and a version fetched
   from the store is put there; ``fetch(r, keep=False)`` bypasses the cache, for a caller that holds
   the lock the cache takes while its slots change.
@@ -25,15 +27,18 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from overlaycache._impl import core
 from overlaycache.errors import CorruptionError, SecondaryUnavailableError, VolumeClosedError
 from overlaycache.remote.cache import RegionCache
-from overlaycache.remote.layout import region_key
-from overlaycache.remote.manifest import Manifest
+from overlaycache.remote.layout import pack_key
+
+if TYPE_CHECKING:
+    from overlaycache.remote.tree import PitMap
 
 if TYPE_CHECKING:
     # Only for annotations: importing the store package at run time would load its backends, which
@@ -41,6 +46,13 @@ if TYPE_CHECKING:
     from overlaycache.store.base import ObjectStore
 
 __all__ = ["RegionSource"]
+
+#: A run fetched with one ranged GET is at most this many bytes (a longer one is split, and its
+#: parts fetched in parallel).
+MAX_RUN_BYTES = 8 << 20
+#: Without a region cache, regions a prefetch brought in are kept (at most this many per worker)
+#: until a fetch takes them.
+LANDED_PER_WORKER = 64
 
 
 class RegionSource:
@@ -51,8 +63,8 @@ class RegionSource:
     store : ObjectStore or None
         Where the region objects are; None when no secondary is attached (only zero regions and
         regions in ``region_cache`` can then be served).
-    manifest : Manifest
-        The snapshot's manifest: per region, the version's seq and checksum.
+    manifest : PitMap
+        The snapshot's map: per region, the version's seq, pack, place and checksum.
     workers : int
         Threads fetching in parallel.
     region_cache : RegionCache, optional
@@ -62,15 +74,15 @@ class RegionSource:
     ----------
     store : ObjectStore or None
         The store read.
-    manifest : Manifest
+    manifest : PitMap
         The snapshot served.
     region_cache : RegionCache or None
         The cache fetched through.
     gets : int
-        Objects fetched from the store so far.
+        GET requests made to the store so far (one per run of adjacent regions).
     """
 
-    def __init__(self, store: ObjectStore | None, manifest: Manifest, *, workers: int = 16,
+    def __init__(self, store: ObjectStore | None, manifest: PitMap, *, workers: int = 16,
                  region_cache: RegionCache | None = None) -> None:
         self.store = store
         self.manifest = manifest
@@ -81,6 +93,7 @@ class RegionSource:
         self._lock = threading.RLock()  # a fetch already done runs its callback in the submitter
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: dict[int, Future[bytes]] = {}
+        self._landed: OrderedDict[int, bytes] = OrderedDict()  # prefetched, no region cache to keep them
         self._closed = False
 
     def __repr__(self) -> str:
@@ -111,7 +124,7 @@ class RegionSource:
         return self.manifest.entry(r)[0]
 
     def region_checksum(self, r: int) -> bytes:
-        """The checksum of region ``r`` in this snapshot, from the manifest.
+        """The checksum of region ``r`` in this snapshot, from the map.
 
         Parameters
         ----------
@@ -128,19 +141,88 @@ class RegionSource:
             return self._zero_sum(self._region_len(r))
         return csum
 
+    def _zero_version(self, r: int, seq: int, pack: int, csum: bytes) -> bool:
+        return seq == 0 or pack == 0 or csum == self._zero_sum(self._region_len(r))
+
     def is_zero(self, r: int) -> bool:
         """Whether region ``r``'s version is all zeros (served without a request)."""
-        seq, csum = self.manifest.entry(r)
-        return seq == 0 or csum == self._zero_sum(self._region_len(r))
+        seq, pack, _off, _len, csum = self.manifest.record(r)
+        return self._zero_version(r, seq, pack, csum)
 
     def cached(self, r: int) -> bool:
         """Whether region ``r`` can be served without the store (all zeros, or in the region cache)."""
-        seq, csum = self.manifest.entry(r)
-        if seq == 0 or csum == self._zero_sums.get(self._region_len(r)):
+        seq, pack, _off, _len, csum = self.manifest.record(r)
+        if self._zero_version(r, seq, pack, csum):
             return True
         return self.region_cache is not None and (r, seq) in self.region_cache
 
     # -- fetching --------------------------------------------------------------------------------
+    def _local(self, r: int, rec: tuple[int, int, int, int, bytes], keep: bool) -> bytes | None:
+        """Region ``r``'s bytes if they need no request (all zeros, or in the cache)."""
+        seq, pack, _off, _len, csum = rec
+        if self._landed:
+            with self._lock:
+                landed = self._landed.pop(r, None)
+            if landed is not None:
+                return landed
+        cache = self.region_cache if keep else None
+        rlen = self._region_len(r)
+        if self._zero_version(r, seq, pack, csum):
+            # Never replicated, or all zeros: such versions are recorded but not stored.
+            if cache is not None:
+                cache.note_zero(r, seq)
+            return bytes(rlen)
+        if cache is not None:
+            return cache.get(r, seq, csum, rlen)
+        return None
+
+    def _fetch_run(self, run: list[tuple[int, tuple[int, int, int, int, bytes]]], keep: bool
+                   ) -> dict[int, bytes | BaseException]:
+        """Fetch regions adjacent in one pack with one ranged GET; verify and cache each."""
+        if self.store is None:
+            err = SecondaryUnavailableError(f"regions {run[0][0]}..{run[-1][0]}: no secondary attached to "
+                                            "fetch them from")
+            return {r: err for r, _rec in run}
+        _seq, pack, start, _len, _csum = run[0][1]
+        end = run[-1][1][2] + run[-1][1][3]
+        try:
+            raw = self.store.get(pack_key(self.manifest.volume_id, pack), start, end - start)
+        except Exception as exc:  # noqa: BLE001 - reported per region
+            return {r: exc for r, _rec in run}
+        finally:
+            with self._lock:
+                self.gets += 1
+        out: dict[int, bytes | BaseException] = {}
+        cache = self.region_cache if keep else None
+        view = memoryview(raw)
+        for r, (seq, _pack, off, length, csum) in run:
+            data = bytes(view[off - start : off - start + length])
+            if len(data) != self._region_len(r) or bytes(core.checksum(data)) != csum:
+                out[r] = CorruptionError(
+                    f"{getattr(self.store, 'location', self.store)}: region {r} version {seq:016x} in pack "
+                    f"{pack:016x} does not match the map's checksum (tampered or truncated object)")
+                continue
+            if cache is not None:
+                cache.put(r, seq, csum, data)
+            out[r] = data
+        return out
+
+    def _runs(self, wanted: list[tuple[int, tuple[int, int, int, int, bytes]]]
+              ) -> list[list[tuple[int, tuple[int, int, int, int, bytes]]]]:
+        """``wanted`` grouped into runs of regions whose bytes are adjacent in one pack."""
+        runs: list[list[tuple[int, tuple[int, int, int, int, bytes]]]] = []
+        for item in sorted(wanted, key=lambda it: (it[1][1], it[1][2])):
+            _r, (_s, pack, off, _l, _c) = item
+            if runs:
+                last = runs[-1]
+                _lr, (_ls, lpack, loff, llen, _lc) = last[-1]
+                first_off = last[0][1][2]
+                if lpack == pack and loff + llen == off and off + item[1][3] - first_off <= MAX_RUN_BYTES:
+                    last.append(item)
+                    continue
+            runs.append([item])
+        return runs
+
     def fetch(self, r: int, keep: bool = True) -> bytes:
         """Region ``r``'s bytes, verified.
 
@@ -161,48 +243,56 @@ class RegionSource:
         Raises
         ------
         CorruptionError
-            The stored object does not match the manifest's checksum.
+            The stored bytes do not match the map's checksum.
         SecondaryUnavailableError
             No store is attached, or it cannot be reached.
         StoreError
             The store failed otherwise.
         """
-        seq, csum = self.manifest.entry(r)
-        rlen = self._region_len(r)
-        cache = self.region_cache if keep else None
-        if seq == 0 or csum == self._zero_sum(rlen):
-            # Never replicated, or all zeros: such versions are recorded but not stored.
-            if cache is not None:
-                cache.note_zero(r, seq)
-            return bytes(rlen)
-        if cache is not None:
-            hit = cache.get(r, seq, csum, rlen)
-            if hit is not None:
-                return hit
-        if self.store is None:
-            raise SecondaryUnavailableError(f"region {r}: no secondary attached to fetch it from")
-        data = self.store.get(region_key(self.manifest.volume_id, r, seq))
-        with self._lock:
-            self.gets += 1
-        if len(data) != rlen or bytes(core.checksum(data)) != csum:
-            raise CorruptionError(
-                f"{getattr(self.store, 'location', self.store)}: region {r} version {seq:016x} "
-                "does not match the manifest's checksum (tampered or truncated object)")
-        if cache is not None:
-            cache.put(r, seq, csum, data)
-        return data
+        rec = self.manifest.record(r)
+        hit = self._local(r, rec, keep)
+        if hit is not None:
+            return hit
+        got = self._fetch_run([(r, rec)], keep)[r]
+        if isinstance(got, BaseException):
+            raise got
+        return got
 
-    def _submit(self, r: int) -> Future[bytes]:
-        """The fetch of region ``r`` in the pool (an existing one if it is under way); under ``_lock``."""
-        fut = self._inflight.get(r)
-        if fut is None:
-            if self._closed:
-                raise self._closed_error()
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="overlaycache-fetch")
-            fut = self._inflight[r] = self._pool.submit(self.fetch, r)
-            fut.add_done_callback(functools.partial(self._done, r))
-        return fut
+    def _submit_runs(self, wanted: list[tuple[int, tuple[int, int, int, int, bytes]]]) -> None:
+        """Start fetching ``wanted`` (not under way) in the pool, one task per run; under ``_lock``."""
+        if self._closed:
+            raise self._closed_error()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="overlaycache-fetch")
+        for run in self._runs(wanted):
+            futures: dict[int, Future[bytes]] = {}
+            for r, _rec in run:
+                fut: Future[bytes] = Future()
+                fut.add_done_callback(functools.partial(self._done, r))
+                futures[r] = self._inflight[r] = fut
+            self._pool.submit(self._run_task, run, futures)
+
+    def _run_task(self, run: list[tuple[int, tuple[int, int, int, int, bytes]]],
+                  futures: dict[int, Future[bytes]]) -> None:
+        try:
+            got = self._fetch_run(run, True)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiters
+            got = {r: exc for r, _rec in run}
+        if self.region_cache is None:  # keep what came until a fetch takes it
+            with self._lock:
+                for r, value in got.items():
+                    if not isinstance(value, BaseException):
+                        self._landed[r] = value
+                while len(self._landed) > LANDED_PER_WORKER * self._workers:
+                    self._landed.popitem(last=False)
+        for r, fut in futures.items():
+            value = got[r]
+            if fut.done():
+                continue  # the source was closed meanwhile
+            if isinstance(value, BaseException):
+                fut.set_exception(value)
+            else:
+                fut.set_result(value)
 
     def _done(self, r: int, fut: Future[bytes]) -> None:
         with self._lock:
@@ -210,7 +300,8 @@ class RegionSource:
                 del self._inflight[r]
 
     def fetch_many(self, regions: Sequence[int]) -> tuple[dict[int, bytes], dict[int, BaseException]]:
-        """Fetch ``regions`` in parallel, through the region cache.
+        """Fetch ``regions`` through the region cache, adjacent ones in one ranged GET, runs in
+        parallel.
 
         Parameters
         ----------
@@ -233,18 +324,42 @@ class RegionSource:
             raise self._closed_error()
         got: dict[int, bytes] = {}
         errors: dict[int, BaseException] = {}
-        if len(regions) == 1 and regions[0] not in self._inflight:
-            try:
-                got[regions[0]] = self.fetch(regions[0])
-            except Exception as exc:  # noqa: BLE001 - reported per region to the caller
-                errors[regions[0]] = exc
+        wanted = []
+        for r in regions:
+            rec = self.manifest.record(r)
+            if r not in self._inflight:
+                hit = self._local(r, rec, True)
+                if hit is not None:
+                    got[r] = hit
+                    continue
+            wanted.append((r, rec))
+        if not wanted:
             return got, errors
         with self._lock:
-            ahead = {r for r in regions if r in self._inflight}  # prefetches under way
-            futures = [(r, self._submit(r)) for r in regions]
-        for r, fut in futures:
+            ahead = {r for r, _rec in wanted if r in self._inflight}  # prefetches under way
+            new = [(r, rec) for r, rec in wanted if r not in ahead]
+            runs = self._runs(new)
+            inline = runs[0] if len(runs) == 1 and not ahead else None
+            if inline is None and new:
+                self._submit_runs(new)
+            futures = {r: self._inflight[r] for r, _rec in wanted if r in self._inflight}
+        if inline is not None:  # one run, nothing under way: fetch it in this thread
+            for r, value in self._fetch_run(inline, True).items():
+                if isinstance(value, BaseException):
+                    errors[r] = value
+                else:
+                    got[r] = value
+            return got, errors
+        for r, _rec in wanted:
+            fut = futures.get(r)
             try:
+                if fut is None:  # finished between the two looks: read it again
+                    got[r] = self.fetch(r)
+                    continue
                 got[r] = fut.result()
+                if self._landed:
+                    with self._lock:
+                        self._landed.pop(r, None)
             except Exception as exc:  # noqa: BLE001 - reported per region to the caller
                 if r in ahead:  # a prefetch started earlier failed: this read tries once itself
                     try:
@@ -256,35 +371,58 @@ class RegionSource:
         return got, errors
 
     def prefetch(self, regions: Iterable[int], limit: int | None = None) -> int:
-        """Start fetching ``regions`` into the region cache in the background.
+        """Start fetching ``regions`` into the region cache in the background, adjacent ones in
+        one ranged GET.
 
         Parameters
         ----------
         regions : iterable of int
             The regions, in the order to start them.
         limit : int, optional
-            Fetches kept in flight at most (default: twice the workers).
+            Regions kept in flight at most (default: 64 per worker). Without a region cache, what a
+            prefetch brings is kept in memory (at most :data:`LANDED_PER_WORKER` regions per
+            worker) until a fetch takes it.
 
         Returns
         -------
         int
-            How many fetches were started (the first ones of ``regions`` not under way already).
+            How many of the first of ``regions`` were started or are under way already.
         """
-        limit = 2 * self._workers if limit is None else limit
-        started = 0
+        limit = 64 * self._workers if limit is None else limit
+        seen = 0
         with self._lock:
+            if self._closed:
+                return 0
+            room = limit - len(self._inflight)
+            wanted = []
             for r in regions:
-                if self._closed or len(self._inflight) >= limit:
+                if room <= 0:
                     break
-                if r not in self._inflight:
-                    self._submit(r)
-                    started += 1
-        return started
+                seen += 1
+                if r in self._inflight or r in self._landed:
+                    continue
+                rec = self.manifest.record(r)
+                if self.cached(r):
+                    continue
+                wanted.append((r, rec))
+                room -= 1
+            if wanted:
+                self._submit_runs(wanted)
+        return seen
 
     def close(self) -> None:
         """Cancel the fetches not started and wait for those running (idempotent)."""
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
+            waiting = list(self._inflight.values())
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        for fut in waiting:  # runs cancelled before they started: their waiters must not hang
+            if not fut.done():
+                try:
+                    fut.set_exception(self._closed_error())
+                except InvalidStateError:
+                    pass
+        with self._lock:
+            self._landed.clear()

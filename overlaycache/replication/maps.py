@@ -1,9 +1,11 @@
 """The replication maps of a volume: what is on the secondary, and what is not yet.
 
 ``remote.map``
-    Per region the newest version stored on the secondary (seq, checksum: the record format of
-    :data:`overlaycache.remote.layout.RECORD`), and the highest seq reserved. Records only move to a
-    higher seq.
+    Per region the newest version stored on the secondary (seq, pack, offset, length, checksum: the
+    record format of :data:`overlaycache.remote.layout.RECORD`), and the highest seq reserved.
+    Records only move to a higher seq. Beside it, ``remote.tree`` (:class:`TreeState`) has the
+    newest PIT tree's page addresses and the leaves whose records changed since; it is synced
+    before the records are, so a changed record is never missed by the next PIT.
 ``replication.map``
     The durable write-intent bitmap of regions changed locally and not yet stored; fsynced before
     the data it covers is committed (as Linux md's write-intent bitmap), so a crash can make a
@@ -12,78 +14,117 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
+import time
 
 from overlaycache._fs import FILE_MODE
 from overlaycache._impl import core
 from overlaycache.errors import FormatError
-from overlaycache.remote.layout import RECORD
+from overlaycache.remote.layout import LEAF_SPAN, RECORD
+from overlaycache.remote.tree import TreeState, leaf_entries
+
+_log = logging.getLogger(__name__)
 
 _RMAP_MAGIC = b"OCRMAP01"
+_RMAP_VERSION = 2
 _RMAP_HEAD = struct.Struct("<8sIIQQ")  # magic, version, region_size, num_regions, reserved seq
 _RMAP_HEADER = 64
 _CMAP_MAGIC = b"OCCMAP01"
 
 
 class RemoteMap:
-    """``remote.map``: per region the newest version on the secondary, and the reserved seq."""
+    """``remote.map``: per region the newest version on the secondary, and the reserved seq; with
+    ``remote.tree`` beside it.
+
+    A ``remote.map`` of format 1 (from an overlaycache that wrote one object per region) is set
+    aside as ``remote.map.v1-<time>`` and a fresh one made; :attr:`recreated` says so, and the
+    caller compares the volume with its secondary again.
+    """
 
     def __init__(self, path: str, region_size: int, num_regions: int, writable: bool) -> None:
         self.path = path
         self.n = num_regions
+        self.recreated = False
         length = _RMAP_HEADER + RECORD.size * num_regions
+        if os.path.exists(path) and writable:
+            with open(path, "rb") as f:
+                head = f.read(_RMAP_HEAD.size)
+            if len(head) == _RMAP_HEAD.size and head[:8] == _RMAP_MAGIC and _RMAP_HEAD.unpack(head)[1] == 1:
+                aside = f"{path}.v1-{int(time.time())}"
+                os.replace(path, aside)
+                _log.warning("%s: remote map of format 1 set aside as %s; the secondary is compared again",
+                             path, aside)
+                self.recreated = True
         if not os.path.exists(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
                 os.ftruncate(fd, length)
-                os.pwrite(fd, _RMAP_HEAD.pack(_RMAP_MAGIC, 1, region_size, num_regions, 1), 0)
+                os.pwrite(fd, _RMAP_HEAD.pack(_RMAP_MAGIC, _RMAP_VERSION, region_size, num_regions, 1), 0)
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            tree = path[: -len(".map")] + ".tree" if path.endswith(".map") else path + ".tree"
+            try:
+                os.unlink(tree)  # describes records that are gone
+            except FileNotFoundError:
+                pass
         self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         try:
             head = os.pread(self._fd, _RMAP_HEAD.size, 0)
             if len(head) != _RMAP_HEAD.size or os.fstat(self._fd).st_size < length:
                 raise FormatError(f"{path}: truncated", path)
             magic, version, rs, n, reserved = _RMAP_HEAD.unpack(head)
-            if magic != _RMAP_MAGIC or version != 1 or (rs, n) != (region_size, num_regions):
-                raise FormatError(f"{path}: not a remote map of this volume", path)
+            if magic != _RMAP_MAGIC or version != _RMAP_VERSION or (rs, n) != (region_size, num_regions):
+                raise FormatError(f"{path}: not a remote map of this volume (format {version})", path)
             self.region_size = rs
             self.reserved = reserved
             self.data = core.DataFile(self._fd, length, writable, path)
+            tree_path = path[: -len(".map")] + ".tree" if path.endswith(".map") else path + ".tree"
+            self.tree = TreeState(tree_path, rs, num_regions)
         except BaseException:
             os.close(self._fd)
             raise
         self._rec = bytearray(RECORD.size)
 
     def get(self, r: int) -> tuple[int, bytes]:
+        """``(seq, checksum)`` of region ``r``'s newest version on the secondary (seq 0: none)."""
         self.data.readinto(_RMAP_HEADER + RECORD.size * r, self._rec)
-        seq, csum = RECORD.unpack(self._rec)
+        seq, _pack, _off, _len, csum = RECORD.unpack(self._rec)
         return int(seq), bytes(csum)
 
-    def set(self, r: int, seq: int, csum: bytes) -> None:
-        self.data.write(_RMAP_HEADER + RECORD.size * r, RECORD.pack(seq, csum))
+    def set(self, r: int, seq: int, pack: int, offset: int, length: int, csum: bytes) -> None:
+        """Record region ``r``'s newest version (``pack`` 0: all zeros, not stored)."""
+        self.data.write(_RMAP_HEADER + RECORD.size * r, RECORD.pack(seq, pack, offset, length, csum))
+        self.tree.mark(r)
 
-    def records(self) -> bytes:
-        out = bytearray(RECORD.size * self.n)
-        self.data.readinto(_RMAP_HEADER, out)
-        return bytes(out)
+    def leaf_body(self, i: int) -> tuple[bytes, int]:
+        """The map-page entries of leaf ``i``, from the records."""
+        first = i * LEAF_SPAN
+        count = min(LEAF_SPAN, self.n - first)
+        out = bytearray(RECORD.size * count)
+        self.data.readinto(_RMAP_HEADER + RECORD.size * first, out)
+        return leaf_entries(out)
 
     def reset(self) -> None:
         """Forget every record (a new secondary); the reserved seq stays."""
         self.data.write(_RMAP_HEADER, bytes(RECORD.size * self.n))
+        self.tree.reset()
         self.sync()
 
     def reserve(self, upto: int) -> None:
-        self.data.write(0, _RMAP_HEAD.pack(_RMAP_MAGIC, 1, self.region_size, self.n, upto))
+        self.data.write(0, _RMAP_HEAD.pack(_RMAP_MAGIC, _RMAP_VERSION, self.region_size, self.n, upto))
         self.sync()
         self.reserved = upto
 
     def sync(self) -> None:
+        """Make the records durable, the tree's dirty marks first."""
+        self.tree.sync()
         self.data.sync()
 
     def close(self) -> None:
+        self.tree.close()
         self.data.close()
         os.close(self._fd)
 

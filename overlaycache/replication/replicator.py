@@ -2,9 +2,12 @@
 
 Contract
 --------
-* Every region version goes to the store once, under a new key with a new ``seq``
-  (:func:`~overlaycache.remote.layout.region_key`, conditional PUT), never overwritten. A region
-  whose bytes are all zero is recorded but not stored.
+* Every region version goes to the store once, with a new ``seq``, inside a *pack*: one immutable
+  object of many region versions (:func:`~overlaycache.remote.layout.encode_pack`, conditional PUT
+  under a new pack number), never overwritten. Packs fill up to ``pack_size`` bytes; the
+  background shipper waits up to ``pack_delay`` seconds for a pack to fill (the bound on the
+  recovery point of async mode), sync mode ships each write's regions as one small pack. A region
+  whose bytes are all zero is listed in its pack and recorded, its bytes not stored.
 * The *replication map* holds the regions changed locally and not yet stored. It is written to
   ``replication.map`` and fsynced before the data it covers is committed (write-intent ordering, as
   Linux md's bitmap), so a crash can make us ship a region twice, never skip it. A bit is cleared
@@ -14,7 +17,11 @@ Contract
   record of a newer one (records only move to a higher seq).
 * Seqs are reserved in blocks, durably, before use: after a crash no seq is handed out twice.
 * A PIT snapshot is published only when nothing is pending or in flight while writers are held
-  off, so its manifest is one consistent, crash-consistent image.
+  off, so its map is one consistent, crash-consistent image. Publishing stores the map pages of
+  the leaves whose records changed since the last PIT and the nodes above them (content-addressed,
+  shared with earlier PITs), then the root: ``O(changed)`` objects and bytes, whatever the
+  volume's size. Pages are also kept in the volume's ``pit-pages/`` mirror, so the PIT of a
+  distributed overlay can be read while the secondary is unreachable.
 """
 
 from __future__ import annotations
@@ -43,15 +50,36 @@ from overlaycache.local.regions import ReplicationHost
 from overlaycache.remote.catalog import Catalog
 from overlaycache.replication.maps import ChangeMap, RemoteMap
 from overlaycache.replication.modes import Mode, mode_for
-from overlaycache.remote.layout import encode_volume_record, manifest_key, region_key, snapshot_id, volume_key
-from overlaycache.remote.manifest import encode_manifest
+from overlaycache.remote.layout import (
+    PackEntry,
+    check_volume_format,
+    encode_pack,
+    encode_root,
+    encode_volume_record,
+    pack_key,
+    page_key,
+    root_key,
+    snapshot_id,
+    volume_key,
+)
+from overlaycache.remote.tree import PageSource
 from overlaycache.snapshots import Snapshot
 
 _log = logging.getLogger(__name__)
 
 SYNC_POLICIES = ("degrade", "fail")
 _SEQ_BLOCK = 1 << 16
-_BATCH = 256
+#: Default target size of a pack, and the bounds of ``pack_size``.
+PACK_SIZE = 8 << 20
+PACK_SIZE_MIN = 1 << 20
+PACK_SIZE_MAX = 64 << 20
+#: Default seconds the background shipper waits for a pack to fill.
+PACK_DELAY = 1.0
+#: The directory (in the volume's) mirroring the newest PIT tree's pages.
+MIRROR = "pit-pages"
+#: While this file is in the volume's directory (a distributed overlay's PIT root), no mirror page
+#: is dropped: that PIT's map is read from the mirror.
+PINNED_ROOT = "distributed-overlay.root"
 
 
 @dataclass(frozen=True)
@@ -80,12 +108,17 @@ class Replicator:
     """
 
     def __init__(self, vol: ReplicationHost, store: ObjectStore, mode: str, period: float | None, sync_policy: str,
-                 max_lag_regions: int | None, workers: int, resync: bool) -> None:
+                 max_lag_regions: int | None, workers: int, resync: bool, pack_size: int = PACK_SIZE,
+                 pack_delay: float = PACK_DELAY) -> None:
         self.policy: Mode = mode_for(mode, period)
         if sync_policy not in SYNC_POLICIES:
             raise InvalidArgumentError(f"sync_policy must be one of {SYNC_POLICIES}, got {sync_policy!r}")
         if max_lag_regions is not None and max_lag_regions < 1:
             raise InvalidArgumentError("max_lag_regions must be >= 1")
+        check_pack_options(pack_size, pack_delay)
+        self.pack_size = pack_size
+        self.pack_delay = float(pack_delay)
+        self.pack_regions = max(1, pack_size // vol.region_size)
         self.vol = vol
         self.store = store
         self.mode = self.policy.name
@@ -108,11 +141,18 @@ class Replicator:
         self._cv = threading.Condition(threading.Lock())
         self._map_dirty = False
         self._dirty_since: float | None = time.monotonic() if self.pending.any() else None
-        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="oc-ship")
+        self._workers = max(1, workers)
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="oc-ship")
         self._stopping = False
         self.degraded = False
-        self.last_manifest = b""
+        self.last_root = b""
+        self.mirror = os.path.join(vol.path, MIRROR)
+        os.makedirs(self.mirror, mode=0o700, exist_ok=True)
+        self.pages = PageSource(store, self.volume_id, self.mirror)
         self.shipped = 0
+        self.packs = 0
+        self.last_pages = 0
+        self.last_publish_bytes = 0
         self._changed_since_publish = True
         self._thread: threading.Thread | None = None
         self._registered = False
@@ -140,6 +180,7 @@ class Replicator:
             self.store.put(key, record, if_absent=True)
         except ObjectExistsError:
             found = Catalog(self.store).volume_info(self.volume_id)
+            check_volume_format(found, f"{self.store.location}/{key}")
             if (found.get("size"), found.get("region_size")) != (self.vol.size, self.vol.region_size):
                 raise FormatError(
                     f"{self.store.location}: volume {self.volume_id} is stored with size {found.get('size')} "
@@ -275,34 +316,78 @@ class Replicator:
                     claimed.append((r, self._alloc_seq_locked()))
         return claimed
 
-    def _ship_one(self, r: int, seq: int) -> int:
-        data = self.vol.read_region(r)
-        csum = bytes(core.checksum(data))
-        if csum != bytes(self._zero[16 * r : 16 * r + 16]):
+    def _read_versions(self, chunk: list[tuple[int, int]]
+                       ) -> tuple[list[tuple[int, int, bytes, bytes]], list[tuple[int, int, bytes]],
+                                  list[tuple[int, RegionUnavailableError]]]:
+        """Read the claimed regions: versions to store, all-zero versions, and unreadable regions."""
+        stored: list[tuple[int, int, bytes, bytes]] = []
+        zeros: list[tuple[int, int, bytes]] = []
+        unreadable: list[tuple[int, RegionUnavailableError]] = []
+        for r, seq in chunk:
+            try:
+                data = self.vol.read_region(r)
+            except RegionUnavailableError as exc:
+                unreadable.append((r, exc))
+                continue
+            csum = bytes(core.checksum(data))
+            if csum == bytes(self._zero[16 * r : 16 * r + 16]):
+                zeros.append((r, seq, csum))
+            else:
+                stored.append((r, seq, data, csum))
+        return stored, zeros, unreadable
+
+    def _ship_pack(self, chunk: list[tuple[int, int]]) -> list[tuple[int, RegionUnavailableError]]:
+        """Read ``chunk`` (claimed ``(region, seq)``), store its versions as one pack, record them.
+
+        Returns the regions that could not be read (not recorded). Raises when the pack cannot be
+        stored (nothing of the chunk is recorded then).
+        """
+        stored, zeros, unreadable = self._read_versions(chunk)
+        entries: list[PackEntry] = []
+        pack = 0
+        # All-zero versions are listed in the pack (length 0), so that the maps can be rebuilt from
+        # the packs alone; their bytes are not stored.
+        versions = stored + [(r, seq, b"", csum) for r, seq, csum in zeros]
+        if versions:
+            with self._cv:
+                pack = self._alloc_seq_locked()
             for _attempt in range(3):
+                raw, entries = encode_pack(self.volume_id, self.vol.region_size, pack, time.time(), versions)
                 try:
-                    self.store.put(region_key(self.volume_id, r, seq), data, if_absent=True)
+                    self.store.put(pack_key(self.volume_id, pack), raw, if_absent=True)
                     break
                 except ObjectExistsError:
-                    # Only after a lost seq reservation; take a fresh seq rather than overwrite.
-                    _log.warning("%s: region %d seq %d already stored; using a new seq", self.vol.path, r, seq)
+                    # Only after a lost seq reservation; take a fresh number rather than overwrite.
+                    _log.warning("%s: pack %016x already stored; using a new number", self.vol.path, pack)
                     with self._cv:
-                        seq = self._alloc_seq_locked()
+                        pack = self._alloc_seq_locked()
             else:  # pragma: no cover - three collisions in a row
-                raise StoreError(f"{self.store.location}: cannot find a free seq for region {r}")
+                raise StoreError(f"{self.store.location}: cannot find a free pack number")
+            del raw
         with self._cv:
-            current, _ = self.remote.get(r)
-            if seq > current:
-                self.remote.set(r, seq, csum)
-        return len(data)
+            for e in entries:
+                if e.seq > self.remote.get(e.region)[0]:
+                    if e.length:
+                        self.remote.set(e.region, e.seq, pack, e.offset, e.length, e.checksum)
+                    else:  # all zeros: served without a request
+                        self.remote.set(e.region, e.seq, 0, 0, 0, e.checksum)
+            if entries:
+                self.packs += 1
+        return unreadable
+
+    def _chunks(self, claimed: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """``claimed`` cut into packs of at most ``pack_regions`` regions (runs stay together)."""
+        k = self.pack_regions
+        return [claimed[i : i + k] for i in range(0, len(claimed), k)]
 
     def ship(self, regions: list[int] | None = None, skip_unreadable: set[int] | None = None,
              progress: Callable[[int, int], None] | None = None) -> int:
-        """Ship pending regions (the given ones, or all), in parallel; returns how many were shipped.
+        """Ship pending regions (the given ones, or all), as packs stored in parallel; returns how
+        many were shipped.
 
         With ``skip_unreadable`` (a set), regions that cannot be read locally are added to it and
         dropped from the pending set instead of failing the call. ``progress(done, total)`` is
-        called after each batch (``total`` counts what was pending at the start, and grows if
+        called after each pack (``total`` counts what was pending at the start, and grows if
         writes add more).
 
         Raises
@@ -312,29 +397,36 @@ class Replicator:
         """
         self._ensure_registered()
         total = 0
+        batch = self.pack_regions * min(self._workers, 8)  # bounds memory: 8 packs in flight
         with self._cv:
             expected = self.pending.count() if regions is None else len(regions)
         while True:
-            claimed = self._claim(regions, _BATCH)
+            claimed = self._claim(regions, batch)
             if not claimed:
                 break
-            futures = [(r, self._pool.submit(self._ship_one, r, seq)) for r, seq in claimed]
+            chunks = self._chunks(claimed)
+            futures = [(chunk, self._pool.submit(self._ship_pack, chunk)) for chunk in chunks]
             failed: list[int] = []
             skipped = 0
             error: BaseException | None = None
-            for r, fut in futures:
+            done = 0
+            for chunk, fut in futures:
                 try:
-                    fut.result()
-                except RegionUnavailableError as exc:
+                    unreadable = fut.result()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    failed.extend(r for r, _seq in chunk)
+                    error = error or exc
+                    continue
+                for r, unread in unreadable:
                     if skip_unreadable is None:
                         failed.append(r)
-                        error = error or exc
+                        error = error or unread
                     else:
                         skip_unreadable.add(r)
                         skipped += 1
-                except BaseException as exc:  # noqa: BLE001 - re-raised below
-                    failed.append(r)
-                    error = error or exc
+                done += len(chunk) - len(unreadable)
+                if progress is not None and error is None and fut is not futures[-1][1]:
+                    progress(total + done, max(expected, total + done))  # per pack stored
             with self._cv:
                 for r, _seq in claimed:
                     self.inflight.clear(r)
@@ -393,9 +485,8 @@ class Replicator:
         backoff = 0.5
         while True:
             with self._cv:
-                while not self._stopping and (not self.pending.any()
-                                              or not self.policy.ships_in_background(self.degraded)):
-                    self._cv.wait(1.0)
+                while not self._stopping and not self._pack_due_locked():
+                    self._cv.wait(self._pack_wait_locked())
                 if self._stopping:
                     return
             try:
@@ -428,6 +519,20 @@ class Replicator:
                 with self._cv:
                     self._cv.wait(backoff)
 
+    def _pack_due_locked(self) -> bool:
+        """Whether the background shipper should ship now: a full pack is pending, or the oldest
+        pending change waited ``pack_delay``."""
+        if not self.pending.any() or not self.policy.ships_in_background(self.degraded):
+            return False
+        if self.pending.count() >= self.pack_regions:
+            return True
+        return self._dirty_since is None or time.monotonic() - self._dirty_since >= self.pack_delay
+
+    def _pack_wait_locked(self) -> float:
+        if self.pending.any() and self._dirty_since is not None:
+            return max(0.01, min(1.0, self.pack_delay - (time.monotonic() - self._dirty_since)))
+        return 1.0
+
     def _period_loop(self) -> None:
         assert self.period is not None
         while True:
@@ -448,26 +553,81 @@ class Replicator:
 
     # -- snapshots ---------------------------------------------------------------------------------
     def publish(self, label: str | None) -> Snapshot:
-        """Publish a manifest of the current records; the caller has drained and holds off writers."""
+        """Publish a PIT of the current records; the caller has drained and holds off writers.
+
+        The pages of the leaves changed since the last PIT (and of the nodes above them) are
+        stored first, in parallel and content-addressed (a page already there is the same page),
+        then the root. Only once the root is stored does the local tree move on; a failure
+        leaves it as it was, and the next publish stores the same pages again.
+        """
         self._ensure_registered()
         with self._cv:
             if self.pending.any() or self.inflight.any():
                 raise StoreError("internal: publish with regions pending")  # pragma: no cover
             seq = self._alloc_seq_locked()
             self.remote.sync()
-            records = self.remote.records()
+            pages, top, leaves = self.remote.tree.prepare(self.remote.leaf_body)
             self._changed_since_publish = False
-        snap = Snapshot(snapshot_id(seq), seq, time.time(), label)
-        raw = encode_manifest(self.volume_id, snap, self.vol.size, self.vol.region_size, records)
-        self.store.put(manifest_key(self.volume_id, seq), raw, if_absent=True)
-        self.last_manifest = raw
-        _log.info("%s: snapshot %s (%s) published to %s", self.vol.path, snap.id, label, self.store.location)
+        try:
+            futures = [self._pool.submit(self._put_page, addr, raw) for _l, _i, addr, raw in pages]
+            for fut in futures:
+                fut.result()
+            snap = Snapshot(snapshot_id(seq), seq, time.time(), label)
+            raw = encode_root(self.volume_id, self.vol.size, self.vol.region_size, seq, snap.created_at, label, top)
+            self.store.put(root_key(self.volume_id, seq), raw, if_absent=True)
+        except BaseException:
+            with self._cv:
+                self.remote.tree.abandon()
+                self._changed_since_publish = True
+            raise
+        with self._cv:
+            replaced = self.remote.tree.commit(leaves)
+        if not os.path.exists(os.path.join(self.vol.path, PINNED_ROOT)):
+            for addr in replaced:
+                self.pages.drop(addr)
+        self.last_root = raw
+        self.last_pages = len(pages)
+        self.last_publish_bytes = len(raw) + sum(len(p[3]) for p in pages)
+        _log.info("%s: snapshot %s (%s) published to %s: %d map pages", self.vol.path, snap.id, label,
+                  self.store.location, len(pages))
         return snap
+
+    def _put_page(self, address: bytes, raw: bytes) -> None:
+        try:
+            self.store.put(page_key(self.volume_id, address), raw, if_absent=True)
+        except ObjectExistsError:
+            pass  # content-addressed: the same page, stored by an earlier attempt or PIT
+        self.pages.keep(address, raw)
+
+    def sweep_mirror(self) -> int:
+        """Drop the mirror's pages that are not in the newest tree (after a distributed overlay
+        ended, whose PIT pinned them); returns how many."""
+        with self._cv:
+            keep = {a.hex() for a in self.remote.tree.all_addresses()}
+        dropped = 0
+        for name in os.listdir(self.mirror):
+            if name not in keep:
+                try:
+                    os.unlink(os.path.join(self.mirror, name))
+                    dropped += 1
+                except OSError:
+                    pass
+        return dropped
+
+
+def check_pack_options(pack_size: int, pack_delay: float) -> None:
+    """Refuse a pack size outside 1 to 64 MiB, or a negative or non-finite pack delay."""
+    if type(pack_size) is not int or not PACK_SIZE_MIN <= pack_size <= PACK_SIZE_MAX:
+        raise InvalidArgumentError(f"pack_size must be an int from {PACK_SIZE_MIN} to {PACK_SIZE_MAX} bytes, "
+                                   f"got {pack_size!r}")
+    if isinstance(pack_delay, bool) or not isinstance(pack_delay, (int, float)) or not 0 <= pack_delay <= 3600:
+        raise InvalidArgumentError(f"pack_delay must be seconds from 0 to 3600, got {pack_delay!r}")
 
 
 def attach(host: ReplicationHost, store: ObjectStore, known: SecondaryRecord | None, mode: str | None,
            period: float | None, sync_policy: str, max_lag_regions: int | None,
-           workers: int) -> tuple[Replicator, SecondaryRecord]:
+           workers: int, pack_size: int = PACK_SIZE, pack_delay: float = PACK_DELAY
+           ) -> tuple[Replicator, SecondaryRecord]:
     """A replicator of ``host`` to ``store``, its records checked, not started yet; and the record
     of the secondary to keep in the volume's metadata.
 
@@ -482,11 +642,12 @@ def attach(host: ReplicationHost, store: ObjectStore, known: SecondaryRecord | N
     if period is None and known is not None:
         period = known.period
     resync = known is None or known.location != location or known.resync or not known.clean
-    repl = Replicator(host, store, mode, period, sync_policy, max_lag_regions, workers, resync=False)
+    repl = Replicator(host, store, mode, period, sync_policy, max_lag_regions, workers, resync=False,
+                      pack_size=pack_size, pack_delay=pack_delay)
     try:
         if known is not None and known.location != location:
             repl.remote.reset()
-        if resync:
+        if resync or repl.remote.recreated:
             repl.resync()
     except BaseException:
         repl.close()

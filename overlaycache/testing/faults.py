@@ -28,7 +28,8 @@ import pytest
 from overlaycache import Volume
 from overlaycache.errors import RegionUnavailableError, SecondaryUnavailableError, StoreError
 from overlaycache.local.unavailable import UnavailableMap
-from overlaycache.remote.layout import is_manifest_key, is_region_key, parse_region_key
+from overlaycache.remote.layout import is_pack_key, is_root_key
+from overlaycache.testing.stores import PackRegions
 
 RS = 4096
 #: Bound on any single blocking step of a scenario: a hang fails the test instead of the run.
@@ -111,13 +112,9 @@ def check_regions(vol: Any, model: Model, regions: Iterable[int]) -> None:
         assert vol.read(r * RS, len(model.regions[r])) == model.regions[r], f"region {r}"
 
 
-def region_of(key: str) -> int:
-    """The region number in a region object's key (see :func:`~overlaycache.remote.layout.region_key`)."""
-    return parse_region_key(key)[1]
-
-
-def region_gets(keys: Iterable[str]) -> list[int]:
-    return sorted(region_of(k) for k in keys if is_region_key(k))
+def region_gets(regions: Iterable[int]) -> list[int]:
+    """The regions recorded by a :class:`Tripwire`, sorted."""
+    return sorted(regions)
 
 
 def assert_no_pool_threads(before: set[threading.Thread]) -> None:
@@ -144,8 +141,8 @@ class Tripwire:
     ``arm("get", k)`` / ``arm("put", k)``: region GETs (PUTs) 0..k-1 go through and complete, then
     the k-th stops the server and goes on (and fails, as do all later ones); requests run in
     parallel meanwhile. With ``racing=True`` nothing waits: the k-th stops the server while
-    others may be in flight, and whether those succeed is up to the server (both are recorded). ``arm("manifest")``: the server is stopped just before the manifest PUT;
-    ``arm("manifest-landed")``: just after it (the manifest is stored, then the connection is
+    others may be in flight, and whether those succeed is up to the server (both are recorded). ``arm("root")``: the server is stopped just before the PUT of a PIT's root;
+    ``arm("root-landed")``: just after it (the root is stored, then the connection is
     lost: the caller gets :class:`SecondaryUnavailableError`, as when the server dies before the
     response). ``ok`` and ``failed`` list the region keys whose armed request succeeded or failed;
     ``gets`` every region GET, ``puts`` every region PUT since the last ``arm``.
@@ -161,10 +158,11 @@ class Tripwire:
         self.racing = False
         self.entered = self.finished = 0
         self.tripped = False
-        self.ok: list[str] = []
-        self.failed: list[str] = []
-        self.gets: list[str] = []
-        self.puts: list[str] = []
+        self.ok: list[int] = []
+        self.failed: list[int] = []
+        self.gets: list[int] = []
+        self.puts: list[int] = []
+        self.packs = PackRegions(inner)
 
     def arm(self, op: str, k: int = 0, racing: bool = False) -> None:
         with self._cv:
@@ -181,7 +179,7 @@ class Tripwire:
         self._stop()
         with self._cv:
             self.tripped = True
-            if self.op is not None and self.op.startswith("manifest"):
+            if self.op is not None and self.op.startswith("root"):
                 self.op = None  # once; armed GETs and PUTs go on being recorded
             self._cv.notify_all()
 
@@ -199,35 +197,35 @@ class Tripwire:
         if n == self.k:
             self._trip()
 
-    def _record(self, key: str, ok: bool) -> None:
+    def _record(self, regions: list[int], ok: bool) -> None:
         with self._cv:
-            (self.ok if ok else self.failed).append(key)
+            (self.ok if ok else self.failed).extend(regions)
             self.finished += 1
             self._cv.notify_all()
 
     def _armed(self, op: str, key: str) -> bool:
-        return self.op == op and is_region_key(key)
+        return self.op == op and is_pack_key(key)
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        if is_region_key(key):
-            self.gets.append(key)
+        regions = self.packs.regions(key, start, length) if is_pack_key(key) else []
+        self.gets.extend(regions)
         if not self._armed("get", key):
             return bytes(self.inner.get(key, start, length))
         self._counted(key)
         try:
             data = bytes(self.inner.get(key, start, length))
         except BaseException:
-            self._record(key, False)
+            self._record(regions, False)
             raise
-        self._record(key, True)
+        self._record(regions, True)
         return data
 
     def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
-        if is_region_key(key):
-            self.puts.append(key)
-        if is_manifest_key(key) and self.op == "manifest":
+        regions = self.packs.learn(key, data) if is_pack_key(key) else []
+        self.puts.extend(regions)
+        if is_root_key(key) and self.op == "root":
             self._trip()
-        elif is_manifest_key(key) and self.op == "manifest-landed":
+        elif is_root_key(key) and self.op == "root-landed":
             self.inner.put(key, data, if_absent=if_absent)
             self._trip()
             raise SecondaryUnavailableError(f"{self.location}: put {key}: connection lost (test)",
@@ -239,11 +237,11 @@ class Tripwire:
         try:
             self.inner.put(key, data, if_absent=if_absent)
         except BaseException:
-            self._record(key, False)
+            self._record(regions, False)
             raise
-        self._record(key, True)
+        self._record(regions, True)
 
-    def image(self, volume_id: str, snapshot: Any, cache_regions: int = 64) -> Any:
+    def image(self, volume_id: str, snapshot: Any, cache_regions: int = 256) -> Any:
         from overlaycache.remote.catalog import Catalog
 
         return Catalog(self).image(volume_id, snapshot, cache_regions)
@@ -258,10 +256,24 @@ def assert_down(store: Any) -> None:
         store.get("volumes/probe")
 
 
+def one_region_packs(vol: Volume) -> Volume:
+    """Make ``vol`` store each region version in a pack of its own (below the public minimum pack
+    size), so that a scenario's k-th request is its k-th region."""
+    repl = vol._repl
+    if repl is not None:
+        repl.pack_regions = 1
+    return vol
+
+
 def create(path: Path, store: Any, size: int, mode: str = "periodic") -> Volume:
     # No readahead: these tests count and name exactly the GETs each read makes.
     kwargs: dict[str, Any] = {"period": 3600.0} if mode == "periodic" else {}
-    return Volume.create(path, size, region_size=RS, secondary=store, replication=mode, readahead=0, **kwargs)
+    return one_region_packs(Volume.create(path, size, region_size=RS, secondary=store, replication=mode,
+                                          readahead=0, **kwargs))
+
+
+def reopen_volume(path: Path, store: Any) -> Volume:
+    return one_region_packs(Volume.open(path, secondary=store, readahead=0))
 
 
 # -- 1. the secondary killed while regions are read from it ------------------------------------------
@@ -341,12 +353,12 @@ def remote_reads_with_the_secondary_killed(tmp_path: Path, server: Server, mode:
         snap = vol.snapshot()
         with store.image(vol.id, snap) as pit:
             assert pit.read(0, size) == model.image()
-    with Volume.open(tmp_path / "vol", secondary=store, readahead=0) as vol:
+    with reopen_volume(tmp_path / "vol", store) as vol:
         assert vol.read(0, size) == model.image()
 
 
 def reopen_while_the_secondary_is_down(tmp_path: Path, server: Server) -> None:
-    """A volume in a distributed overlay opens with its secondary unreachable: the PIT manifest
+    """A volume in a distributed overlay opens with its secondary unreachable: the PIT root
     and the cache of remote regions are local; only uncached R regions wait for the server."""
     size = 8 * RS
     model = Model(size)
@@ -360,7 +372,7 @@ def reopen_while_the_secondary_is_down(tmp_path: Path, server: Server) -> None:
         model.put(vol, 0, 2)
     server.stop()
     assert_down(store)
-    with Volume.open(tmp_path / "vol", secondary=store, readahead=0) as vol:
+    with reopen_volume(tmp_path / "vol", store) as vol:
         assert vol.distributed_overlay is not None
         assert vol.location_map() == ["PO", "PB", "R", "R", "PB", "R", "PB", "PB"]
         check_regions(vol, model, [0, 1, 2, 4, 6, 7])
@@ -489,11 +501,11 @@ def forced_replication_killed(tmp_path: Path, server: Server, where: str, k: int
         pending = set(READABLE_UNSYNCED) - set(shipped) | {0, 4, 12}
         if reopen:
             vol.close()
-            vol = Volume.open(tmp_path / "vol", secondary=trip, readahead=0)
+            vol = reopen_volume(tmp_path / "vol", trip)
             _check_failed_state(vol, model, pending)
         server.start()
         stored = [s.id for s in store.snapshots(vol.id)]
-        if where == "manifest-landed":
+        if where == "root-landed":
             assert len(stored) == len(pits) + 1 and stored[:-1] == pits  # stored, never acknowledged
         else:
             assert stored == pits
@@ -510,7 +522,7 @@ def forced_replication_killed(tmp_path: Path, server: Server, where: str, k: int
                 assert pit.read(r * RS, RS) == want[r], f"region {r}"
         assert vol.read(0, model.size) == b"".join(want)
         vol.close()
-        with Volume.open(tmp_path / "vol", secondary=store, readahead=0) as again:
+        with reopen_volume(tmp_path / "vol", store) as again:
             assert again.distributed_overlay == do
             assert again.read(0, model.size) == b"".join(want)
     finally:
