@@ -544,7 +544,7 @@ class Router:
             self.cache = None
 
     # -- remote bytes --------------------------------------------------------------------------------
-    def fetch(self, regions: list[int], what: str) -> dict[int, bytes]:
+    def fetch(self, regions: list[int], what: str) -> dict[int, bytes | memoryview]:
         """The PIT's bytes of ``regions`` (through the cache, in parallel).
 
         Raises
@@ -598,7 +598,8 @@ class Router:
                     want.append(r)
         if not want:
             return {}
-        return self.fetch(want, "are not valid locally, not cached, and the secondary cannot serve them")
+        got = self.fetch(want, "are not valid locally, not cached, and the secondary cannot serve them")
+        return {r: bytes(data) for r, data in got.items()}  # at most two regions
 
     # -- reads -----------------------------------------------------------------------------------------
     def read_routed(self, stack: core.Stack, offset: int, buffer: Any) -> int:

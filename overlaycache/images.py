@@ -19,11 +19,12 @@ from overlaycache.errors import OutOfRangeError, StaleStackError, VolumeClosedEr
 from overlaycache.local.geometry import writable_range
 from overlaycache.local.regions import LocalRegions
 from overlaycache.remote.cache import RegionCache
-from overlaycache.remote.source import RegionSource
+from overlaycache.remote.source import MAX_RUN_BYTES, RegionSource
 from overlaycache.snapshots import LocalSnapshot
 
-#: What a sequential read of a remote image keeps in flight ahead of it, by default.
-READAHEAD = 32 << 20
+#: What a sequential read of a remote image keeps in flight ahead of it, by default (as the
+#: distributed overlay's readahead).
+READAHEAD = 64 << 20
 
 if TYPE_CHECKING:
     # Only for annotations: the store package's backends import the catalog, which imports this.
@@ -158,7 +159,7 @@ class RemoteImage:
     region_cache : RegionCache, optional
         A cache of region versions shared across images and restarts.
     readahead : int, optional
-        Regions a sequential read keeps in flight ahead of it (default: 32 MiB worth; 0: none, for
+        Regions a sequential read keeps in flight ahead of it (default: 64 MiB worth; 0: none, for
         a reader that asks for exactly the regions it needs).
 
     Attributes
@@ -175,15 +176,17 @@ class RemoteImage:
 
     def __init__(self, store: ObjectStore | None, manifest: PitMap, cache_regions: int = 256, workers: int = 16,
                  region_cache: RegionCache | None = None, readahead: int | None = None) -> None:
-        self.source = RegionSource(store, manifest, workers=workers, region_cache=region_cache)
+        default = max(1, READAHEAD // manifest.region_size)
+        self._ahead = max(0, default if readahead is None else readahead)
+        self.source = RegionSource(store, manifest, workers=workers, region_cache=region_cache,
+                                   keep_landed=max(2 * self._ahead, 64 * workers))
         self.snapshot = manifest.snapshot
         self.volume_id = manifest.volume_id
         self.size = manifest.size
         self.region_size = manifest.region_size
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_regions = cache_regions
-        default = max(1, READAHEAD // manifest.region_size)
-        self._ahead = max(0, default if readahead is None else readahead)
+        self._run = max(1, min(self._ahead, MAX_RUN_BYTES // manifest.region_size))
         self._next = 0  # the region after the last read: a read starting there is sequential
         self._ra_next = 0  # the first region not yet asked for by the readahead
         self._lock = threading.Lock()
@@ -210,8 +213,9 @@ class RemoteImage:
         """Whether region ``r``'s version is all zeros (served without a request)."""
         return self.source.is_zero(r)
 
-    def fetch_many(self, regions: Sequence[int]) -> tuple[dict[int, bytes], dict[int, BaseException]]:
-        """Fetch ``regions`` in parallel; returns their bytes and, per region that failed, the error.
+    def fetch_many(self, regions: Sequence[int]) -> tuple[dict[int, bytes | memoryview], dict[int, BaseException]]:
+        """Fetch ``regions`` in parallel; returns their bytes (or read-only views of them) and, per
+        region that failed, the error.
 
         See :meth:`RegionSource.fetch_many`.
         """
@@ -229,11 +233,13 @@ class RemoteImage:
                 return True
         return self.source.cached(r)
 
-    def regions(self, first: int, count: int) -> list[bytes]:
-        """The bytes of regions ``[first, first + count)``, fetched in parallel where needed."""
+    def regions(self, first: int, count: int) -> list[bytes | memoryview]:
+        """The bytes of regions ``[first, first + count)`` (or read-only views of them), fetched in
+        parallel where needed. Regions read sequentially are not kept in the in-memory cache: the
+        readahead serves them, and a sequential reader does not come back."""
         if self.source.closed:
             raise VolumeClosedError(f"image of snapshot {self.snapshot.id} is closed")
-        out: dict[int, bytes] = {}
+        out: dict[int, bytes | memoryview] = {}
         missing = []
         with self._lock:
             sequential = first == self._next
@@ -247,25 +253,31 @@ class RemoteImage:
                     missing.append(r)
             window = None
             if sequential and self._ahead:
-                # A sequential reader: keep the next ``_ahead`` regions in flight (runs of one pack
-                # in one ranged GET each, in parallel), these regions' fetches first.
-                start = max(first, self._ra_next)
-                stop = min(first + count + self._ahead, -(-self.size // self.region_size))
-                if start < stop:
-                    window = (start, stop)
+                # A sequential reader: keep up to ``_ahead`` regions in flight ahead of it (runs of
+                # one pack in one ranged GET each, in parallel), topped up a whole run at a time;
+                # these regions' fetches go first.
+                end = first + count
+                if self._ra_next < end or self._ra_next - end <= self._ahead - self._run:
+                    start = max(first, self._ra_next)
+                    stop = max(end, (end + self._ahead) // self._run * self._run)  # whole runs
+                    stop = min(stop, -(-self.size // self.region_size))
+                    if start < stop:
+                        window = (start, stop)
             else:
                 self._ra_next = 0
         if window is not None:
-            started = self.source.prefetch(range(*window), limit=self._ahead + count)
+            started = self.source.prefetch(range(*window), limit=2 * self._ahead + count)
             with self._lock:
                 self._ra_next = window[0] + started
         fetched, errors = self.source.fetch_many(missing)
         if errors:
             raise next(iter(errors.values()))
         out.update(fetched)
+        if sequential and self._ahead:
+            return [out[r] for r in range(first, first + count)]
         with self._lock:
             for r in missing:
-                self._cache[r] = fetched[r]
+                self._cache[r] = bytes(fetched[r])
                 if len(self._cache) > self._cache_regions:
                     self._cache.popitem(last=False)
         return [out[r] for r in range(first, first + count)]
@@ -288,7 +300,16 @@ class RemoteImage:
 
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset``."""
-        return _read_via_readinto(self.readinto, offset, length)
+        if length <= 0 or offset < 0 or offset + length > self.size or self.source.closed:
+            return _read_via_readinto(self.readinto, offset, length)  # its errors
+        rs = self.region_size
+        first, last = offset // rs, (offset + length - 1) // rs
+        parts = []
+        for r, data in zip(range(first, last + 1), self.regions(first, last - first + 1)):
+            a = max(offset, r * rs) - r * rs
+            b = min(offset + length, r * rs + len(data)) - r * rs
+            parts.append(memoryview(data)[a:b])
+        return b"".join(parts)
 
     def close(self) -> None:
         """Stop the fetches under way and drop the in-memory cache (idempotent)."""

@@ -184,7 +184,7 @@ class Catalog:
         cache_regions : int
             Regions the image keeps in memory.
         readahead : int, optional
-            Regions a sequential read keeps in flight ahead of it (default: 32 MiB worth).
+            Regions a sequential read keeps in flight ahead of it (default: 64 MiB worth).
 
         Returns
         -------

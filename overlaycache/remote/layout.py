@@ -349,7 +349,7 @@ def pack_index_size(count: int, volume_id: str) -> int:
 
 
 def encode_pack(volume_id: str, region_size: int, pack: int, created_at: float,
-                versions: Sequence[tuple[int, int, bytes, bytes]]) -> tuple[bytes, list[PackEntry]]:
+                versions: Sequence[tuple[int, int, bytes, bytes]]) -> tuple[bytearray, list[PackEntry]]:
     """A pack object of ``versions``.
 
     Parameters
@@ -368,7 +368,7 @@ def encode_pack(volume_id: str, region_size: int, pack: int, created_at: float,
 
     Returns
     -------
-    raw : bytes
+    raw : bytearray
         The pack's bytes.
     entries : list of PackEntry
         Where each version is in it, in the order given.
@@ -385,11 +385,14 @@ def encode_pack(volume_id: str, region_size: int, pack: int, created_at: float,
     for e in entries:
         head += PACK_ENTRY.pack(e.region, e.seq, e.offset, e.length, e.checksum)
     head += _sum(head)
-    out = bytearray(head)
-    for _r, _s, data, _c in versions:
-        out += data
-    out += _sum(out)
-    return bytes(out), entries
+    out = bytearray(pos + _SUM)  # one buffer, filled in place: no copy of the whole pack
+    out[: len(head)] = head
+    for e, (_r, _s, data, _c) in zip(entries, versions):
+        out[e.offset : e.offset + e.length] = data
+    view = memoryview(out)
+    out[pos:] = _sum(view[:pos])
+    view.release()
+    return out, entries
 
 
 def decode_pack_index(raw: bytes, key: str = "pack") -> PackIndex | int:

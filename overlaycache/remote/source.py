@@ -69,6 +69,9 @@ class RegionSource:
         Threads fetching in parallel.
     region_cache : RegionCache, optional
         A cache of region versions, shared across sources and restarts.
+    keep_landed : int, optional
+        Without a region cache: regions a prefetch brought in that are kept until a fetch takes
+        them (default :data:`LANDED_PER_WORKER` per worker).
 
     Attributes
     ----------
@@ -83,7 +86,7 @@ class RegionSource:
     """
 
     def __init__(self, store: ObjectStore | None, manifest: PitMap, *, workers: int = 16,
-                 region_cache: RegionCache | None = None) -> None:
+                 region_cache: RegionCache | None = None, keep_landed: int | None = None) -> None:
         self.store = store
         self.manifest = manifest
         self.region_cache = region_cache
@@ -92,8 +95,9 @@ class RegionSource:
         self._zero_sums: dict[int, bytes] = {}
         self._lock = threading.RLock()  # a fetch already done runs its callback in the submitter
         self._pool: ThreadPoolExecutor | None = None
-        self._inflight: dict[int, Future[bytes]] = {}
-        self._landed: OrderedDict[int, bytes] = OrderedDict()  # prefetched, no region cache to keep them
+        self._inflight: dict[int, Future[dict[int, bytes | memoryview | BaseException]]] = {}
+        self._landed: OrderedDict[int, bytes | memoryview] = OrderedDict()  # prefetched, no region cache to keep them
+        self._keep_landed = LANDED_PER_WORKER * self._workers if keep_landed is None else keep_landed
         self._closed = False
 
     def __repr__(self) -> str:
@@ -157,7 +161,7 @@ class RegionSource:
         return self.region_cache is not None and (r, seq) in self.region_cache
 
     # -- fetching --------------------------------------------------------------------------------
-    def _local(self, r: int, rec: tuple[int, int, int, int, bytes], keep: bool) -> bytes | None:
+    def _local(self, r: int, rec: tuple[int, int, int, int, bytes], keep: bool) -> bytes | memoryview | None:
         """Region ``r``'s bytes if they need no request (all zeros, or in the cache)."""
         seq, pack, _off, _len, csum = rec
         if self._landed:
@@ -177,8 +181,10 @@ class RegionSource:
         return None
 
     def _fetch_run(self, run: list[tuple[int, tuple[int, int, int, int, bytes]]], keep: bool
-                   ) -> dict[int, bytes | BaseException]:
-        """Fetch regions adjacent in one pack with one ranged GET; verify and cache each."""
+                   ) -> dict[int, bytes | memoryview | BaseException]:
+        """Fetch regions adjacent in one pack with one ranged GET; verify and cache each. A region's
+        bytes are a view into the run's buffer (no copy): the buffer lives while any of its views
+        is kept."""
         if self.store is None:
             err = SecondaryUnavailableError(f"regions {run[0][0]}..{run[-1][0]}: no secondary attached to "
                                             "fetch them from")
@@ -192,11 +198,11 @@ class RegionSource:
         finally:
             with self._lock:
                 self.gets += 1
-        out: dict[int, bytes | BaseException] = {}
+        out: dict[int, bytes | memoryview | BaseException] = {}
         cache = self.region_cache if keep else None
         view = memoryview(raw)
         for r, (seq, _pack, off, length, csum) in run:
-            data = bytes(view[off - start : off - start + length])
+            data: bytes | memoryview = raw if len(run) == 1 else view[off - start : off - start + length]
             if len(data) != self._region_len(r) or bytes(core.checksum(data)) != csum:
                 out[r] = CorruptionError(
                     f"{getattr(self.store, 'location', self.store)}: region {r} version {seq:016x} in pack "
@@ -221,6 +227,8 @@ class RegionSource:
                     last.append(item)
                     continue
             runs.append([item])
+        # In the order of their first region: a sequential reader needs the first run first.
+        runs.sort(key=lambda run: min(r for r, _rec in run))
         return runs
 
     def fetch(self, r: int, keep: bool = True) -> bytes:
@@ -252,28 +260,32 @@ class RegionSource:
         rec = self.manifest.record(r)
         hit = self._local(r, rec, keep)
         if hit is not None:
-            return hit
+            return hit if isinstance(hit, bytes) else bytes(hit)
         got = self._fetch_run([(r, rec)], keep)[r]
         if isinstance(got, BaseException):
             raise got
-        return got
+        return got if isinstance(got, bytes) else bytes(got)
 
     def _submit_runs(self, wanted: list[tuple[int, tuple[int, int, int, int, bytes]]]) -> None:
-        """Start fetching ``wanted`` (not under way) in the pool, one task per run; under ``_lock``."""
+        """Start fetching ``wanted`` (not under way) in the pool, one task per run; under ``_lock``.
+
+        A run has one future, shared by its regions: its result maps each region to its bytes or
+        its error, so a reader waits once per run, not once per region.
+        """
         if self._closed:
             raise self._closed_error()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="overlaycache-fetch")
         for run in self._runs(wanted):
-            futures: dict[int, Future[bytes]] = {}
-            for r, _rec in run:
-                fut: Future[bytes] = Future()
-                fut.add_done_callback(functools.partial(self._done, r))
-                futures[r] = self._inflight[r] = fut
-            self._pool.submit(self._run_task, run, futures)
+            fut: Future[dict[int, bytes | memoryview | BaseException]] = Future()
+            regions = [r for r, _rec in run]
+            for r in regions:
+                self._inflight[r] = fut
+            fut.add_done_callback(functools.partial(self._done, regions))
+            self._pool.submit(self._run_task, run, fut)
 
     def _run_task(self, run: list[tuple[int, tuple[int, int, int, int, bytes]]],
-                  futures: dict[int, Future[bytes]]) -> None:
+                  fut: Future[dict[int, bytes | memoryview | BaseException]]) -> None:
         try:
             got = self._fetch_run(run, True)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiters
@@ -283,23 +295,20 @@ class RegionSource:
                 for r, value in got.items():
                     if not isinstance(value, BaseException):
                         self._landed[r] = value
-                while len(self._landed) > LANDED_PER_WORKER * self._workers:
+                while len(self._landed) > self._keep_landed:
                     self._landed.popitem(last=False)
-        for r, fut in futures.items():
-            value = got[r]
-            if fut.done():
-                continue  # the source was closed meanwhile
-            if isinstance(value, BaseException):
-                fut.set_exception(value)
-            else:
-                fut.set_result(value)
+        try:
+            fut.set_result(got)
+        except InvalidStateError:
+            pass  # the source was closed meanwhile
 
-    def _done(self, r: int, fut: Future[bytes]) -> None:
+    def _done(self, regions: list[int], fut: Future[dict[int, bytes | memoryview | BaseException]]) -> None:
         with self._lock:
-            if self._inflight.get(r) is fut:
-                del self._inflight[r]
+            for r in regions:
+                if self._inflight.get(r) is fut:
+                    del self._inflight[r]
 
-    def fetch_many(self, regions: Sequence[int]) -> tuple[dict[int, bytes], dict[int, BaseException]]:
+    def fetch_many(self, regions: Sequence[int]) -> tuple[dict[int, bytes | memoryview], dict[int, BaseException]]:
         """Fetch ``regions`` through the region cache, adjacent ones in one ranged GET, runs in
         parallel.
 
@@ -310,8 +319,9 @@ class RegionSource:
 
         Returns
         -------
-        got : dict of int to bytes
-            The bytes of each region fetched.
+        got : dict of int to bytes or memoryview
+            The bytes of each region fetched (a view into the buffer of the GET that brought it,
+            read-only; copy what is kept long).
         errors : dict of int to BaseException
             Per region that could not be fetched, the error (as :meth:`fetch` raises it).
 
@@ -322,16 +332,24 @@ class RegionSource:
         """
         if self._closed:
             raise self._closed_error()
-        got: dict[int, bytes] = {}
+        got: dict[int, bytes | memoryview] = {}
         errors: dict[int, BaseException] = {}
         wanted = []
         for r in regions:
-            rec = self.manifest.record(r)
             if r not in self._inflight:
+                if self._landed:
+                    with self._lock:
+                        landed = self._landed.pop(r, None)
+                    if landed is not None:
+                        got[r] = landed
+                        continue
+                rec = self.manifest.record(r)
                 hit = self._local(r, rec, True)
                 if hit is not None:
                     got[r] = hit
                     continue
+            else:
+                rec = self.manifest.record(r)
             wanted.append((r, rec))
         if not wanted:
             return got, errors
@@ -350,13 +368,24 @@ class RegionSource:
                 else:
                     got[r] = value
             return got, errors
+        results: dict[int, dict[int, bytes | memoryview | BaseException] | BaseException] = {}
         for r, _rec in wanted:
             fut = futures.get(r)
             try:
                 if fut is None:  # finished between the two looks: read it again
                     got[r] = self.fetch(r)
                     continue
-                got[r] = fut.result()
+                result = results.get(id(fut))
+                if result is None:
+                    try:
+                        result = fut.result()
+                    except BaseException as exc:  # noqa: BLE001 - the source was closed
+                        result = exc
+                    results[id(fut)] = result
+                value = result if isinstance(result, BaseException) else result[r]
+                if isinstance(value, BaseException):
+                    raise value
+                got[r] = value
                 if self._landed:
                     with self._lock:
                         self._landed.pop(r, None)
@@ -380,8 +409,8 @@ class RegionSource:
             The regions, in the order to start them.
         limit : int, optional
             Regions kept in flight at most (default: 64 per worker). Without a region cache, what a
-            prefetch brings is kept in memory (at most :data:`LANDED_PER_WORKER` regions per
-            worker) until a fetch takes it.
+            prefetch brings is kept in memory (at most ``keep_landed`` regions) until a fetch
+            takes it.
 
         Returns
         -------
@@ -402,7 +431,9 @@ class RegionSource:
                 if r in self._inflight or r in self._landed:
                     continue
                 rec = self.manifest.record(r)
-                if self.cached(r):
+                seq, pack, _off, _len, csum = rec
+                if self._zero_version(r, seq, pack, csum) or (
+                        self.region_cache is not None and (r, seq) in self.region_cache):
                     continue
                 wanted.append((r, rec))
                 room -= 1

@@ -196,6 +196,7 @@ class PitMap:
         self._cache_leaves = max(1, cache_leaves)
         self._leaves: OrderedDict[int, bytes] = OrderedDict()
         self._nodes: dict[tuple[int, int], dict[int, bytes]] = {}
+        self._last: tuple[int, bytes] = (-1, b"")
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -227,10 +228,14 @@ class PitMap:
 
     def leaf(self, index: int) -> bytes:
         """Leaf ``index`` as :data:`LEAF_SPAN` dense records."""
+        last = self._last  # one read of an immutable pair: no lock for the common repeat
+        if last[0] == index:
+            return last[1]
         with self._lock:
             hit = self._leaves.get(index)
             if hit is not None:
                 self._leaves.move_to_end(index)
+                self._last = (index, hit)
                 return hit
             addr = self._address(0, index)
             if addr is None:
@@ -241,6 +246,7 @@ class PitMap:
             self._leaves[index] = recs
             if len(self._leaves) > self._cache_leaves:
                 self._leaves.popitem(last=False)
+            self._last = (index, recs)
             return recs
 
     def record(self, r: int) -> tuple[int, int, int, int, bytes]:

@@ -156,7 +156,8 @@ class S3Store(CatalogMixin):
             raise translate_boto_error(exc, self, "create_bucket") from exc
 
     def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": bytes(data)}
+        body = data if isinstance(data, (bytes, bytearray)) else bytes(data)  # a pack is not copied again
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": body}
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
         try:

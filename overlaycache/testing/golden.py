@@ -112,7 +112,7 @@ def build_pack_v2() -> bytes:
     vid, rs, pack, created_at, versions = PACK_V2
     raw, _entries = encode_pack(vid, rs, pack, created_at,
                                 [(r, seq, data, bytes(core.checksum(data))) for r, seq, data in versions])
-    return raw
+    return bytes(raw)
 
 
 def build_root_v2(spec: RootSpec = ROOT_V2) -> tuple[bytes, dict[bytes, bytes]]:
