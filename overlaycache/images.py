@@ -274,6 +274,12 @@ class RemoteImage:
             raise next(iter(errors.values()))
         out.update(fetched)
         if sequential and self._ahead:
+            last = first + count - 1
+            if last in fetched:  # the next sequential read may start inside it
+                with self._lock:
+                    self._cache[last] = bytes(fetched[last])
+                    if len(self._cache) > self._cache_regions:
+                        self._cache.popitem(last=False)
             return [out[r] for r in range(first, first + count)]
         with self._lock:
             for r in missing:

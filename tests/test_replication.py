@@ -440,3 +440,25 @@ def test_secondary_stats_count_requests_by_kind(tmp_path: Path, s3_store: Any) -
         assert (vol.secondary_stats - before).requests == 0
     with Volume.create(tmp_path / "w", 8 * RS, region_size=RS) as vol:
         assert vol.secondary_stats is None
+
+
+def test_a_sequential_read_of_a_pit_is_one_ranged_get_per_pack(tmp_path: Path) -> None:
+    """Regions written in order ship in order into 8 MiB packs; reading the PIT in 1 MiB reads
+    fetches each pack's bytes with one ranged GET (readahead), none twice, whatever the read size."""
+    rs, size = 64 << 10, 24 << 20
+    store = LocalStore(tmp_path / "s")
+    with Volume.create(tmp_path / "v", size, region_size=rs, secondary=store, replication="periodic",
+                       period=3600.0) as vol:
+        data = random.Random(7).randbytes(size)
+        vol.write(0, data)
+        snap = vol.snapshot()
+        vid = vol.id
+    for step in (1 << 20, 100_000):
+        with store.image(vid, snap) as img:
+            got = b"".join(img.read(off, min(step, size - off)) for off in range(0, size, step))
+            assert got == data
+            assert img.gets == size // (8 << 20)  # three packs, one GET each
+    with store.image(vid, snap, readahead=0) as img:  # no readahead: a GET per read (per pack run)
+        for off in range(0, 4 << 20, 1 << 20):
+            assert img.read(off, 1 << 20) == data[off : off + (1 << 20)]
+        assert img.gets == 4

@@ -230,6 +230,7 @@ class CatalogMixin:
 
         return check_volume(self, volume_id, repair, read_data)
 
-    def image(self: ObjectStore, volume_id: str, snapshot: Any, cache_regions: int = 256) -> RemoteImage:
+    def image(self: ObjectStore, volume_id: str, snapshot: Any, cache_regions: int = 256,
+              readahead: int | None = None) -> RemoteImage:
         """A read-only, lazy virtual image of a PIT snapshot (see :meth:`Catalog.image`)."""
-        return Catalog(self).image(volume_id, snapshot, cache_regions)
+        return Catalog(self).image(volume_id, snapshot, cache_regions, readahead)
