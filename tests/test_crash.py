@@ -22,25 +22,19 @@ from __future__ import annotations
 
 import bisect
 import inspect
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-import overlaycache
+from overlaycache.testing.kill import run_and_kill
 from overlaycache.volume import Volume
 
 RS = 4096
 NREG = 12
 SIZE = NREG * RS - 1000  # the last region is partial
-ROOT = str(Path(overlaycache.__file__).resolve().parent.parent)
 DELAYS = [0.05, 0.2, 0.5, 1.0]  # seconds between the child's READY and SIGKILL
 
 
@@ -221,24 +215,7 @@ class Replay:
 
 def run_child(path: Path, out: Path, seed: int, start: int, snapshots: bool, delay: float) -> str:
     """Run the child on ``path`` until ``delay`` seconds after it is ready, then SIGKILL it."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with open(out, "w") as stdout, open(out.with_suffix(".err"), "w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-P", "-c", CHILD, str(path), str(seed), str(start), str(int(snapshots))],
-            stdout=stdout, stderr=stderr, env=env,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while not out.read_text().startswith("READY\n"):
-                assert proc.poll() is None, f"child died early: {out.with_suffix('.err').read_text()}"
-                assert time.monotonic() < deadline, "child not ready after 30 s"
-                time.sleep(0.005)
-            time.sleep(delay)
-        finally:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL, out.with_suffix(".err").read_text()
-    return out.read_text()
+    return run_and_kill(CHILD, [str(path), str(seed), str(start), str(int(snapshots))], out, delay, 30.0)
 
 
 def check_volume(vol: Volume, rep: Replay, log: ChildLog) -> None:

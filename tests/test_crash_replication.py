@@ -15,27 +15,22 @@ The same volume is killed several times, so recovery from a recovered volume is 
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-import overlaycache
 from overlaycache import LocalStore, Volume
+from overlaycache.testing.kill import complete_lines, run_and_kill
 
 RS = 4096
 NREG = 96
 SIZE = NREG * RS
-ROOT = str(Path(overlaycache.__file__).resolve().parent.parent)
 
 CHILD = r"""
 import hashlib, random, struct, sys
 from overlaycache import LocalStore, Volume
+from overlaycache.testing.kill import complete_lines, run_and_kill
 path, store_dir, mode, seed, start = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 RS, NREG = 4096, 96
 kw = {"period": 0.05} if mode == "periodic" else {"pack_delay": 0.01}
@@ -59,22 +54,7 @@ while True:
 
 
 def run_child(path: Path, store_dir: Path, out: Path, mode: str, seed: int, start: int, delay: float) -> str:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with open(out, "w") as stdout, open(out.with_suffix(".err"), "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-P", "-c", CHILD, str(path), str(store_dir), mode, str(seed),
-                                 str(start)], stdout=stdout, stderr=stderr, env=env)
-        try:
-            deadline = time.monotonic() + 60
-            while not out.read_text().startswith("READY\n"):
-                assert proc.poll() is None, f"child died early: {out.with_suffix('.err').read_text()}"
-                assert time.monotonic() < deadline, "child not ready after 60 s"
-                time.sleep(0.005)
-            time.sleep(delay)
-        finally:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL, out.with_suffix(".err").read_text()
-    return out.read_text()
+    return run_and_kill(CHILD, [str(path), str(store_dir), mode, str(seed), str(start)], out, delay)
 
 
 def _sha(data: bytes) -> str:
@@ -93,9 +73,7 @@ def test_sigkill_while_replicating(tmp_path: Path, mode: str, seed: int) -> None
     for round_ in range(4):
         log = run_child(path, store_dir, tmp_path / f"child-{round_}.out", mode, seed * 100 + round_, start,
                         rnd.choice([0.1, 0.3, 0.6, 1.0]))
-        # A last line without its newline was cut by the kill.
-        complete = log.splitlines()[1:] if log.endswith("\n") else log.splitlines()[1:-1]
-        for line in complete:
+        for line in complete_lines(log):
             parts = line.split()
             if parts[0] == "S":
                 reported[parts[1]] = parts[2]

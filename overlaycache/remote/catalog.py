@@ -162,6 +162,8 @@ class Catalog:
             No such snapshot.
         CorruptionError
             The root is damaged or belongs to another volume.
+        FormatError
+            The store holds the volume in another format.
         """
         store = self.store
         snap = find_snapshot(self.snapshots(volume_id), snapshot, f"{store.location} volume {volume_id}")
@@ -177,10 +179,8 @@ class Catalog:
 
         Parameters
         ----------
-        volume_id : str
-            The volume.
-        snapshot : Snapshot or str
-            The snapshot, its id, or its label where labels are unique.
+        volume_id, snapshot
+            As for :meth:`pit_map`.
         cache_regions : int
             Regions the image keeps in memory.
         readahead : int, optional
@@ -193,12 +193,8 @@ class Catalog:
 
         Raises
         ------
-        SnapshotNotFoundError
-            No such snapshot.
-        CorruptionError
-            The root is damaged or belongs to another volume.
-        FormatError
-            The store holds the volume in another format.
+        SnapshotNotFoundError, CorruptionError, FormatError
+            As :meth:`pit_map` raises them.
         """
         return RemoteImage(self.store, self.pit_map(volume_id, snapshot), cache_regions=cache_regions,
                            readahead=readahead)

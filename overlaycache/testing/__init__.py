@@ -10,7 +10,8 @@ or a deployment, imported as modules of this package:
   ``localstack/start.sh`` runs;
 - :mod:`~overlaycache.testing.patterns`: random writes mirrored in a model, one character per region;
 - :mod:`~overlaycache.testing.cores`: the core implementations to parametrize over;
-- :mod:`~overlaycache.testing.golden`: the builders of the golden volumes in ``tests/golden/``.
+- :mod:`~overlaycache.testing.golden`: the builders of the golden volumes in ``tests/golden/``;
+- :mod:`~overlaycache.testing.kill`: run a child program and SIGKILL it once it is ready (crash tests).
 
 ``import overlaycache`` never imports this package, and this file imports none of its modules:
 some of them import pytest, which is a test dependency only.
