@@ -219,6 +219,25 @@ class Router:
                     self._unavail.mark(exc.regions, exc.reason)
                 raise
 
+    def read_run(self, first: int, count: int) -> bytes:
+        """The current local bytes of regions ``first..first+count-1`` in one read (for shipping a
+        pack), never the remote copy; raises as :meth:`read_region` does, for the first region that
+        fails (read them one by one to know them all)."""
+        for r in range(first, first + count):
+            if self.is_remote(r):
+                raise RegionUnavailableError(f"region {r} is not valid locally", (r,), Reason.UNAVAILABLE)
+        rs = self._geo.region_size
+        end = min(self._geo.size, (first + count) * rs)
+        while True:
+            try:
+                return bytes(self._live().read(first * rs, end - first * rs))
+            except StaleStackError:
+                continue
+            except RegionUnavailableError as exc:
+                with self._wlock:
+                    self._unavail.mark(exc.regions, exc.reason)
+                raise
+
     def read_if_identical(self, r: int, csum: bytes, offset: int, out: memoryview) -> bool:
         """Read ``out`` at ``offset`` (inside region ``r``) locally if the region's current version
         has checksum ``csum``; returns False, reading nothing, otherwise (recovery images)."""

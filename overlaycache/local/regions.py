@@ -47,6 +47,16 @@ class LocalRegions(Protocol):
             The region is not valid locally (it is then marked unavailable).
         """
 
+    def read_run(self, first: int, count: int) -> bytes:
+        """The current local bytes of regions ``first..first+count-1`` in one read, never a
+        remote copy.
+
+        Raises
+        ------
+        RegionUnavailableError
+            One of them is not valid locally (read them one by one to know which).
+        """
+
     def checksums(self) -> bytearray:
         """The checksum of every region's current version (16 bytes each), from the tables."""
 

@@ -349,7 +349,7 @@ def pack_index_size(count: int, volume_id: str) -> int:
 
 
 def encode_pack(volume_id: str, region_size: int, pack: int, created_at: float,
-                versions: Sequence[tuple[int, int, bytes, bytes]]) -> tuple[bytearray, list[PackEntry]]:
+                versions: Sequence[tuple[int, int, bytes | memoryview, bytes]]) -> tuple[bytearray, list[PackEntry]]:
     """A pack object of ``versions``.
 
     Parameters

@@ -317,23 +317,41 @@ class Replicator:
         return claimed
 
     def _read_versions(self, chunk: list[tuple[int, int]]
-                       ) -> tuple[list[tuple[int, int, bytes, bytes]], list[tuple[int, int, bytes]],
+                       ) -> tuple[list[tuple[int, int, memoryview, bytes]], list[tuple[int, int, bytes]],
                                   list[tuple[int, RegionUnavailableError]]]:
-        """Read the claimed regions: versions to store, all-zero versions, and unreadable regions."""
-        stored: list[tuple[int, int, bytes, bytes]] = []
+        """Read the claimed regions (consecutive ones in one read): versions to store, all-zero
+        versions, and unreadable regions."""
+        stored: list[tuple[int, int, memoryview, bytes]] = []
         zeros: list[tuple[int, int, bytes]] = []
         unreadable: list[tuple[int, RegionUnavailableError]] = []
-        for r, seq in chunk:
+        rs = self.vol.region_size
+        i = 0
+        while i < len(chunk):
+            j = i + 1  # a run of consecutive regions is read at once
+            while j < len(chunk) and chunk[j][0] == chunk[j - 1][0] + 1:
+                j += 1
+            run = chunk[i:j]
             try:
-                data = self.vol.read_region(r)
-            except RegionUnavailableError as exc:
-                unreadable.append((r, exc))
-                continue
-            csum = bytes(core.checksum(data))
-            if csum == bytes(self._zero[16 * r : 16 * r + 16]):
-                zeros.append((r, seq, csum))
-            else:
-                stored.append((r, seq, data, csum))
+                whole = memoryview(self.vol.read_run(run[0][0], len(run)))
+                datas = [whole[k * rs : (k + 1) * rs] for k in range(len(run))]
+            except RegionUnavailableError:
+                datas = []  # one of them failed: read them one by one to know which
+                for r, _seq in run:
+                    try:
+                        datas.append(memoryview(self.vol.read_region(r)))
+                    except RegionUnavailableError as exc:
+                        unreadable.append((r, exc))
+                        datas.append(memoryview(b""))
+            bad = {r for r, _exc in unreadable}
+            for (r, seq), data in zip(run, datas):
+                if r in bad:
+                    continue
+                csum = bytes(core.checksum(data))
+                if csum == bytes(self._zero[16 * r : 16 * r + 16]):
+                    zeros.append((r, seq, csum))
+                else:
+                    stored.append((r, seq, data, csum))
+            i = j
         return stored, zeros, unreadable
 
     def _ship_pack(self, chunk: list[tuple[int, int]]) -> list[tuple[int, RegionUnavailableError]]:
@@ -347,7 +365,8 @@ class Replicator:
         pack = 0
         # All-zero versions are listed in the pack (length 0), so that the maps can be rebuilt from
         # the packs alone; their bytes are not stored.
-        versions = stored + [(r, seq, b"", csum) for r, seq, csum in zeros]
+        versions: list[tuple[int, int, bytes | memoryview, bytes]] = [*stored]
+        versions += [(r, seq, b"", csum) for r, seq, csum in zeros]
         if versions:
             with self._cv:
                 pack = self._alloc_seq_locked()
