@@ -207,17 +207,7 @@ class Router:
             The region is not valid locally (its newest local version is lost); a failed read
             marks it unavailable.
         """
-        if self.is_remote(r):
-            raise RegionUnavailableError(f"region {r} is not valid locally", (r,), Reason.UNAVAILABLE)
-        while True:
-            try:
-                return bytes(self._live().read(r * self._geo.region_size, self._geo.region_length(r)))
-            except StaleStackError:
-                continue
-            except RegionUnavailableError as exc:
-                with self._wlock:
-                    self._unavail.mark(exc.regions, exc.reason)
-                raise
+        return self.read_run(r, 1)
 
     def read_run(self, first: int, count: int) -> bytes:
         """The current local bytes of regions ``first..first+count-1`` in one read (for shipping a
