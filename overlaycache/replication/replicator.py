@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from overlaycache._impl import core
@@ -415,24 +415,39 @@ class Replicator:
             The store cannot be reached; the regions stay pending.
         """
         self._ensure_registered()
-        total = 0
-        batch = self.pack_regions * min(self._workers, 8)  # bounds memory: 8 packs in flight
+        parallel = min(self._workers, 8)  # packs in flight: bounds memory to 8 packs (x2 while built)
         with self._cv:
             expected = self.pending.count() if regions is None else len(regions)
+        total = 0
+        error: BaseException | None = None
+        running: dict[Future[list[tuple[int, RegionUnavailableError]]], list[tuple[int, int]]] = {}
+        queued: list[list[tuple[int, int]]] = []
+        exhausted = False
         while True:
-            claimed = self._claim(regions, batch)
-            if not claimed:
+            # Keep ``parallel`` packs in flight: a pack claimed as soon as one is stored (no
+            # barrier between batches), none once something failed.
+            while error is None and len(running) < parallel:
+                if not queued and not exhausted:
+                    claimed = self._claim(regions, self.pack_regions)
+                    exhausted = not claimed or regions is not None  # given regions: claimed at once
+                    queued = self._chunks(claimed)
+                if not queued:
+                    break
+                chunk = queued.pop(0)
+                running[self._pool.submit(self._ship_pack, chunk)] = chunk
+            if not running:
                 break
-            chunks = self._chunks(claimed)
-            futures = [(chunk, self._pool.submit(self._ship_pack, chunk)) for chunk in chunks]
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
             failed: list[int] = []
-            skipped = 0
-            error: BaseException | None = None
-            done = 0
-            for chunk, fut in futures:
+            shipped = 0
+            settled: list[list[tuple[int, int]]] = []  # chunks no longer in flight
+            steps: list[int] = []  # regions stored, per pack
+            for fut in finished:
+                chunk = running.pop(fut)
+                settled.append(chunk)
                 try:
                     unreadable = fut.result()
-                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                except BaseException as exc:  # noqa: BLE001 - re-raised once the others are done
                     failed.extend(r for r, _seq in chunk)
                     error = error or exc
                     continue
@@ -442,13 +457,16 @@ class Replicator:
                         error = error or unread
                     else:
                         skip_unreadable.add(r)
-                        skipped += 1
-                done += len(chunk) - len(unreadable)
-                if progress is not None and error is None and fut is not futures[-1][1]:
-                    progress(total + done, max(expected, total + done))  # per pack stored
+                shipped += len(chunk) - len(unreadable)
+                steps.append(len(chunk) - len(unreadable))
+            if error is not None:  # what was claimed and not started goes back to pending
+                failed.extend(r for chunk in queued for r, _seq in chunk)
+                settled.extend(queued)
+                queued = []
             with self._cv:
-                for r, _seq in claimed:
-                    self.inflight.clear(r)
+                for chunk in settled:
+                    for r, _seq in chunk:
+                        self.inflight.clear(r)
                 for r in failed:
                     self.pending.set(r)
                 self.remote.sync()
@@ -456,14 +474,13 @@ class Replicator:
                 if not self.pending.any() and not self.inflight.any():
                     self._dirty_since = None
                 self._cv.notify_all()
-            total += len(claimed) - len(failed) - skipped
-            self.shipped += len(claimed) - len(failed) - skipped
-            if progress is not None:
-                progress(total, max(expected, total))
-            if error is not None:
-                raise error
-            if regions is not None:
-                break
+            self.shipped += shipped
+            for n in steps:
+                total += n
+                if progress is not None:
+                    progress(total, max(expected, total))
+        if error is not None:
+            raise error
         return total
 
     def wait_idle(self) -> None:
