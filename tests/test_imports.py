@@ -135,9 +135,10 @@ def test_the_store_protocol_knows_nothing_above_it() -> None:
 
 def test_the_secondary_side_stays_below_the_images() -> None:
     graph = import_graph()
-    # remote/ (but the catalog, which opens images) reads stores through their protocol only.
+    # remote/ (but the catalog, which opens images) reads stores through their protocol only; the
+    # retention policy, like the snapshots, is a pure value module.
     allowed = {"overlaycache._fs", "overlaycache._impl", "overlaycache.errors", "overlaycache.snapshots",
-               "overlaycache.store.base", "overlaycache.local.geometry"}
+               "overlaycache.store.base", "overlaycache.local.geometry", "overlaycache.retention"}
     for mod, deps in graph.items():
         if mod.startswith("overlaycache.remote.") and mod != "overlaycache.remote.catalog":
             assert {d for d in deps if not d.startswith("overlaycache.remote.")} <= allowed, mod
@@ -145,6 +146,7 @@ def test_the_secondary_side_stays_below_the_images() -> None:
             assert not any(d.startswith("overlaycache.remote") for d in deps), mod
         if mod.startswith("overlaycache.store"):
             assert "overlaycache.remote.layout" not in deps, mod
+    assert graph["overlaycache.retention"] <= {"overlaycache.errors", "overlaycache.snapshots"}
     # The layout knows no module that uses it: a new format replaces it alone.
     assert graph["overlaycache.remote.layout"] <= {"overlaycache._impl", "overlaycache.errors"}
 

@@ -13,29 +13,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from overlaycache.errors import CorruptionError, FormatError, ObjectNotFoundError, SnapshotNotFoundError
+from overlaycache.errors import CorruptionError, ObjectNotFoundError, SnapshotNotFoundError
 from overlaycache.images import RemoteImage
 from overlaycache.remote.layout import (
     VOLUMES_PREFIX,
-    check_volume_format,
     decode_root,
-    decode_root_header,
     decode_volume_record,
-    is_root_key,
-    root_header_length,
     root_key,
-    roots_prefix,
-    snapshot_id,
     volume_key,
 )
+from overlaycache.remote.listing import check_format, list_snapshots
 from overlaycache.remote.tree import PageSource, PitMap
 from overlaycache.snapshots import Snapshot, find_snapshot
 from overlaycache.store.base import ObjectStore
 
 __all__ = ["Catalog", "CatalogMixin"]
 
-#: Enough bytes of a root for its header, label and volume id (:func:`decode_root_header`).
-_HEADER_BYTES = 4096
 
 
 class Catalog:
@@ -92,57 +85,13 @@ class Catalog:
         return decode_volume_record(raw, key, self.store.location)
 
     def check_format(self, volume_id: str) -> None:
-        """Refuse a volume the store holds in another format (a v1 store: one object per region).
-
-        Raises
-        ------
-        FormatError
-            The volume record names another format.
-        """
-        key = volume_key(volume_id)
-        try:
-            raw = self.store.get(key)
-        except ObjectNotFoundError:
-            return  # nothing stored yet (or only PITs without a record: their roots say)
-        check_volume_format(decode_volume_record(raw, key, self.store.location), f"{self.store.location}/{key}")
+        """Refuse a volume the store holds in another format (see :func:`listing.check_format`)."""
+        check_format(self.store, volume_id)
 
     def snapshots(self, volume_id: str) -> list[Snapshot]:
-        """The PIT snapshots of a volume, oldest first; each root's header is verified.
-
-        Parameters
-        ----------
-        volume_id : str
-            The volume.
-
-        Returns
-        -------
-        list of Snapshot
-            Sorted by ``seq``; empty for an unknown volume.
-
-        Raises
-        ------
-        FormatError
-            The store holds the volume in another format.
-        CorruptionError
-            A root's header is damaged, or names another volume or seq than its key.
-        """
-        self.check_format(volume_id)
-        out = []
-        for key in self.store.list(roots_prefix(volume_id)):
-            where = f"{self.store.location}/{key}"
-            if key.endswith(".manifest"):
-                raise FormatError(f"{where}: a PIT manifest of format 1; this overlaycache reads format 2 only",
-                                  where)
-            if not is_root_key(key):
-                continue
-            raw = self.store.get(key, 0, _HEADER_BYTES)
-            if root_header_length(raw) > len(raw) == _HEADER_BYTES:  # a long label
-                raw = self.store.get(key, 0, root_header_length(raw))
-            seq, created, label, vid = decode_root_header(raw, where)
-            if vid != volume_id or root_key(volume_id, seq) != key:
-                raise CorruptionError(f"{where}: root of volume {vid!r} seq {seq:016x}, not of this key")
-            out.append(Snapshot(snapshot_id(seq), seq, created, label))
-        return sorted(out, key=lambda s: s.seq)
+        """The PIT snapshots of a volume, oldest first; each root's header is verified (see
+        :func:`listing.list_snapshots`)."""
+        return list_snapshots(self.store, volume_id)
 
     def pit_map(self, volume_id: str, snapshot: Any, mirror: str | None = None) -> PitMap:
         """The map of one PIT snapshot, read lazily.
@@ -225,6 +174,14 @@ class CatalogMixin:
         from overlaycache.remote.check import check_volume  # it builds on this module
 
         return check_volume(self, volume_id, repair, read_data)
+
+    def collapse(self: ObjectStore, volume_id: str, policy: Any, now: float | None = None,
+                 dry_run: bool = False) -> Any:
+        """Drop the PITs ``policy`` does not keep and delete what no retained PIT needs (see
+        :func:`overlaycache.remote.collapse.collapse_volume`)."""
+        from overlaycache.remote.collapse import collapse_volume  # it builds on this module
+
+        return collapse_volume(self, volume_id, policy, now, dry_run)
 
     def image(self: ObjectStore, volume_id: str, snapshot: Any, cache_regions: int = 256,
               readahead: int | None = None) -> RemoteImage:

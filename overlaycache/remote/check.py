@@ -176,8 +176,7 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
                 report.problems.append(f"{key}: lists region {e.region}, beyond the volume's {n}")
                 continue
             report.region_versions += 1
-            versions.setdefault(e.region, {})[e.seq] = (pack if e.length else 0, e.offset if e.length else 0,
-                                                       e.length, e.checksum)
+            versions.setdefault(e.region, {})[e.seq] = (pack, e.offset, e.length, e.checksum)
     roots = [k for k in store.list(roots_prefix(volume_id)) if is_root_key(k) or k.endswith(".manifest")]
     for key in roots:
         where = f"{store.location}/{key}"
@@ -196,7 +195,8 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
                 held = versions.get(r, {}).get(seq)
                 if held is None:
                     bad.append(f"region {r} version {seq:016x} is in no pack")
-                elif held != (pack, off, length, csum):
+                elif held != (pack, off, length, csum) and not (pack == 0 and held[2] == 0 and held[3] == csum):
+                    # (pack 0: an all-zero version recorded without its pack, as it may be)
                     bad.append(f"region {r} version {seq:016x} differs from its pack's index")
                 elif pack and pack not in good_packs:
                     bad.append(f"region {r} version {seq:016x} is in a damaged pack")
@@ -228,13 +228,13 @@ def _rebuild(store: ObjectStore, volume_id: str, key: str, sid: str, size: int, 
     n = (size + rs - 1) // rs
     leaves: dict[int, bytearray] = {}
     for r, by_seq in versions.items():
-        usable = [s for s, (pack, _o, _l, _c) in by_seq.items() if s <= cutoff and (pack == 0 or pack in good_packs)]
+        usable = [s for s, (pack, _o, _l, _c) in by_seq.items() if s <= cutoff and pack in good_packs]
         if not usable:
             continue
         seq = max(usable)
         pack, off, length, csum = by_seq[seq]
         leaf = leaves.setdefault(r // LEAF_SPAN, bytearray(RECORD.size * LEAF_SPAN))
-        RECORD.pack_into(leaf, (r % LEAF_SPAN) * RECORD.size, seq, pack, off, length if pack else 0, csum)
+        RECORD.pack_into(leaf, (r % LEAF_SPAN) * RECORD.size, seq, pack, off, length, csum)
     pages, top = build_tree(n, {i: bytes(b) for i, b in leaves.items()})
     for _level, _index, addr, raw in pages:
         try:

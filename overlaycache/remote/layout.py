@@ -19,11 +19,19 @@ several volumes share a bucket::
     volumes/<id>/packs/<shard>/<pack>.pack            a pack of region versions
     volumes/<id>/pages/<hh>/<hash>                    a map page (content-addressed)
     volumes/<id>/snapshots/<seq>.root                 a PIT snapshot's root
+    volumes/<id>/gc/<stamp>.json                      a collapse run's record
 
 ``<pack>`` and ``<seq>`` are 16 hex digits; ``<shard>`` is the first byte, as 2 hex digits, of the
 mmh3 x64-128 checksum of the pack number as 8 little-endian bytes (it spreads consecutive packs
 over the store's partitions); ``<hash>`` is the page's address (32 hex digits) and ``<hh>`` its
 first two.
+
+Collapse records
+----------------
+``volumes/<id>/gc/<stamp>.json``: one per collapse run (:mod:`overlaycache.remote.collapse`),
+UTF-8 JSON written before anything is deleted: the run's time, the policy, the PITs kept and
+removed, and the map pages found unreferenced (*condemned*); a page is deleted only by a later run
+that finds it still unreferenced.
 
 Generations
 -----------
@@ -58,14 +66,14 @@ Many region versions in one object, written once with a conditional PUT (:func:`
 
 A pack describes itself: :func:`decode_pack_index` lists what it holds, so the maps can be rebuilt
 from the packs alone. The bytes of a region version that is all zeros are never stored: the pack
-lists it with length 0, the map records it with pack 0 and the checksum of zeros, and a reader
-serves it without a request.
+lists it with length 0, the map records it with that pack, length 0 and the checksum of zeros (so
+the pack is kept while a PIT needs the listing), and a reader serves it without a request.
 
 The map record
 --------------
-:data:`RECORD`, 48 bytes: seq (uint64; 0: never replicated, the region is all zeros), pack (uint64;
-0: not stored, all zeros), offset in the pack (uint64), length (uint32), 4 bytes of zeros, checksum
-(16 bytes). The primary's local ``remote.map`` holds one per region (the newest version on the
+:data:`RECORD`, 48 bytes: seq (uint64; 0: never replicated, the region is all zeros), pack (uint64),
+offset in the pack (uint64), length (uint32; with pack 0 or length 0 the version is all zeros and
+no bytes are stored), 4 bytes of zeros, checksum (16 bytes). The primary's local ``remote.map`` holds one per region (the newest version on the
 secondary); map pages hold the records of the regions they cover.
 
 Map pages and the root
@@ -141,6 +149,8 @@ __all__ = [
     "encode_page",
     "encode_root",
     "encode_volume_record",
+    "gc_prefix",
+    "gc_record_key",
     "is_pack_key",
     "is_root_key",
     "pack_key",
@@ -263,6 +273,17 @@ def root_key(volume_id: str, seq: int) -> str:
 def is_root_key(key: str) -> bool:
     """Whether ``key`` names a PIT root (see :func:`root_key`)."""
     return key.endswith(ROOT_SUFFIX)
+
+
+def gc_prefix(volume_id: str) -> str:
+    """The prefix of a volume's collapse records: ``volumes/<id>/gc/``."""
+    return f"{_volume_prefix(volume_id)}gc/"
+
+
+def gc_record_key(volume_id: str, stamp: int) -> str:
+    """Key of the record of one collapse run: ``volumes/<id>/gc/<stamp>.json`` (``stamp``: the
+    run's time in microseconds since the epoch, 16 hex digits, so records list in time order)."""
+    return f"{gc_prefix(volume_id)}{stamp:016x}.json"
 
 
 def snapshot_id(seq: int) -> str:

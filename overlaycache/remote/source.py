@@ -146,6 +146,8 @@ class RegionSource:
         return csum
 
     def _zero_version(self, r: int, seq: int, pack: int, csum: bytes) -> bool:
+        # seq 0: never replicated; pack 0 or the checksum of zeros: an all-zero version (listed in
+        # its pack with length 0, or recorded without one)
         return seq == 0 or pack == 0 or csum == self._zero_sum(self._region_len(r))
 
     def is_zero(self, r: int) -> bool:

@@ -21,7 +21,7 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from overlaycache._fs import FILE_MODE, write_file_atomic
@@ -44,7 +44,7 @@ from overlaycache.snapshots import Snapshot
 if TYPE_CHECKING:
     from overlaycache.store.base import ObjectStore
 
-__all__ = ["PageSource", "PitMap", "TreeState", "leaf_records"]
+__all__ = ["PageSource", "PitMap", "TreeState", "build_tree", "leaf_records", "reachable"]
 
 _NO_PAGE = bytes(16)
 _EMPTY_LEAF = bytes(RECORD.size * LEAF_SPAN)
@@ -251,7 +251,7 @@ class PitMap:
 
     def record(self, r: int) -> tuple[int, int, int, int, bytes]:
         """``(seq, pack, offset, length, checksum)`` of region ``r`` (seq 0: never replicated;
-        pack 0: not stored, all zeros)."""
+        length 0 or pack 0: an all-zero version, no bytes stored)."""
         i, pos = divmod(r, LEAF_SPAN)
         seq, pack, off, length, csum = RECORD.unpack_from(self.leaf(i), pos * RECORD.size)
         return int(seq), int(pack), int(off), int(length), bytes(csum)
@@ -516,3 +516,35 @@ def build_tree(num_regions: int, leaves: dict[int, bytes]
             above[p] = addr
         below = above
     return pages, sorted(below.items())
+
+
+def reachable(roots: Iterable[Root], pages: PageSource) -> tuple[set[bytes], set[int]]:
+    """Every page address and every pack the given roots reach; a page shared by several roots
+    (or several places) is read once.
+
+    Raises
+    ------
+    CorruptionError
+        A page is missing or damaged.
+    """
+    seen: set[bytes] = set()
+    packs: set[int] = set()
+    for root in roots:
+        depth, _counts = tree_shape(root.num_regions)
+        todo = [(depth - 1, index, addr) for index, addr in root.children.items()]
+        while todo:
+            level, index, addr = todo.pop()
+            if addr in seen:
+                continue
+            seen.add(addr)
+            body, count = pages.get(addr, level, index)
+            if level == 0:
+                for k in range(count):
+                    pack = LEAF_ENTRY.unpack_from(body, k * LEAF_ENTRY.size)[2]
+                    if pack:
+                        packs.add(int(pack))
+            else:
+                for k in range(count):
+                    pos, child = NODE_ENTRY.unpack_from(body, k * NODE_ENTRY.size)
+                    todo.append((level - 1, index * FANOUT + int(pos), bytes(child)))
+    return seen, packs

@@ -386,10 +386,9 @@ class Replicator:
         with self._cv:
             for e in entries:
                 if e.seq > self.remote.get(e.region)[0]:
-                    if e.length:
-                        self.remote.set(e.region, e.seq, pack, e.offset, e.length, e.checksum)
-                    else:  # all zeros: served without a request
-                        self.remote.set(e.region, e.seq, 0, 0, 0, e.checksum)
+                    # An all-zero version has length 0: served without a request, and its record
+                    # names the pack that lists it (so that pack stays while a PIT needs it).
+                    self.remote.set(e.region, e.seq, pack, e.offset, e.length, e.checksum)
             if entries:
                 self.packs += 1
         return unreadable

@@ -1,0 +1,251 @@
+"""Collapsing a volume's PIT history by a retention policy, and collecting what no PIT needs.
+
+:func:`collapse_volume` drops the PITs a :class:`~overlaycache.retention.RetentionPolicy` does not
+keep and deletes the objects no retained PIT references. Dropping a PIT is metadata work: the
+survivors are represented by what they already reference, no region data is read or written again.
+
+Order (crash-safe and resumable: a kill at any point leaves every retained PIT fully readable, and
+a rerun finishes the job):
+
+1. List the volume's packs and map pages, *then* its PITs (so an object stored after the listing
+   is never a candidate), and decide what survives: what the policy keeps, and always the newest
+   PIT (the primary's next PIT reuses its pages).
+2. Walk the retained PITs' trees: every page and pack they reach is live.
+3. Write the run's record (``volumes/<id>/gc/<stamp>.json``): what is kept, what is removed, and
+   the pages found unreferenced.
+4. Delete the removed roots, then the dead packs, then the dead pages.
+
+A pack is dead when no retained PIT references it and its number is below the newest PIT's cutoff:
+every pack below it was complete when that PIT was published, and a later PIT never goes back to a
+version an earlier one had replaced. A newer pack may hold versions of the live head: it is never
+touched. A map page has no number, and the primary reuses pages by their address: a page found
+unreferenced is only *condemned* by the run that finds it, and deleted by a later run that finds it
+unreferenced again (two-phase, as a mark-and-sweep collector with a grace period). Two collapses
+racing each other delete only objects that neither's retained PITs reference.
+
+Packs partly dead are kept whole in this version (no repacking); leases that pin a PIT in use on
+another machine are not implemented yet: pin such PITs by label.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from overlaycache.errors import InvalidArgumentError, ObjectExistsError, ObjectNotFoundError
+from overlaycache.remote.layout import (
+    decode_root,
+    gc_prefix,
+    gc_record_key,
+    packs_prefix,
+    pages_prefix,
+    parse_pack_key,
+    root_key,
+)
+from overlaycache.remote.listing import check_format, list_snapshots
+from overlaycache.remote.tree import PageSource, reachable
+from overlaycache.retention import RetentionPolicy
+from overlaycache.snapshots import Snapshot
+from overlaycache.store.base import ObjectStore
+
+__all__ = ["CollapseReport", "collapse_volume"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class CollapseReport:
+    """What :func:`collapse_volume` did (or, with ``dry_run``, would do).
+
+    Attributes
+    ----------
+    volume_id : str
+        The volume.
+    kept, removed : list of Snapshot
+        The PITs retained and the PITs dropped.
+    reasons : dict of str to tuple of str
+        Per kept PIT id, the rules that keep it.
+    objects_deleted, bytes_freed : int
+        Objects deleted (roots, packs, pages) and their bytes.
+    pages_condemned : int
+        Pages found unreferenced for the first time: a later run deletes them if they still are.
+    bytes_read, bytes_written : int
+        Bytes this run read from and wrote to the store (no region data: maps and records).
+    duration : float
+        Seconds.
+    dry_run : bool
+        Nothing was written or deleted.
+    """
+
+    volume_id: str
+    kept: list[Snapshot] = field(default_factory=list)
+    removed: list[Snapshot] = field(default_factory=list)
+    reasons: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    objects_deleted: int = 0
+    bytes_freed: int = 0
+    pages_condemned: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    duration: float = 0.0
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as plain data (for ``--json``)."""
+        return {"volume_id": self.volume_id, "dry_run": self.dry_run,
+                "kept": [{"id": s.id, "label": s.label, "created_at": s.created_at,
+                          "reasons": list(self.reasons.get(s.id, ()))} for s in self.kept],
+                "removed": [{"id": s.id, "label": s.label, "created_at": s.created_at} for s in self.removed],
+                "objects_deleted": self.objects_deleted, "bytes_freed": self.bytes_freed,
+                "pages_condemned": self.pages_condemned, "bytes_read": self.bytes_read,
+                "bytes_written": self.bytes_written, "duration": self.duration}
+
+
+class _Counted:
+    """The store, with the bytes read and written counted (the report's figures)."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.location = inner.location
+        self.read = 0
+        self.written = 0
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        data = self.inner.get(key, start, length)
+        self.read += len(data)
+        return data
+
+    def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
+        self.written += memoryview(data).nbytes
+        self.inner.put(key, data, if_absent=if_absent)
+
+    def head(self, key: str) -> int | None:
+        return self.inner.head(key)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        return self.inner.list(prefix)
+
+    def list_dirs(self, prefix: str) -> builtins.list[str]:
+        return self.inner.list_dirs(prefix)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        self.inner.delete(keys)
+
+    def close(self) -> None:
+        """The wrapped store stays open."""
+
+
+def _previous_condemned(store: _Counted, volume_id: str) -> set[str]:
+    """The pages the newest earlier run condemned."""
+    records = sorted(store.list(gc_prefix(volume_id)))
+    if not records:
+        return set()
+    try:
+        info = json.loads(store.get(records[-1]))
+        return {str(a) for a in info.get("condemned", [])}
+    except (ValueError, ObjectNotFoundError, AttributeError):
+        _log.warning("%s/%s: unreadable collapse record; no page is deleted this run", store.location, records[-1])
+        return set()
+
+
+def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy, now: float | None = None,
+                    dry_run: bool = False) -> CollapseReport:
+    """Drop the PITs ``policy`` does not keep and delete what no retained PIT references.
+
+    Parameters
+    ----------
+    store : ObjectStore
+        The secondary, with credentials that may delete.
+    volume_id : str
+        The volume.
+    policy : RetentionPolicy
+        What to keep (the newest PIT is always kept too).
+    now : float, optional
+        The time the policy measures ages from (default: the current time).
+    dry_run : bool
+        Report what would be done; write and delete nothing.
+
+    Returns
+    -------
+    CollapseReport
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``policy`` is not a :class:`RetentionPolicy`.
+    FormatError
+        The store holds the volume in another format.
+    CorruptionError
+        A retained PIT's root or pages are damaged (nothing is deleted then; see ``store.check``).
+    """
+    if not isinstance(policy, RetentionPolicy):
+        raise InvalidArgumentError(f"policy must be a RetentionPolicy, got {policy!r}")
+    t0 = time.monotonic()
+    now = time.time() if now is None else float(now)
+    counted = _Counted(store)
+    report = CollapseReport(volume_id, dry_run=dry_run)
+    check_format(counted, volume_id)
+    # 1. Candidates first, then the PITs: what is stored after this listing is never a candidate.
+    pages_listed = {key.rsplit("/", 1)[1]: key for key in counted.list(pages_prefix(volume_id))}
+    packs_listed = {}
+    for key in counted.list(packs_prefix(volume_id)):
+        try:
+            packs_listed[parse_pack_key(key)[1]] = key
+        except ValueError:
+            continue
+    condemned_before = _previous_condemned(counted, volume_id)
+    snaps = list_snapshots(counted, volume_id)
+    if not snaps:
+        report.duration = time.monotonic() - t0
+        return report
+    newest = snaps[-1]
+    decisions = {d.snapshot.id: d.reasons for d in policy.decide(snaps, now)}
+    if not decisions[newest.id]:
+        decisions[newest.id] = ("newest",)
+    report.kept = [s for s in snaps if decisions[s.id]]
+    report.removed = [s for s in snaps if not decisions[s.id]]
+    report.reasons = {s.id: decisions[s.id] for s in report.kept}
+    # 2. What the retained PITs reach.
+    roots = [decode_root(counted.get(root_key(volume_id, s.seq)), f"{store.location}/{root_key(volume_id, s.seq)}")
+             for s in report.kept]
+    live_pages, live_packs = reachable(roots, PageSource(counted, volume_id))
+    dead_packs = [key for pack, key in sorted(packs_listed.items()) if pack < newest.seq and pack not in live_packs]
+    unreferenced = {h for h in pages_listed if bytes.fromhex(h) not in live_pages}
+    dead_pages = sorted(h for h in unreferenced if h in condemned_before)
+    condemned = sorted(unreferenced - set(dead_pages))
+    report.pages_condemned = len(condemned)
+    doomed = [root_key(volume_id, s.seq) for s in report.removed] + dead_packs + [pages_listed[h] for h in dead_pages]
+    if dry_run:
+        report.objects_deleted = len(doomed)
+        report.bytes_freed = sum(store.head(k) or 0 for k in doomed)
+        report.bytes_read, report.bytes_written = counted.read, counted.written
+        report.duration = time.monotonic() - t0
+        return report
+    # 3. Record what survives before deleting anything.
+    record = {"format": 2, "at": now, "policy": str(policy), "kept": [s.id for s in report.kept],
+              "removed": [s.id for s in report.removed], "condemned": condemned}
+    stamp = int(time.time() * 1e6)
+    while True:
+        try:
+            counted.put(gc_record_key(volume_id, stamp), json.dumps(record, sort_keys=True).encode(), if_absent=True)
+            break
+        except ObjectExistsError:
+            stamp += 1  # another run in the same microsecond
+    # 4. Roots first (a reader no longer finds what is removed), then the data they alone used.
+    for key in doomed:
+        size = store.head(key)
+        if size is None:
+            continue  # gone already: another run, or a rerun after a crash
+        counted.delete([key])
+        report.objects_deleted += 1
+        report.bytes_freed += size
+    report.bytes_read, report.bytes_written = counted.read, counted.written
+    report.duration = time.monotonic() - t0
+    _log.info("%s: volume %s collapsed by %s: %d PITs kept, %d removed, %d objects (%d bytes) deleted, "
+              "%d pages condemned", store.location, volume_id, policy, len(report.kept), len(report.removed),
+              report.objects_deleted, report.bytes_freed, report.pages_condemned)
+    return report

@@ -1,0 +1,75 @@
+"""Listing a volume's PIT snapshots on a store, and refusing a volume of another format.
+
+The lowest layer of reading a store: the catalog, the checker and the collapse build on it.
+"""
+
+from __future__ import annotations
+
+from overlaycache.errors import CorruptionError, FormatError, ObjectNotFoundError
+from overlaycache.remote.layout import (
+    check_volume_format,
+    decode_root_header,
+    decode_volume_record,
+    is_root_key,
+    root_header_length,
+    root_key,
+    roots_prefix,
+    snapshot_id,
+    volume_key,
+)
+from overlaycache.snapshots import Snapshot
+from overlaycache.store.base import ObjectStore
+
+__all__ = ["check_format", "list_snapshots"]
+
+#: Enough bytes of a root for its header, label and volume id (:func:`decode_root_header`).
+_HEADER_BYTES = 4096
+
+
+def check_format(store: ObjectStore, volume_id: str) -> None:
+    """Refuse a volume the store holds in another format (a v1 store: one object per region).
+
+    Raises
+    ------
+    FormatError
+        The volume record names another format.
+    """
+    key = volume_key(volume_id)
+    try:
+        raw = store.get(key)
+    except ObjectNotFoundError:
+        return  # nothing stored yet (or only PITs without a record: their roots say)
+    check_volume_format(decode_volume_record(raw, key, store.location), f"{store.location}/{key}")
+
+
+def list_snapshots(store: ObjectStore, volume_id: str) -> list[Snapshot]:
+    """The PIT snapshots of a volume, oldest first; each root's header is verified.
+
+    Returns
+    -------
+    list of Snapshot
+        Sorted by ``seq``; empty for an unknown volume.
+
+    Raises
+    ------
+    FormatError
+        The store holds the volume in another format.
+    CorruptionError
+        A root's header is damaged, or names another volume or seq than its key.
+    """
+    check_format(store, volume_id)
+    out = []
+    for key in store.list(roots_prefix(volume_id)):
+        where = f"{store.location}/{key}"
+        if key.endswith(".manifest"):
+            raise FormatError(f"{where}: a PIT manifest of format 1; this overlaycache reads format 2 only", where)
+        if not is_root_key(key):
+            continue
+        raw = store.get(key, 0, _HEADER_BYTES)
+        if root_header_length(raw) > len(raw) == _HEADER_BYTES:  # a long label
+            raw = store.get(key, 0, root_header_length(raw))
+        seq, created, label, vid = decode_root_header(raw, where)
+        if vid != volume_id or root_key(volume_id, seq) != key:
+            raise CorruptionError(f"{where}: root of volume {vid!r} seq {seq:016x}, not of this key")
+        out.append(Snapshot(snapshot_id(seq), seq, created, label))
+    return sorted(out, key=lambda s: s.seq)
