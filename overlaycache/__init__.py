@@ -28,6 +28,7 @@ from overlaycache.errors import (
 from overlaycache.hydration import Hydration
 from overlaycache.images import RecoveryImage, RemoteImage, VirtualImage
 from overlaycache.replication import Lag
+from overlaycache.retention import RetentionPolicy
 from overlaycache.snapshots import LocalSnapshot, Snapshot
 from overlaycache.store import LocalStore, ObjectStore, S3Store, open_store
 from overlaycache.volume import Volume
@@ -56,6 +57,7 @@ __all__ = [
     "RecoveryImage",
     "RegionUnavailableError",
     "RemoteImage",
+    "RetentionPolicy",
     "S3Store",
     "SecondaryUnavailableError",
     "Snapshot",

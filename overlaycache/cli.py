@@ -6,12 +6,14 @@ Errors from the package become one line on stderr and exit status 1; usage error
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -249,7 +251,70 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label")
     m = sub.add_parser("merge-down", help="fold the oldest overlay into the base")
     m.add_argument("path")
+    store_help = ("the secondary: s3://BUCKET/PREFIX?endpoint_url=... (credentials from boto3's standard chain: "
+                  "environment, profile, ...), file:///DIR or a directory")
+    k = sub.add_parser("check", help="check a volume's packs, PITs and map pages on its secondary")
+    k.add_argument("store", help=store_help)
+    k.add_argument("volume_id")
+    k.add_argument("--repair", action="store_true", help="rebuild damaged PITs from the packs")
+    k.add_argument("--read-data", action="store_true", help="read and verify every pack's bytes too")
+    k.add_argument("--json", action="store_true", help="print the report as JSON")
+    o = sub.add_parser("collapse", help="drop the PITs a retention policy does not keep, and collect the garbage")
+    o.add_argument("store", help=store_help)
+    o.add_argument("volume_id")
+    o.add_argument("--policy", required=True, help='tiers EVERY@WITHIN, e.g. "all@3h,15m@1d,1h@7d,1d@90d" '
+                   "(durations in s, m, h, d, w)")
+    o.add_argument("--keep-last", type=int, default=0, help="always keep the N newest PITs")
+    o.add_argument("--pin", action="append", default=[], metavar="LABEL", help="always keep PITs with this label")
+    o.add_argument("--now", type=float, help="measure ages from this time (seconds since the epoch)")
+    o.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
+    o.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
+
+
+def _collapse(args: argparse.Namespace) -> None:
+    from overlaycache.retention import RetentionPolicy
+    from overlaycache.store import open_store
+
+    policy = RetentionPolicy.parse(args.policy, keep_last=args.keep_last, pinned=args.pin)
+    store = open_store(args.store)
+    try:
+        report = store.collapse(args.volume_id, policy, now=args.now, dry_run=args.dry_run)  # type: ignore[attr-defined]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+        return
+    verb = "would remove" if report.dry_run else "removed"
+    for snap in report.kept:
+        print(f"keep   {snap.id}  {_when(snap.created_at)}  {snap.label or '':<20} {', '.join(report.reasons[snap.id])}")
+    for snap in report.removed:
+        print(f"remove {snap.id}  {_when(snap.created_at)}  {snap.label or ''}")
+    print(f"{len(report.kept)} PITs kept, {len(report.removed)} {verb}; {report.objects_deleted} objects "
+          f"({report.bytes_freed} bytes) {'would be ' if report.dry_run else ''}deleted, "
+          f"{report.pages_condemned} map pages condemned (deleted by the next run if still unreferenced); "
+          f"{report.duration:.2f}s")
+
+
+def _check(args: argparse.Namespace) -> int:
+    from overlaycache.store import open_store
+
+    store = open_store(args.store)
+    try:
+        report = store.check(args.volume_id, repair=args.repair, read_data=args.read_data)  # type: ignore[attr-defined]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"ok": report.ok, "packs": report.packs, "region_versions": report.region_versions,
+                          "snapshots": report.snapshots, "pages": report.pages, "problems": report.problems,
+                          "repaired": report.repaired}, indent=2, sort_keys=True))
+    else:
+        print(report)
+    return 0 if report.ok else 2
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,6 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "merge-down":
             with Volume.open(args.path) as vol:
                 print(f"merged {vol.merge_down()} regions into the base")
+        elif args.command == "collapse":
+            _collapse(args)
+        elif args.command == "check":
+            return _check(args)
     except OverlayCacheError as exc:
         print(f"overlaycache: error: {exc}", file=sys.stderr)
         return 1

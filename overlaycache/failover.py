@@ -58,6 +58,7 @@ from overlaycache.replication import Replicator
 from overlaycache.snapshots import Snapshot
 from overlaycache.remote.cache import RegionCache
 from overlaycache.remote.layout import decode_root, root_key
+from overlaycache.remote.leases import LEASE_TTL, holder_name, take_lease
 from overlaycache.remote.tree import PageSource, PitMap
 from overlaycache.replication.replicator import MIRROR, PINNED_ROOT
 
@@ -138,6 +139,7 @@ class Router:
         self.io_count = 0
         self.cache: RegionCache | None = None
         self.remote: RemoteImage | None = None  # the PIT, once served
+        self._lease_until = 0.0  # our lease on the distributed overlay's PIT, while one is active
 
     def _state(self) -> DistributedOverlayState | None:
         return self._layers.meta.distributed_overlay
@@ -341,6 +343,8 @@ class Router:
             repl.ship(skip_unreadable=lost)
             snap = repl.publish(f"distributed-overlay-{int(time.time())}")
             self.save_root(repl.last_root)
+            # Pin the PIT: a collapse elsewhere must keep it while this overlay reads from it.
+            self._lease_until = take_lease(repl.store, self.volume_id, snap.id, holder_name(self.volume_id))
             layer = meta.next_layer
             meta.distributed_overlay = DistributedOverlayState(layer, snap.seq, snap.id, snap.created_at, sorted(lost))
             try:
@@ -420,7 +424,21 @@ class Router:
             self.ship_pending()
             repl.wait_idle()
             self.ship_pending()
-            return repl.publish(label)
+            snap = repl.publish(label)
+        self.renew_lease()
+        return snap
+
+    def renew_lease(self) -> None:
+        """Renew the lease on the distributed overlay's PIT once half of it has run out (or it was
+        never taken in this process); a store that cannot be reached is logged, tried again later."""
+        do, repl = self._state(), self.repl
+        if do is None or repl is None or self._lease_until - time.time() > LEASE_TTL / 2:
+            return
+        try:
+            self._lease_until = take_lease(repl.store, self.volume_id, do.snapshot_id, holder_name(self.volume_id))
+        except StoreError as exc:
+            _log.warning("%s: cannot renew the lease on PIT %s (%s); a collapse may remove it once the "
+                         "lease expires", self.path, do.snapshot_id, exc)
 
     def ship_pending(self) -> int:
         """Ship every pending region; during a distributed overlay, a pending region that cannot be
@@ -499,6 +517,7 @@ class Router:
                                   readahead=0)  # the router reads ahead itself
         self.cache.bind(manifest)
         self._rebuild_live(routed=True)
+        self.renew_lease()
         self._ra_next = 0
 
     def stop(self) -> None:

@@ -75,3 +75,37 @@ def test_demo_failover_tells_the_story(tmp_path: Path, moto_endpoint: str) -> No
     assert got["restore T5: rewrote regions 0,3"] == "1 b c z e f 4 h"  # 2 and 5 were hydrated
     assert got["location map: distributed overlay ended"] == "PB PB PB PB PB PB PB PB"
     assert got["layer map: all folded into the base (0)"] == "0 0 0 0 0 0 0 0"
+
+
+def test_collapse_and_check_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from overlaycache import LocalStore, Volume
+
+    store_dir = tmp_path / "store"
+    with Volume.create(tmp_path / "v", 8 * 4096, region_size=4096, secondary=LocalStore(store_dir),
+                       replication="periodic", period=3600.0) as vol:
+        for i in range(5):
+            vol.write(i * 4096, bytes([i + 1]) * 4096)
+            vol.snapshot(f"s{i}")
+        vid = vol.id
+    capsys.readouterr()
+    assert main(["collapse", str(store_dir), vid, "--policy", "1d@7d", "--keep-last", "2", "--pin", "s0",
+                 "--now", "0", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("keep ") == 3 and out.count("remove ") == 2 and "would be deleted" in out
+    assert len(LocalStore(store_dir).snapshots(vid)) == 5
+    assert main(["collapse", f"file://{store_dir}", vid, "--policy", "", "--keep-last", "2", "--pin", "s0",
+                 "--now", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [k["label"] for k in report["kept"]] == ["s0", "s3", "s4"] and len(report["removed"]) == 2
+    assert report["kept"][0]["reasons"] == ["pinned 's0'"] and report["objects_deleted"] >= 2
+    assert [s.label for s in LocalStore(store_dir).snapshots(vid)] == ["s0", "s3", "s4"]
+    assert main(["check", str(store_dir), vid]) == 0
+    assert "no problems" in capsys.readouterr().out
+    for argv in (["collapse", str(store_dir), vid, "--policy", "1x@1d"],
+                 ["collapse", str(store_dir), "f" * 32, "--policy", "1h@1d"],
+                 ["check", str(store_dir), "f" * 32]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("overlaycache: error: ") and err.count("\n") == 1

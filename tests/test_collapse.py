@@ -34,7 +34,7 @@ def _history(vol: Volume, ops: list[tuple[int, int, bool]]) -> dict[str, bytes]:
     for r, tag, pit in ops:
         vol.write(r * RS, bytes([tag]) * RS)
         if pit:
-            snap = vol.snapshot(f"p{len(images)}")
+            snap = vol.snapshot(f"p{len(vol.snapshots())}")
             images[snap.id] = vol.read(0, vol.size)
     return images
 
@@ -173,4 +173,31 @@ def test_collapse_racing_live_replication(tmp_path: Path) -> None:
             assert store.image(vid, s).read(0, vol.size) == images[s.id]
         snap = vol.snapshot()
         assert store.image(vid, snap).read(0, vol.size) == vol.read(0, vol.size)
+        assert store.check(vid).problems == []
+
+
+def test_a_distributed_overlays_pit_is_leased_and_kept(tmp_path: Path) -> None:
+    """The PIT a distributed overlay reads from is pinned by a lease: a collapse keeps it, the volume
+    goes on reading its lost regions from it; an expired lease pins nothing and is deleted."""
+    from overlaycache.remote.layout import leases_prefix
+    from overlaycache.remote.leases import take_lease
+
+    store = LocalStore(tmp_path / "s")
+    with _volume(tmp_path / "v", store) as vol:
+        images = _history(vol, [(r, r + 1, r % 5 == 4) for r in range(NREG)])
+        vol.mark_unavailable([1, 2, 3])
+        do = vol.distributed_overlay
+        assert do is not None
+        images.update(_history(vol, [(0, 50, True), (5, 51, True), (6, 52, True)]))
+        vid = vol.id
+        take_lease(store, vid, next(iter(images)), "old-host", ttl=60, now=0.0)  # long expired
+        report = store.collapse(vid, RetentionPolicy([], keep_last=1))
+        kept = {s.id: report.reasons[s.id] for s in report.kept}
+        assert set(kept) == {do["snapshot_id"], max(images)}
+        assert any(r.startswith("lease ") for r in kept[do["snapshot_id"]])
+        assert not any("old-host" in k for k in store.list(leases_prefix(vid)))  # expired: deleted
+        vol.clear_cache()
+        want = images[max(images)]
+        assert vol.read(0, vol.size) == want  # regions 1-3 from the leased PIT
+        store.collapse(vid, RetentionPolicy([], keep_last=1))
         assert store.check(vid).problems == []

@@ -23,8 +23,9 @@ unreferenced is only *condemned* by the run that finds it, and deleted by a late
 unreferenced again (two-phase, as a mark-and-sweep collector with a grace period). Two collapses
 racing each other delete only objects that neither's retained PITs reference.
 
-Packs partly dead are kept whole in this version (no repacking); leases that pin a PIT in use on
-another machine are not implemented yet: pin such PITs by label.
+A PIT with a lease that has not expired (:mod:`overlaycache.remote.leases`: a distributed overlay
+serving from it) is kept whatever the policy says; expired leases are deleted. Packs partly dead are
+kept whole in this version (no repacking).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlaycache.errors import InvalidArgumentError, ObjectExistsError, ObjectNotFoundError
+from overlaycache.errors import InvalidArgumentError, ObjectExistsError, ObjectNotFoundError, SnapshotNotFoundError
 from overlaycache.remote.layout import (
     decode_root,
     gc_prefix,
@@ -46,7 +47,9 @@ from overlaycache.remote.layout import (
     pages_prefix,
     parse_pack_key,
     root_key,
+    volume_key,
 )
+from overlaycache.remote.leases import active_leases, expired_leases
 from overlaycache.remote.listing import check_format, list_snapshots
 from overlaycache.remote.tree import PageSource, reachable
 from overlaycache.retention import RetentionPolicy
@@ -163,7 +166,7 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     volume_id : str
         The volume.
     policy : RetentionPolicy
-        What to keep (the newest PIT is always kept too).
+        What to keep (the newest PIT, and PITs with an unexpired lease, are always kept too).
     now : float, optional
         The time the policy measures ages from (default: the current time).
     dry_run : bool
@@ -177,6 +180,8 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     ------
     InvalidArgumentError
         ``policy`` is not a :class:`RetentionPolicy`.
+    SnapshotNotFoundError
+        The store has no record of this volume.
     FormatError
         The store holds the volume in another format.
     CorruptionError
@@ -188,6 +193,8 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     now = time.time() if now is None else float(now)
     counted = _Counted(store)
     report = CollapseReport(volume_id, dry_run=dry_run)
+    if counted.head(volume_key(volume_id)) is None:
+        raise SnapshotNotFoundError(f"{store.location}: no volume {volume_id!r}", volume_id)
     check_format(counted, volume_id)
     # 1. Candidates first, then the PITs: what is stored after this listing is never a candidate.
     pages_listed = {key.rsplit("/", 1)[1]: key for key in counted.list(pages_prefix(volume_id))}
@@ -206,6 +213,14 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     decisions = {d.snapshot.id: d.reasons for d in policy.decide(snaps, now)}
     if not decisions[newest.id]:
         decisions[newest.id] = ("newest",)
+    # A PIT in use (a distributed overlay's, an image's elsewhere) is pinned by a lease, measured
+    # against the clock (not ``now``, which may be a policy's what-if).
+    clock = time.time()
+    for sid, holders in active_leases(counted, volume_id, clock).items():
+        if sid in decisions:
+            decisions[sid] = decisions[sid] + tuple(
+                f"lease {holder} until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))}"
+                for holder, until in holders)
     report.kept = [s for s in snaps if decisions[s.id]]
     report.removed = [s for s in snaps if not decisions[s.id]]
     report.reasons = {s.id: decisions[s.id] for s in report.kept}
@@ -219,6 +234,7 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     condemned = sorted(unreferenced - set(dead_pages))
     report.pages_condemned = len(condemned)
     doomed = [root_key(volume_id, s.seq) for s in report.removed] + dead_packs + [pages_listed[h] for h in dead_pages]
+    doomed += expired_leases(counted, volume_id, clock)
     if dry_run:
         report.objects_deleted = len(doomed)
         report.bytes_freed = sum(store.head(k) or 0 for k in doomed)

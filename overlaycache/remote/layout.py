@@ -20,6 +20,7 @@ several volumes share a bucket::
     volumes/<id>/pages/<hh>/<hash>                    a map page (content-addressed)
     volumes/<id>/snapshots/<seq>.root                 a PIT snapshot's root
     volumes/<id>/gc/<stamp>.json                      a collapse run's record
+    volumes/<id>/leases/<snapshot>/<expires>-<holder>.json   a PIT in use until a time
 
 ``<pack>`` and ``<seq>`` are 16 hex digits; ``<shard>`` is the first byte, as 2 hex digits, of the
 mmh3 x64-128 checksum of the pack number as 8 little-endian bytes (it spreads consecutive packs
@@ -32,6 +33,14 @@ Collapse records
 UTF-8 JSON written before anything is deleted: the run's time, the policy, the PITs kept and
 removed, and the map pages found unreferenced (*condemned*); a page is deleted only by a later run
 that finds it still unreferenced.
+
+Leases
+------
+``volumes/<id>/leases/<snapshot>/<expires>-<holder>.json``: PIT ``<snapshot>`` is in use by
+``<holder>`` (a volume serving a distributed overlay from it, a recovery image or a clone elsewhere)
+until ``<expires>`` (seconds since the epoch); the key says it all, the object holds the same as
+JSON. A collapse keeps every PIT with a lease that has not expired. A holder renews by writing a new
+lease; expired ones are deleted by a collapse.
 
 Generations
 -----------
@@ -111,6 +120,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
@@ -152,12 +162,15 @@ __all__ = [
     "gc_prefix",
     "gc_record_key",
     "is_pack_key",
+    "lease_key",
+    "leases_prefix",
     "is_root_key",
     "pack_key",
     "packs_prefix",
     "page_address",
     "page_key",
     "pages_prefix",
+    "parse_lease_key",
     "parse_pack_key",
     "root_key",
     "roots_prefix",
@@ -284,6 +297,31 @@ def gc_record_key(volume_id: str, stamp: int) -> str:
     """Key of the record of one collapse run: ``volumes/<id>/gc/<stamp>.json`` (``stamp``: the
     run's time in microseconds since the epoch, 16 hex digits, so records list in time order)."""
     return f"{gc_prefix(volume_id)}{stamp:016x}.json"
+
+
+def leases_prefix(volume_id: str) -> str:
+    """The prefix of a volume's leases: ``volumes/<id>/leases/``."""
+    return f"{_volume_prefix(volume_id)}leases/"
+
+
+def lease_key(volume_id: str, snapshot: str, expires: float, holder: str) -> str:
+    """Key of a lease on PIT ``snapshot`` until ``expires`` (seconds since the epoch) by ``holder``:
+    ``volumes/<id>/leases/<snapshot>/<expires>-<holder>.json`` (``expires`` in whole seconds, 12
+    digits; ``holder`` a name of letters, digits, ``.``, ``_`` and ``-``). A renewal is a new lease."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", holder):
+        raise ValueError(f"bad lease holder name {holder!r}")
+    return f"{leases_prefix(volume_id)}{snapshot}/{int(expires):012d}-{holder}.json"
+
+
+def parse_lease_key(key: str) -> tuple[str, float, str] | None:
+    """``(snapshot, expires, holder)`` of a lease's key, or None when it is not one."""
+    parts = key.split("/")
+    if len(parts) != 5 or parts[2] != "leases" or not parts[4].endswith(".json"):
+        return None
+    stamp, sep, holder = parts[4][: -len(".json")].partition("-")
+    if not sep or not stamp.isdigit():
+        return None
+    return parts[3], float(stamp), holder
 
 
 def snapshot_id(seq: int) -> str:

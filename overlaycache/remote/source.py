@@ -356,6 +356,11 @@ class RegionSource:
         if not wanted:
             return got, errors
         with self._lock:
+            if self._landed:  # a prefetch that finished since the first look
+                for r, _rec in wanted:
+                    if r not in self._inflight and r in self._landed:
+                        got[r] = self._landed.pop(r)
+                wanted = [(r, rec) for r, rec in wanted if r not in got]
             ahead = {r for r, _rec in wanted if r in self._inflight}  # prefetches under way
             new = [(r, rec) for r, rec in wanted if r not in ahead]
             runs = self._runs(new)
