@@ -267,6 +267,8 @@ def _build_parser() -> argparse.ArgumentParser:
     o.add_argument("--keep-last", type=int, default=0, help="always keep the N newest PITs")
     o.add_argument("--pin", action="append", default=[], metavar="LABEL", help="always keep PITs with this label")
     o.add_argument("--now", type=float, help="measure ages from this time (seconds since the epoch)")
+    o.add_argument("--page-grace", type=float, default=3600.0, metavar="SECONDS",
+                   help="delete a map page only once it has been unreferenced this long (default: an hour)")
     o.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
     o.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
@@ -279,7 +281,8 @@ def _collapse(args: argparse.Namespace) -> None:
     policy = RetentionPolicy.parse(args.policy, keep_last=args.keep_last, pinned=args.pin)
     store = open_store(args.store)
     try:
-        report = store.collapse(args.volume_id, policy, now=args.now, dry_run=args.dry_run)  # type: ignore[attr-defined]
+        report = store.collapse(args.volume_id, policy, now=args.now, dry_run=args.dry_run,  # type: ignore[attr-defined]
+                                page_grace=args.page_grace)
     finally:
         store.close()
     if args.json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,21 +56,31 @@ ops_strategy = st.lists(st.tuples(st.integers(0, NREG - 1), st.integers(0, 3), s
                         max_size=25)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=ops_strategy, keep_last=st.integers(0, 4), pin=st.integers(0, 6))
+tiers_strategy = st.lists(st.tuples(st.one_of(st.none(), st.sampled_from(["0.001s", "0.005s", "0.02s", "0.1s"])),
+                                    st.sampled_from(["0.002s", "0.01s", "0.05s", "1s"])), max_size=3)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=ops_strategy, tiers=tiers_strategy, keep_last=st.integers(0, 4), pin=st.integers(0, 6),
+       later=st.sampled_from([0.0, 0.005, 0.03, 2.0]))
 def test_collapse_keeps_what_the_policy_says_and_collects_the_rest(tmp_path_factory: Any, ops: list[Any],
-                                                                  keep_last: int, pin: int) -> None:
+                                                                  tiers: list[Any], keep_last: int, pin: int,
+                                                                  later: float) -> None:
+    """Random writes (zeros too) and PITs (milliseconds apart), a random policy and ``now``: the
+    kept set is the policy's (and the newest), every kept PIT reads as it was taken, dead packs go
+    at once and dead pages one run later, a third run is a no-op, and the primary goes on."""
     tmp = tmp_path_factory.mktemp("collapse")
     store = LocalStore(tmp / "s")
     with _volume(tmp / "v", store) as vol:
         images = _history(vol, ops + [(0, 9, True)])
         vid = vol.id
         snaps = store.snapshots(vid)
-        policy = RetentionPolicy([], keep_last=keep_last, pinned={f"p{pin}"})
-        want = {s.id for s in policy.select(snaps, 0.0)} | {snaps[-1].id}
-        preview = store.collapse(vid, policy, now=0.0, dry_run=True)
+        now = snaps[-1].created_at + later
+        policy = RetentionPolicy(tiers, keep_last=keep_last, pinned={f"p{pin}"})
+        want = {s.id for s in policy.select(snaps, now)} | {snaps[-1].id}
+        preview = store.collapse(vid, policy, now=now, dry_run=True)
         assert {s.id for s in preview.kept} == want and [s.id for s in store.snapshots(vid)] == [s.id for s in snaps]
-        first = store.collapse(vid, policy, now=0.0)
+        first = store.collapse(vid, policy, now=now, page_grace=0)
         assert {s.id for s in first.kept} == want == {s.id for s in store.snapshots(vid)}
         assert first.objects_deleted == preview.objects_deleted and first.bytes_freed == preview.bytes_freed
         for sid in want:
@@ -77,15 +88,31 @@ def test_collapse_keeps_what_the_policy_says_and_collects_the_rest(tmp_path_fact
         pages, packs = _garbage(store, vid)
         assert packs == set()  # dead packs go at once
         assert len(pages) == first.pages_condemned  # dead pages wait for the next run
-        second = store.collapse(vid, policy, now=0.0)
+        second = store.collapse(vid, policy, now=now, page_grace=0)
         assert second.removed == [] and second.objects_deleted == len(pages)
         assert _garbage(store, vid) == (set(), set())
-        assert store.collapse(vid, policy, now=0.0).objects_deleted == 0  # a no-op now
+        assert store.collapse(vid, policy, now=now, page_grace=0).objects_deleted == 0  # a no-op now
         assert store.check(vid, read_data=True).problems == []
         vol.write(0, b"after" * 100)  # the primary goes on: its next PIT reuses the pages kept
         snap = vol.snapshot()
         assert store.image(vid, snap).read(0, vol.size) == vol.read(0, vol.size)
         assert store.check(vid).problems == []
+
+
+def test_pages_wait_out_their_grace(tmp_path: Path) -> None:
+    """A condemned page is deleted only once it has been condemned for ``page_grace`` seconds."""
+    store = LocalStore(tmp_path / "s")
+    with _volume(tmp_path / "v", store) as vol:
+        _history(vol, [(r, r + 1, True) for r in range(8)])
+        vid = vol.id
+    policy = RetentionPolicy([], keep_last=1)
+    first = store.collapse(vid, policy, now=0.0, page_grace=0.3)
+    assert first.pages_condemned > 0
+    again = store.collapse(vid, policy, now=0.0, page_grace=0.3)  # too soon
+    assert again.objects_deleted == 0 and again.pages_condemned == first.pages_condemned
+    time.sleep(0.35)
+    late = store.collapse(vid, policy, now=0.0, page_grace=0.3)
+    assert late.objects_deleted == first.pages_condemned and _garbage(store, vid) == (set(), set())
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
@@ -106,7 +133,7 @@ class Slow(LocalStore):
 
 store = Slow(sys.argv[1])
 print("READY", flush=True)
-report = store.collapse(sys.argv[2], RetentionPolicy([], keep_last=int(sys.argv[3])), now=0.0)
+report = store.collapse(sys.argv[2], RetentionPolicy([], keep_last=int(sys.argv[3])), now=0.0, page_grace=0)
 print("DONE", flush=True)
 time.sleep(60)
 """
@@ -128,10 +155,10 @@ def test_sigkill_during_collapse(tmp_path: Path, seed: int) -> None:
         done = "DONE" in complete_lines(log)
         for sid in kept_ids:  # retained PITs are whole at any point
             assert store.image(vid, sid).read(0, size) == images[sid]
-        report = store.collapse(vid, RetentionPolicy([], keep_last=keep_last), now=0.0)  # the rerun
+        report = store.collapse(vid, RetentionPolicy([], keep_last=keep_last), now=0.0, page_grace=0)  # the rerun
         assert [s.id for s in report.kept] == kept_ids
         assert done or report.objects_deleted >= 0
-        store.collapse(vid, RetentionPolicy([], keep_last=keep_last), now=0.0)
+        store.collapse(vid, RetentionPolicy([], keep_last=keep_last), now=0.0, page_grace=0)
         assert _garbage(store, vid) == (set(), set())
         assert store.check(vid, read_data=True).problems == []
 
@@ -144,10 +171,12 @@ def test_collapse_racing_live_replication(tmp_path: Path) -> None:
     stop = threading.Event()
     errors: list[BaseException] = []
 
+    reports: list[Any] = []
+
     def collapser() -> None:
         try:
             while not stop.is_set():
-                store.collapse(vid, RetentionPolicy([], keep_last=2), now=0.0)
+                reports.append(store.collapse(vid, RetentionPolicy([], keep_last=2), now=0.0, page_grace=1.0))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -158,7 +187,10 @@ def test_collapse_racing_live_replication(tmp_path: Path) -> None:
         t.start()
         rnd = random.Random(5)
         try:
-            for i in range(60):
+            deadline = time.monotonic() + 4.0
+            i = 0
+            while time.monotonic() < deadline or i < 60:
+                i += 1
                 vol.write(rnd.randrange(NREG) * RS, bytes([i % 250 + 1]) * RS)
                 if i % 3 == 0:
                     snap = vol.snapshot()
@@ -167,6 +199,8 @@ def test_collapse_racing_live_replication(tmp_path: Path) -> None:
             stop.set()
             t.join()
         assert errors == []
+        # Pages and packs were collected while PITs were published, not only roots.
+        assert sum(r.objects_deleted - len(r.removed) for r in reports) > 0
         left = store.snapshots(vid)
         assert left and left[-1].id == max(images)
         for s in left:
@@ -201,3 +235,16 @@ def test_a_distributed_overlays_pit_is_leased_and_kept(tmp_path: Path) -> None:
         assert vol.read(0, vol.size) == want  # regions 1-3 from the leased PIT
         store.collapse(vid, RetentionPolicy([], keep_last=1))
         assert store.check(vid).problems == []
+
+
+def test_a_recovery_image_leases_its_pit(tmp_path: Path) -> None:
+    """A recovery image (and so a clone over one) pins its PIT for a day: a collapse keeps it."""
+    store = LocalStore(tmp_path / "s")
+    with _volume(tmp_path / "v", store) as vol:
+        images = _history(vol, [(r, r + 1, True) for r in range(6)])
+        first = min(images)
+        with vol.image(first) as img:
+            report = store.collapse(vol.id, RetentionPolicy([], keep_last=1))
+            assert {s.id for s in report.kept} == {first, max(images)}
+            assert any(r.startswith("lease ") for r in report.reasons[first])
+            assert img.read(0, vol.size) == images[first]

@@ -176,12 +176,12 @@ class CatalogMixin:
         return check_volume(self, volume_id, repair, read_data)
 
     def collapse(self: ObjectStore, volume_id: str, policy: Any, now: float | None = None,
-                 dry_run: bool = False) -> Any:
+                 dry_run: bool = False, page_grace: float | None = None) -> Any:
         """Drop the PITs ``policy`` does not keep and delete what no retained PIT needs (see
         :func:`overlaycache.remote.collapse.collapse_volume`)."""
-        from overlaycache.remote.collapse import collapse_volume  # it builds on this module
+        from overlaycache.remote.collapse import PAGE_GRACE, collapse_volume  # it builds on this module
 
-        return collapse_volume(self, volume_id, policy, now, dry_run)
+        return collapse_volume(self, volume_id, policy, now, dry_run, PAGE_GRACE if page_grace is None else page_grace)
 
     def image(self: ObjectStore, volume_id: str, snapshot: Any, cache_regions: int = 256,
               readahead: int | None = None) -> RemoteImage:

@@ -13,15 +13,18 @@ a rerun finishes the job):
 2. Walk the retained PITs' trees: every page and pack they reach is live.
 3. Write the run's record (``volumes/<id>/gc/<stamp>.json``): what is kept, what is removed, and
    the pages found unreferenced.
-4. Delete the removed roots, then the dead packs, then the dead pages.
+4. Delete the removed roots, then the dead packs; then, after a look at the PITs published since
+   the listing (what they reach stays), the dead pages.
 
 A pack is dead when no retained PIT references it and its number is below the newest PIT's cutoff:
 every pack below it was complete when that PIT was published, and a later PIT never goes back to a
 version an earlier one had replaced. A newer pack may hold versions of the live head: it is never
-touched. A map page has no number, and the primary reuses pages by their address: a page found
-unreferenced is only *condemned* by the run that finds it, and deleted by a later run that finds it
-unreferenced again (two-phase, as a mark-and-sweep collector with a grace period). Two collapses
-racing each other delete only objects that neither's retained PITs reference.
+touched. A map page has no number, and a publish stores its pages before its root (and may find
+one already stored, from an earlier PIT, and count on it): a page found unreferenced is only
+*condemned* by the run that finds it, and deleted by a later run that finds it still unreferenced
+at least ``page_grace`` seconds (default an hour) after it was first condemned: longer than any
+publish takes between its pages and its root. Two collapses racing each other delete only objects
+that neither's retained PITs reference.
 
 A PIT with a lease that has not expired (:mod:`overlaycache.remote.leases`: a distributed overlay
 serving from it) is kept whatever the policy says; expired leases are deleted. Packs partly dead are
@@ -142,21 +145,36 @@ class _Counted:
         """The wrapped store stays open."""
 
 
-def _previous_condemned(store: _Counted, volume_id: str) -> set[str]:
-    """The pages the newest earlier run condemned."""
+def _previous_condemned(store: _Counted, volume_id: str) -> dict[str, float]:
+    """The pages the newest earlier run condemned, with the time each was first condemned."""
     records = sorted(store.list(gc_prefix(volume_id)))
     if not records:
-        return set()
+        return {}
     try:
         info = json.loads(store.get(records[-1]))
-        return {str(a) for a in info.get("condemned", [])}
-    except (ValueError, ObjectNotFoundError, AttributeError):
+        return {str(a): float(t) for a, t in dict(info.get("condemned", {})).items()}
+    except (ValueError, TypeError, ObjectNotFoundError, AttributeError):
         _log.warning("%s/%s: unreadable collapse record; no page is deleted this run", store.location, records[-1])
-        return set()
+        return {}
+
+
+#: Seconds a map page stays condemned before a run may delete it (longer than any publish takes
+#: between storing its pages and its root).
+PAGE_GRACE = 3600.0
+
+
+def _delete(store: _Counted, keys: list[str], report: CollapseReport) -> None:
+    for key in keys:
+        size = store.head(key)
+        if size is None:
+            continue  # gone already: another run, or a rerun after a crash
+        store.delete([key])
+        report.objects_deleted += 1
+        report.bytes_freed += size
 
 
 def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy, now: float | None = None,
-                    dry_run: bool = False) -> CollapseReport:
+                    dry_run: bool = False, page_grace: float = PAGE_GRACE) -> CollapseReport:
     """Drop the PITs ``policy`` does not keep and delete what no retained PIT references.
 
     Parameters
@@ -171,6 +189,8 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
         The time the policy measures ages from (default: the current time).
     dry_run : bool
         Report what would be done; write and delete nothing.
+    page_grace : float
+        Seconds (by the clock) a map page must have been condemned before it is deleted.
 
     Returns
     -------
@@ -230,14 +250,15 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     live_pages, live_packs = reachable(roots, PageSource(counted, volume_id))
     dead_packs = [key for pack, key in sorted(packs_listed.items()) if pack < newest.seq and pack not in live_packs]
     unreferenced = {h for h in pages_listed if bytes.fromhex(h) not in live_pages}
-    dead_pages = sorted(h for h in unreferenced if h in condemned_before)
-    condemned = sorted(unreferenced - set(dead_pages))
+    since = {h: condemned_before.get(h, clock) for h in unreferenced}  # when each was first condemned
+    dead_pages = sorted(h for h in unreferenced if h in condemned_before and clock - since[h] >= page_grace)
+    condemned = {h: since[h] for h in sorted(unreferenced - set(dead_pages))}
     report.pages_condemned = len(condemned)
-    doomed = [root_key(volume_id, s.seq) for s in report.removed] + dead_packs + [pages_listed[h] for h in dead_pages]
-    doomed += expired_leases(counted, volume_id, clock)
+    doomed = [root_key(volume_id, s.seq) for s in report.removed] + dead_packs + expired_leases(counted, volume_id, clock)
+    doomed_pages = [pages_listed[h] for h in dead_pages]
     if dry_run:
-        report.objects_deleted = len(doomed)
-        report.bytes_freed = sum(store.head(k) or 0 for k in doomed)
+        report.objects_deleted = len(doomed) + len(doomed_pages)
+        report.bytes_freed = sum(store.head(k) or 0 for k in doomed + doomed_pages)
         report.bytes_read, report.bytes_written = counted.read, counted.written
         report.duration = time.monotonic() - t0
         return report
@@ -252,13 +273,16 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
         except ObjectExistsError:
             stamp += 1  # another run in the same microsecond
     # 4. Roots first (a reader no longer finds what is removed), then the data they alone used.
-    for key in doomed:
-        size = store.head(key)
-        if size is None:
-            continue  # gone already: another run, or a rerun after a crash
-        counted.delete([key])
-        report.objects_deleted += 1
-        report.bytes_freed += size
+    _delete(counted, doomed, report)
+    # Last, the pages; a PIT published since the listing is looked at first: what it reaches stays.
+    if doomed_pages:
+        seen = {s.seq for s in snaps}
+        fresh = [s for s in list_snapshots(counted, volume_id) if s.seq not in seen]
+        if fresh:
+            fresh_roots = [decode_root(counted.get(root_key(volume_id, s.seq))) for s in fresh]
+            fresh_pages, _packs = reachable(fresh_roots, PageSource(counted, volume_id))
+            doomed_pages = [k for k in doomed_pages if bytes.fromhex(k.rsplit("/", 1)[1]) not in fresh_pages]
+        _delete(counted, doomed_pages, report)
     report.bytes_read, report.bytes_written = counted.read, counted.written
     report.duration = time.monotonic() - t0
     _log.info("%s: volume %s collapsed by %s: %d PITs kept, %d removed, %d objects (%d bytes) deleted, "
