@@ -229,3 +229,41 @@ def test_readers_and_writer_in_threads_see_whole_regions(tmp_path: Path) -> None
         stop.set()
         threads[0].join()
         assert bad == []
+
+
+def test_a_create_killed_half_way_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
+    """A create builds beside its path, holding the build's lock. What a killed create left (no lock
+    held, older than a minute) is removed by the next create of that name; a build under way (its
+    lock held) and a young one are left alone."""
+    import fcntl
+    import time
+
+    from overlaycache.testing.kill import run_and_kill
+
+    child = r"""
+import sys, time
+from overlaycache.local import stack
+def slow(*a, **k):  # killed while it builds
+    print("READY", flush=True)
+    time.sleep(60)
+stack.Overlay.create = slow
+from overlaycache import Volume
+Volume.create(sys.argv[1], 1 << 20, region_size=4096)
+"""
+    run_and_kill(child, [str(tmp_path / "vol")], tmp_path / "child.out", 0.05)
+    [left] = [p for p in tmp_path.iterdir() if p.name.startswith(".vol.creating-")]
+    busy = tmp_path / ".vol.creating-busy"
+    busy.mkdir()
+    fd = os.open(busy / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    old = time.time() - 120
+    for p in (left, busy):
+        os.utime(p, (old, old))
+    young = tmp_path / ".vol.creating-young"
+    young.mkdir()
+    try:
+        Volume.create(tmp_path / "vol", 1 << 20, region_size=4096).close()
+        names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".vol."))
+        assert names == [".vol.creating-busy", ".vol.creating-young"]
+    finally:
+        os.close(fd)

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from overlaycache._fs import DIR_MODE, fsync_dir
+from overlaycache._fs import DIR_MODE, fsync_dir, lock_directory
 from overlaycache._impl import core
 from overlaycache.errors import InvalidArgumentError, MediaError, OverlayCacheError, Reason, RegionUnavailableError
 from overlaycache.local.layers import BaseLayer, Layer, Overlay
@@ -435,10 +435,14 @@ def create_volume_files(path: str, geo: Geometry) -> bool:
     if existed and (not os.path.isdir(path) or os.listdir(path)):
         raise InvalidArgumentError(f"{path}: exists and is not an empty directory")
     parent, name = os.path.split(os.path.abspath(path))
-    build = made = path if existed else os.path.join(parent, f".{name}.creating-{uuid.uuid4().hex[:8]}")
+    if not existed:
+        _remove_stale_builds(parent, name)
+    build = made = path if existed else os.path.join(parent, f"{_BUILD_PREFIX.format(name)}{uuid.uuid4().hex[:8]}")
+    creator = -1
     try:
         if not existed:
             os.makedirs(build, mode=DIR_MODE)
+            creator = lock_directory(build, False, "being created")  # released once in place
         BaseLayer.create(build, geo)
         Overlay.create(build, 1, geo)
         write_meta(build, VolumeMeta(id=uuid.uuid4().hex, size=geo.size, region_size=geo.region_size,
@@ -454,7 +458,39 @@ def create_volume_files(path: str, geo: Geometry) -> bool:
             raise InvalidArgumentError(f"{path}: cannot create a volume of {geo.size} bytes there: "
                                        f"{exc.strerror} ({exc.filename or path})") from exc
         raise
+    finally:
+        if creator >= 0:
+            os.close(creator)
     return existed
+
+
+#: A volume is built in ``.NAME.creating-XXXXXXXX`` beside ``NAME``, holding its lock while it is.
+_BUILD_PREFIX = ".{}.creating-"
+#: A build directory nobody holds is left by a create that was killed; younger ones may be starting.
+_STALE_BUILD_AGE = 60.0
+
+
+def _remove_stale_builds(parent: str, name: str) -> None:
+    """Remove what creates of ``name`` killed half-way (SIGKILL, power loss) left beside it: build
+    directories whose lock nobody holds, older than a minute."""
+    prefix = _BUILD_PREFIX.format(name)
+    try:
+        entries = [e for e in os.listdir(parent) if e.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        build = os.path.join(parent, entry)
+        try:
+            if time.time() - os.lstat(build).st_mtime < _STALE_BUILD_AGE or not os.path.isdir(build):
+                continue
+            fd = lock_directory(build, False, "being created")
+        except (OverlayCacheError, OSError):
+            continue  # a create under way, or not ours to judge
+        try:
+            shutil.rmtree(build, ignore_errors=True)
+            _log.warning("%s: removed %s, left by a create that was killed", os.path.join(parent, name), build)
+        finally:
+            os.close(fd)
 
 
 _BAD_PLACE = (errno.EFBIG, errno.EACCES, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.EINVAL,
