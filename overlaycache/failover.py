@@ -71,6 +71,8 @@ PO, PB, R = "PO", "PB", "R"
 #: Byte codes used internally (as returned by :func:`location_codes`).
 CODE_PO, CODE_R, CODE_PB = 0, 1, 2
 CODE_NAMES = {CODE_PO: PO, CODE_R: R, CODE_PB: PB}
+#: How long the PIT of a recovery image (or of a clone over one) is pinned on the secondary.
+IMAGE_LEASE_TTL = 86400.0
 #: The PIT's root, kept in the volume's directory while a distributed overlay is active (its map
 #: pages stay in the replicator's mirror meanwhile).
 DO_ROOT = PINNED_ROOT
@@ -427,6 +429,18 @@ class Router:
             snap = repl.publish(label)
         self.renew_lease()
         return snap
+
+    def lease_for_image(self, snapshot_id: str) -> None:
+        """Pin the PIT of a recovery image (or of a clone over one) for :data:`IMAGE_LEASE_TTL`, so
+        that a collapse keeps it; a store that cannot be reached is logged: the image still works
+        while the PIT is there."""
+        if self.repl is None:
+            return
+        try:
+            take_lease(self.repl.store, self.volume_id, snapshot_id, holder_name(self.volume_id), ttl=IMAGE_LEASE_TTL)
+        except StoreError as exc:
+            _log.warning("%s: cannot take a lease on PIT %s (%s): a collapse may remove it", self.path,
+                         snapshot_id, exc)
 
     def renew_lease(self) -> None:
         """Renew the lease on the distributed overlay's PIT once half of it has run out (or it was

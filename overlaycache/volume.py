@@ -31,7 +31,6 @@ from overlaycache.errors import (
     Reason,
     RegionUnavailableError,
     StaleStackError,
-    StoreError,
     VolumeClosedError,
 )
 from overlaycache.failover import CODE_NAMES, READAHEAD_BYTES, Router
@@ -49,7 +48,6 @@ from overlaycache.local.meta import (
 from overlaycache.local.stack import LayerStack, create_volume_files, remove_volume_files
 from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.remote.catalog import Catalog
-from overlaycache.remote.leases import holder_name, take_lease
 from overlaycache.replication import Lag, Replicator, attach
 from overlaycache.replication.replicator import PACK_DELAY, PACK_SIZE, check_pack_options
 from overlaycache.store.metered import MeteredStore, StoreStats
@@ -57,9 +55,6 @@ from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
 from overlaycache.store.base import ObjectStore
 
 _log = logging.getLogger(__name__)
-
-#: How long the PIT of a recovery image (or of a clone over one) is pinned on the secondary.
-IMAGE_LEASE_TTL = 86400.0
 
 
 class Volume:
@@ -585,7 +580,7 @@ class Volume:
         ):
             # It asks the PIT for exactly the regions not identical locally: no readahead.
             image = RecoveryImage(self._route, self.remote_image(snapshot, readahead=0))
-            self._lease_pit(image.snapshot.id)
+            self._route.lease_for_image(image.snapshot.id)
             return image
         snap = self._find_snapshot(snapshot)
         with self._wlock:
@@ -593,18 +588,6 @@ class Volume:
             img = VirtualImage(snap, self._geo.size, layers.build(snap.layer), layers.close_image, volume_id=self.id)
             layers.images.add(img)
         return img
-
-    def _lease_pit(self, snapshot_id: str) -> None:
-        """Pin a PIT an image reads from for :data:`IMAGE_LEASE_TTL` (a collapse keeps it); a store
-        that cannot be reached is logged: the image still works while the PIT is there."""
-        repl = self._repl
-        if repl is None:
-            return
-        try:
-            take_lease(repl.store, self.id, snapshot_id, holder_name(self.id), ttl=IMAGE_LEASE_TTL)
-        except StoreError as exc:
-            _log.warning("%s: cannot take a lease on PIT %s (%s): a collapse may remove it", self.path,
-                         snapshot_id, exc)
 
     def open_clone(self, path: str | os.PathLike[str]) -> Clone:
         """Open the clone in ``path`` (made by ``image.clone(path)``) over a new image of its snapshot.

@@ -337,30 +337,30 @@ class RegionSource:
         got: dict[int, bytes | memoryview] = {}
         errors: dict[int, BaseException] = {}
         wanted = []
+        under_way = []  # regions a prefetch was fetching at the first look
         for r in regions:
-            if r not in self._inflight:
-                if self._landed:
-                    with self._lock:
-                        landed = self._landed.pop(r, None)
-                    if landed is not None:
-                        got[r] = landed
-                        continue
-                rec = self.manifest.record(r)
+            rec = self.manifest.record(r)
+            if r in self._inflight:
+                under_way.append((r, rec))
+            else:
+                hit = self._local(r, rec, True)  # landed, all zeros, or in the region cache
+                if hit is None:
+                    wanted.append((r, rec))
+                else:
+                    got[r] = hit
+        if under_way:
+            # A prefetch that finished since the first look left its bytes landed or cached; looked
+            # up outside the lock (the cache may take the stack's lock to drop a damaged slot).
+            with self._lock:
+                finished = [(r, rec) for r, rec in under_way if r not in self._inflight]
+            for r, rec in finished:
                 hit = self._local(r, rec, True)
                 if hit is not None:
                     got[r] = hit
-                    continue
-            else:
-                rec = self.manifest.record(r)
-            wanted.append((r, rec))
+            wanted += [(r, rec) for r, rec in under_way if r not in got]
         if not wanted:
             return got, errors
         with self._lock:
-            if self._landed:  # a prefetch that finished since the first look
-                for r, _rec in wanted:
-                    if r not in self._inflight and r in self._landed:
-                        got[r] = self._landed.pop(r)
-                wanted = [(r, rec) for r, rec in wanted if r not in got]
             ahead = {r for r, _rec in wanted if r in self._inflight}  # prefetches under way
             new = [(r, rec) for r, rec in wanted if r not in ahead]
             runs = self._runs(new)

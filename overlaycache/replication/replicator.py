@@ -150,9 +150,6 @@ class Replicator:
         os.makedirs(self.mirror, mode=0o700, exist_ok=True)
         self.pages = PageSource(store, self.volume_id, self.mirror)
         self.shipped = 0
-        self.packs = 0
-        self.last_pages = 0
-        self.last_publish_bytes = 0
         self._changed_since_publish = True
         self._thread: threading.Thread | None = None
         self._registered = False
@@ -389,8 +386,6 @@ class Replicator:
                     # An all-zero version has length 0: served without a request, and its record
                     # names the pack that lists it (so that pack stays while a PIT needs it).
                     self.remote.set(e.region, e.seq, pack, e.offset, e.length, e.checksum)
-            if entries:
-                self.packs += 1
         return unreadable
 
     def _chunks(self, claimed: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
@@ -621,8 +616,6 @@ class Replicator:
             for addr in replaced:
                 self.pages.drop(addr)
         self.last_root = raw
-        self.last_pages = len(pages)
-        self.last_publish_bytes = len(raw) + sum(len(p[3]) for p in pages)
         _log.info("%s: snapshot %s (%s) published to %s: %d map pages", self.vol.path, snap.id, label,
                   self.store.location, len(pages))
         return snap
