@@ -248,3 +248,23 @@ def test_a_recovery_image_leases_its_pit(tmp_path: Path) -> None:
             assert {s.id for s in report.kept} == {first, max(images)}
             assert any(r.startswith("lease ") for r in report.reasons[first])
             assert img.read(0, vol.size) == images[first]
+
+
+def test_an_image_opened_elsewhere_can_lease_its_pit(tmp_path: Path) -> None:
+    """``store.image(..., lease=...)``: a reader on another machine pins the PIT it reads; a bad
+    holder name is refused before anything is stored."""
+    store = LocalStore(tmp_path / "s")
+    with _volume(tmp_path / "v", store) as vol:
+        images = _history(vol, [(r, r + 1, True) for r in range(5)])
+        vid = vol.id
+    first = min(images)
+    with store.image(vid, first, lease=600, holder="restore-host") as img:
+        report = store.collapse(vid, RetentionPolicy([], keep_last=1))
+        assert {s.id for s in report.kept} == {first, max(images)}
+        assert any("restore-host" in r for r in report.reasons[first])
+        assert img.read(0, NREG * RS) == images[first]
+    for bad in ({"lease": 600, "holder": "bad/holder"}, {"lease": "soon"}, {"lease": -5}):
+        with pytest.raises(InvalidArgumentError):
+            store.image(vid, first, **bad)  # type: ignore[arg-type]
+    with store.image(vid, first, lease="2h") as img:  # a duration, as the policies' are
+        assert img.read(0, 1) == images[first][:1]

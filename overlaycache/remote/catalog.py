@@ -22,8 +22,10 @@ from overlaycache.remote.layout import (
     root_key,
     volume_key,
 )
+from overlaycache.remote.leases import holder_name, take_lease
 from overlaycache.remote.listing import check_format, list_snapshots
 from overlaycache.remote.tree import PageSource, PitMap
+from overlaycache.retention import parse_duration
 from overlaycache.snapshots import Snapshot, find_snapshot
 from overlaycache.store.base import ObjectStore
 
@@ -123,7 +125,8 @@ class Catalog:
         return PitMap(root, PageSource(store, volume_id, mirror))
 
     def image(self, volume_id: str, snapshot: Any, cache_regions: int = 256,
-              readahead: int | None = None) -> RemoteImage:
+              readahead: int | None = None, lease: float | str | None = None,
+              holder: str | None = None) -> RemoteImage:
         """A read-only, lazy virtual image of a PIT snapshot; no local volume needed.
 
         Parameters
@@ -134,6 +137,11 @@ class Catalog:
             Regions the image keeps in memory.
         readahead : int, optional
             Regions a sequential read keeps in flight ahead of it (default: 64 MiB worth).
+        lease : float or str, optional
+            Pin the PIT for this long (seconds, or a duration such as ``"6h"``); a collapse keeps
+            it meanwhile. Needs credentials that may PUT. Default: no lease.
+        holder : str, optional
+            The lease holder's name (default: this host and the volume).
 
         Returns
         -------
@@ -144,9 +152,16 @@ class Catalog:
         ------
         SnapshotNotFoundError, CorruptionError, FormatError
             As :meth:`pit_map` raises them.
+        InvalidArgumentError
+            A bad ``lease`` or ``holder``.
+        StoreError
+            The lease could not be stored.
         """
-        return RemoteImage(self.store, self.pit_map(volume_id, snapshot), cache_regions=cache_regions,
-                           readahead=readahead)
+        ttl = None if lease is None else parse_duration(lease)
+        pit = self.pit_map(volume_id, snapshot)
+        if ttl is not None:
+            take_lease(self.store, volume_id, pit.snapshot.id, holder or holder_name(volume_id), ttl=ttl)
+        return RemoteImage(self.store, pit, cache_regions=cache_regions, readahead=readahead)
 
 
 class CatalogMixin:
@@ -184,6 +199,7 @@ class CatalogMixin:
         return collapse_volume(self, volume_id, policy, now, dry_run, PAGE_GRACE if page_grace is None else page_grace)
 
     def image(self: ObjectStore, volume_id: str, snapshot: Any, cache_regions: int = 256,
-              readahead: int | None = None) -> RemoteImage:
+              readahead: int | None = None, lease: float | str | None = None,
+              holder: str | None = None) -> RemoteImage:
         """A read-only, lazy virtual image of a PIT snapshot (see :meth:`Catalog.image`)."""
-        return Catalog(self).image(volume_id, snapshot, cache_regions, readahead)
+        return Catalog(self).image(volume_id, snapshot, cache_regions, readahead, lease, holder)

@@ -128,7 +128,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from overlaycache._impl import core
-from overlaycache.errors import CorruptionError, FormatError
+from overlaycache.errors import CorruptionError, FormatError, InvalidArgumentError
 
 __all__ = [
     "FANOUT",
@@ -308,8 +308,8 @@ def lease_key(volume_id: str, snapshot: str, expires: float, holder: str) -> str
     """Key of a lease on PIT ``snapshot`` until ``expires`` (seconds since the epoch) by ``holder``:
     ``volumes/<id>/leases/<snapshot>/<expires>-<holder>.json`` (``expires`` in whole seconds, 12
     digits; ``holder`` a name of letters, digits, ``.``, ``_`` and ``-``). A renewal is a new lease."""
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", holder):
-        raise ValueError(f"bad lease holder name {holder!r}")
+    if not isinstance(holder, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", holder):
+        raise InvalidArgumentError(f"a lease holder is 1 to 100 letters, digits, '.', '_' or '-', got {holder!r}")
     return f"{leases_prefix(volume_id)}{snapshot}/{int(expires):012d}-{holder}.json"
 
 
