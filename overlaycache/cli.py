@@ -107,7 +107,8 @@ def demo_replication(endpoint: str | None = None, bucket: str = "overlaycache-de
                      directory: str | None = None, out: TextIO | None = None, key_id: str | None = None,
                      secret: str | None = None) -> None:
     """Replicate a volume over real HTTP to an S3 server and read its PITs back from the store alone."""
-    from overlaycache.remote.layout import decode_pack_index, packs_prefix
+    from overlaycache.remote.layout import packs_prefix
+    from overlaycache.remote.listing import read_pack_index
     from overlaycache.store import S3Store
 
     stream = out if out is not None else sys.stdout
@@ -151,8 +152,7 @@ def demo_replication(endpoint: str | None = None, bucket: str = "overlaycache-de
         packs = list(reader.list(packs_prefix(vid)))
         versions = 0
         for key in packs:
-            index = decode_pack_index(reader.get(key, 0, 4096), key)
-            versions += 0 if isinstance(index, int) else len(index.entries)
+            versions += len(read_pack_index(reader, key).entries)
         for snap in reader.snapshots(vid):
             with reader.image(vid, snap) as img:
                 show(f"image of {snap.label} (seq {snap.seq})", [chr(img.read(r * rs, 1)[0]) for r in range(8)])

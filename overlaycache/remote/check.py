@@ -33,7 +33,6 @@ from overlaycache.remote.layout import (
     RECORD,
     PackEntry,
     check_volume_format,
-    decode_pack_index,
     decode_root,
     decode_root_header,
     decode_volume_record,
@@ -47,13 +46,13 @@ from overlaycache.remote.layout import (
     verify_pack,
     volume_key,
 )
+from overlaycache.remote.listing import read_pack_index
 from overlaycache.remote.tree import PageSource, PitMap, build_tree
 from overlaycache.store.base import ObjectStore
 
 __all__ = ["CheckReport", "check_volume"]
 
 _log = logging.getLogger(__name__)
-_INDEX_BYTES = 64 << 10
 
 
 @dataclass
@@ -103,17 +102,9 @@ class CheckReport:
 
 
 def _read_index(store: ObjectStore, key: str, read_data: bool) -> list[PackEntry]:
-    where = f"{store.location}/{key}"
     if read_data:
-        return list(verify_pack(store.get(key), where).entries)
-    need = _INDEX_BYTES
-    while True:
-        got = decode_pack_index(store.get(key, 0, need), where)
-        if not isinstance(got, int):
-            return list(got.entries)
-        if got <= need:  # the object is shorter than its index says
-            raise CorruptionError(f"{where}: truncated pack index")
-        need = got
+        return list(verify_pack(store.get(key), f"{store.location}/{key}").entries)
+    return list(read_pack_index(store, key).entries)
 
 
 def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_data: bool = False) -> CheckReport:

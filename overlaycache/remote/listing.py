@@ -1,4 +1,5 @@
-"""Listing a volume's PIT snapshots on a store, and refusing a volume of another format.
+"""Listing a volume's PIT snapshots on a store, reading a pack's index, and refusing a volume of
+another format.
 
 The lowest layer of reading a store: the catalog, the checker and the collapse build on it.
 """
@@ -7,7 +8,9 @@ from __future__ import annotations
 
 from overlaycache.errors import CorruptionError, FormatError, ObjectNotFoundError
 from overlaycache.remote.layout import (
+    PackIndex,
     check_volume_format,
+    decode_pack_index,
     decode_root_header,
     decode_volume_record,
     is_root_key,
@@ -20,10 +23,12 @@ from overlaycache.remote.layout import (
 from overlaycache.snapshots import Snapshot
 from overlaycache.store.base import ObjectStore
 
-__all__ = ["check_format", "list_snapshots"]
+__all__ = ["check_format", "list_snapshots", "read_pack_index"]
 
 #: Enough bytes of a root for its header, label and volume id (:func:`decode_root_header`).
 _HEADER_BYTES = 4096
+#: The first GET of a pack's index: the index of a full 8 MiB pack of 64 KiB regions and more.
+_INDEX_BYTES = 64 << 10
 
 
 def check_format(store: ObjectStore, volume_id: str) -> None:
@@ -73,3 +78,25 @@ def list_snapshots(store: ObjectStore, volume_id: str) -> list[Snapshot]:
             raise CorruptionError(f"{where}: root of volume {vid!r} seq {seq:016x}, not of this key")
         out.append(Snapshot(snapshot_id(seq), seq, created, label))
     return sorted(out, key=lambda s: s.seq)
+
+
+def read_pack_index(store: ObjectStore, key: str) -> PackIndex:
+    """A pack's index, verified, from ranged GETs of its first bytes (a second one when the index
+    is longer than the first asked for).
+
+    Raises
+    ------
+    CorruptionError
+        The index does not match its checksum, or the object is shorter than its index says.
+    FormatError
+        Not a pack, or of another format.
+    """
+    where = f"{store.location}/{key}"
+    need = _INDEX_BYTES
+    while True:
+        got = decode_pack_index(store.get(key, 0, need), where)
+        if not isinstance(got, int):
+            return got
+        if got <= need:  # the object is shorter than its index says
+            raise CorruptionError(f"{where}: truncated pack index")
+        need = got

@@ -24,8 +24,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from overlaycache._fs import FILE_MODE, write_file_atomic
-from overlaycache.errors import CorruptionError, FormatError, ObjectNotFoundError
+from overlaycache._fs import write_file_atomic
+from overlaycache.errors import CorruptionError, FormatError, ObjectNotFoundError, SecondaryUnavailableError
 from overlaycache.remote.layout import (
     FANOUT,
     LEAF_ENTRY,
@@ -131,7 +131,6 @@ class PageSource:
                 except OSError:
                     pass
         if self.store is None:
-            from overlaycache.errors import SecondaryUnavailableError
             raise SecondaryUnavailableError(f"map page {address.hex()}: not kept locally and no secondary attached")
         try:
             raw = self.store.get(key)

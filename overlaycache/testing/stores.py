@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from overlaycache.remote.layout import PackIndex, decode_pack_index, is_pack_key
+from overlaycache.remote.listing import read_pack_index
 
 __all__ = ["CountingStore", "PackRegions", "SwitchableStore"]
 
@@ -38,13 +39,7 @@ class PackRegions:
         with self._lock:
             hit = self._index.get(key)
         if hit is None:
-            need = 4096
-            while True:
-                got = decode_pack_index(bytes(self.inner.get(key, 0, need)), key)
-                if not isinstance(got, int):
-                    break
-                need = got
-            hit = got
+            hit = read_pack_index(self.inner, key)
             with self._lock:
                 self._index[key] = hit
         return hit
