@@ -196,18 +196,16 @@ def summarize(data: dict[str, Any]) -> str:
         m = mem["extra_info"]["memory"]
         lines.append("")
         lines.append(f"Tracking memory ({m['num_regions']} regions, {m['overlays']} overlays + base): "
-                     f"{m['bytes_per_region']:.3f} bytes/region in all "
-                     f"(design: <= {m['design_bytes_per_region']:.3f} = 2 bits + 16 B)")
+                     f"{m['bits_per_region']:.2f} bits/region in all (design: <= "
+                     f"{m['design_bits_base_and_first_overlay']} for the base and first overlay, "
+                     f"+{m['design_bits_per_further_overlay']} per further one)")
         mrows = []
         for layer in m["layers"]:
-            mrows.append([layer["layer"], str(layer.get("regions_held", "all")),
-                          ",".join(layer["bitmaps"]), f"{layer['bitmap_bits_per_region']:.2f}",
-                          f"{layer['sum_bytes_per_region']:.2f}", f"{layer['bytes_per_region']:.3f}"])
-        lines.append(_table(mrows, ["layer", "regions held", "bitmaps", "bits/region", "sum B/region",
-                                    "B/region"]))
+            mrows.append([layer["layer"], str(layer.get("regions_held", "-")),
+                          ",".join(layer["bitmaps"]), f"{layer['bits_per_region']:.2f}"])
+        lines.append(_table(mrows, ["layer", "regions held", "bitmaps", "bits/region"]))
         lines.append(f"  1 TiB volume, 64 KiB regions ({m['tib_64KiB_regions']} regions): "
-                     f"{m['tib_bytes_2_overlays'] / 2**20:.0f} MiB with 2 overlays, "
-                     f"+{m['tib_bytes_per_extra_overlay'] / 2**20:.0f} MiB per further overlay")
+                     f"{m['tib_bytes'] / 2**20:.0f} MiB")
     return "\n".join(lines)
 
 

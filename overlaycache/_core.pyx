@@ -7,9 +7,9 @@ checking of their own. ``_core_py`` is the pure-Python reference with the same A
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
 from libc.stdint cimport int64_t, uint8_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.errno cimport errno
-from libc.string cimport memcmp, memset
+from libc.string cimport memcmp, memcpy, memset
 
 import os
 
@@ -39,7 +39,7 @@ cdef extern from "<sys/mman.h>" nogil:
     int munmap(void *addr, size_t length)
     int msync(void *addr, size_t length, int flags)
     int madvise(void *addr, size_t length, int advice)
-    int PROT_READ, PROT_WRITE, MAP_SHARED, MS_SYNC, MADV_DONTNEED
+    int PROT_READ, PROT_WRITE, MAP_SHARED, MAP_PRIVATE, MAP_NORESERVE, MS_SYNC, MADV_DONTNEED
     void *MAP_FAILED
 
 cdef extern from "<pthread.h>" nogil:
@@ -475,20 +475,25 @@ cdef class DataFile:
         Map for writing.
     path : str
         Name used in error messages.
+    private : bool
+        Map copy-on-write (``MAP_PRIVATE``): writes change only this process's view, never the
+        file, until :meth:`discard` drops them. The file may be opened read-only.
     """
 
     cdef unsigned char *base
     cdef readonly Py_ssize_t length
     cdef readonly bint writable
+    cdef readonly bint private
     cdef readonly object path
     cdef int pins
     cdef bint _closed
 
-    def __cinit__(self, int fd, Py_ssize_t length, bint writable, str path=""):
+    def __cinit__(self, int fd, Py_ssize_t length, bint writable, str path="", bint private=False):
         cdef void *p
         cdef int prot = PROT_READ | (PROT_WRITE if writable else 0)
         self.path = path
         self.writable = writable
+        self.private = private
         self.length = length
         self.base = NULL
         if length < 0:
@@ -496,7 +501,7 @@ cdef class DataFile:
         oc_install_sigbus_handler()  # back in front if a later handler displaced it
         if length == 0:
             return
-        p = mmap(NULL, length, prot, MAP_SHARED, fd, 0)
+        p = mmap(NULL, length, prot, (MAP_PRIVATE if private else MAP_SHARED) | MAP_NORESERVE, fd, 0)
         if p == MAP_FAILED:
             raise MediaError(f"cannot map {path}: {os.strerror(errno)}", path=path, offset=0)
         self.base = <unsigned char *>p
@@ -579,10 +584,22 @@ cdef class DataFile:
             self._fault(offset)
         return (<char *>out)[:16]
 
-    def sync(self):
-        """Write dirty pages back to the file and wait for them (msync MS_SYNC)."""
+    def discard(self):
+        """Drop the private copies of a ``private`` mapping: it shows the file again."""
         cdef int rc = 0
-        if self.base != NULL and self.writable:
+        if not self.private:
+            raise InvalidArgumentError(f"{self.path}: not a private mapping")
+        if self.base != NULL and not self._closed:
+            with nogil:
+                rc = madvise(self.base, self.length, MADV_DONTNEED)
+            if rc != 0:
+                raise MediaError(f"{self.path}: madvise failed: {os.strerror(errno)}", path=self.path, offset=0)
+
+    def sync(self):
+        """Write dirty pages back to the file and wait for them (msync MS_SYNC); nothing for a
+        private mapping."""
+        cdef int rc = 0
+        if self.base != NULL and self.writable and not self.private:
             with nogil:
                 rc = msync(self.base, self.length, MS_SYNC)
             if rc != 0:
@@ -602,9 +619,45 @@ cdef struct _Layer:
     const unsigned char *data
     const unsigned char *end  # data + mapped length
     uint64_t *present     # NULL: holds every region (the base)
-    uint64_t *which       # NULL: region r lives at r * region_size
     uint64_t *verified    # NULL: never verify
-    const unsigned char *sums
+    const unsigned char *recs  # the record of region r at recs + stride * r
+    Py_ssize_t stride     # 16: a checksum, region r at r * region_size (the base); REC_SIZE: a slot record
+    unsigned char salt[16]
+
+
+cdef enum:
+    REC_SIZE = 32  # a slot record: slot + 1 (u64, 0: none), the region's checksum, the record's check
+
+
+cdef inline bint _zero16(const unsigned char *p) noexcept nogil:
+    cdef int i
+    for i in range(16):
+        if p[i]:
+            return False
+    return True
+
+
+cdef inline uint64_t _le64(const unsigned char *p) noexcept nogil:
+    cdef uint64_t out = 0
+    cdef int i
+    for i in range(8):
+        out |= (<uint64_t>p[i]) << (8 * i)
+    return out
+
+
+cdef inline uint64_t _record_check(const unsigned char *salt, Py_ssize_t r, const unsigned char *rec) noexcept nogil:
+    """The check of a slot record: the first 8 bytes of MurmurHash3 x64-128 of the layer's salt,
+    the region number (u64) and the record's first 24 bytes (``local.layers.record_check``)."""
+    cdef unsigned char buf[48]
+    cdef unsigned char digest[16]
+    cdef uint64_t reg = <uint64_t>r
+    cdef int i
+    memcpy(buf, salt, 16)
+    for i in range(8):
+        buf[16 + i] = (reg >> (8 * i)) & 0xff
+    memcpy(buf + 24, rec, 24)
+    oc_mmh3_x64_128(buf, 48, digest)
+    return _le64(digest)
 
 
 cdef inline int _check_sum(const unsigned char *src, Py_ssize_t rlen, Py_ssize_t region_size,
@@ -628,10 +681,14 @@ cdef class Stack:
     region_size, size : int
         Geometry of the volume.
     layers : list of tuple
-        ``(datafile, present, which, sums, verified)`` newest first. ``present`` and ``which`` are
-        Bitmaps or None (the base holds every region at ``r * region_size``); an overlay holds
-        region ``r`` at slot ``r + which[r] * num_regions``. ``sums`` is a buffer of 16 bytes per
-        region; ``verified`` a Bitmap of regions already checked against ``sums``, or None.
+        ``(datafile, present, verified, records, offset, salt)`` newest first. ``present`` is a
+        Bitmap, or None for the base (which holds every region at ``r * region_size``);
+        ``verified`` a Bitmap of the regions already checked against their checksums (the same
+        one may serve every layer), or None. ``records`` is a DataFile with the record of region
+        ``r`` at ``offset + stride * r``: for the base (``salt`` None) its 16-byte checksum, all
+        zeros meaning an all-zero region; for an overlay (``salt`` 16 bytes) a 32-byte slot record
+        (slot + 1 as u64, the checksum, the record's check; see ``local.layers``). A record is
+        checked with its region's data.
     """
 
     cdef RWLock lock
@@ -643,6 +700,8 @@ cdef class Stack:
     cdef _Layer *layers
     cdef list _keep
     cdef bint released
+    cdef unsigned char zero_full[16]
+    cdef unsigned char zero_tail[16]
     # Routing (see route()): regions unavailable below the top ``npo`` layers come from the cache.
     cdef int npo
     cdef const uint64_t *unavail
@@ -655,9 +714,11 @@ cdef class Stack:
 
     def __cinit__(self, RWLock lock, Py_ssize_t region_size, Py_ssize_t size, list layers):
         cdef int i
-        cdef DataFile f
+        cdef DataFile f, recs
         cdef Bitmap bm
-        cdef _Buffer sums
+        cdef Py_ssize_t offset, tail
+        cdef unsigned char *zeros
+        cdef bytes salt_bytes
         self.released = True  # until every layer is pinned
         self._keep = []
         self.lock = lock
@@ -672,39 +733,54 @@ cdef class Stack:
         self.nlayers = len(layers)
         if self.nlayers < 1:
             raise InvalidArgumentError("a stack needs at least a base layer")
-        self._keep = []
+        zeros = <unsigned char *>calloc(region_size, 1)
+        if zeros == NULL:
+            raise MemoryError()
+        tail = size - ((self.num_regions - 1) << self.shift)
+        oc_mmh3_x64_128(zeros, region_size, self.zero_full)
+        oc_mmh3_x64_128(zeros, tail, self.zero_tail)
+        free(zeros)
         self.layers = <_Layer *>malloc(self.nlayers * sizeof(_Layer))
         if self.layers == NULL:
             raise MemoryError()
         memset(self.layers, 0, self.nlayers * sizeof(_Layer))
-        self.released = True
-        for i, (datafile, present, which, sumbuf, verified) in enumerate(layers):
+        keep = []
+        for i, (datafile, present, verified, records, offset, salt) in enumerate(layers):
             f = datafile
+            recs = records
             self.layers[i].data = f.base
             self.layers[i].end = f.base + f.length
             if present is not None:
                 bm = present
+                if bm.nbits < self.num_regions:
+                    raise InvalidArgumentError("present bitmap too small")
                 self.layers[i].present = bm.words
-                self._keep.append(bm)
-            if which is not None:
-                bm = which
-                self.layers[i].which = bm.words
-                self._keep.append(bm)
+                keep.append(bm)
             if verified is not None:
                 bm = verified
+                if bm.nbits < self.num_regions:
+                    raise InvalidArgumentError("verified bitmap too small")
                 self.layers[i].verified = bm.words
-                self._keep.append(bm)
-            sums = _Buffer(sumbuf, False)
-            if sums.view.len < self.num_regions * 16:
-                raise InvalidArgumentError("checksum table too small")
-            self.layers[i].sums = <const unsigned char *>sums.view.buf
-            self._keep.append(sums)
-            self._keep.append(f)
-        if self.layers[self.nlayers - 1].present != NULL:
-            raise InvalidArgumentError("the last layer must be the base (present=None)")
-        for i in range(self.nlayers):
-            f = layers[i][0]
-            f.pins += 1
+                keep.append(bm)
+            if salt is None:
+                self.layers[i].stride = 16
+            else:
+                salt_bytes = bytes(salt)
+                if len(salt_bytes) != 16:
+                    raise InvalidArgumentError("a salt is 16 bytes")
+                self.layers[i].stride = REC_SIZE
+                memcpy(self.layers[i].salt, <const char *>salt_bytes, 16)
+            if offset < 0 or offset + self.layers[i].stride * self.num_regions > recs.length:
+                raise InvalidArgumentError("record table too small")
+            self.layers[i].recs = recs.base + offset
+            keep.append(f)
+            keep.append(recs)
+        if self.layers[self.nlayers - 1].present != NULL or self.layers[self.nlayers - 1].stride != 16:
+            raise InvalidArgumentError("the last layer must be the base (present=None, salt=None)")
+        for obj in keep:
+            if isinstance(obj, DataFile):
+                (<DataFile>obj).pins += 1
+        self._keep = keep
         self.released = False
 
     def release(self):
@@ -778,6 +854,41 @@ cdef class Stack:
                 return l
         return self.nlayers - 1
 
+    cdef inline int _slot(self, _Layer *layer, Py_ssize_t r, unsigned char *rec, Py_ssize_t *slot) noexcept nogil:
+        """Where region ``r`` is in ``layer``'s file, in region-sized slots; an overlay's record is
+        left in ``rec``. 0, or 1 (the record cannot be read) / 2 (it names no slot of the file)."""
+        cdef uint64_t v
+        if layer.stride == 16:
+            slot[0] = r
+            return 0
+        if oc_guarded_copy(rec, layer.recs + REC_SIZE * r, REC_SIZE) != 0:
+            return 1
+        v = _le64(rec)
+        if v == 0 or v - 1 >= <uint64_t>((layer.end - layer.data) >> self.shift):
+            return 2
+        slot[0] = <Py_ssize_t>(v - 1)
+        return 0
+
+    cdef inline int _want(self, _Layer *layer, Py_ssize_t r, unsigned char *rec, Py_ssize_t rlen,
+                          const unsigned char **want) noexcept nogil:
+        """The checksum region ``r`` of ``layer`` must match (``rec`` holds an overlay's record,
+        and takes the base's checksum). 0, or 1 (cannot be read) / 2 (the record fails its check)."""
+        if layer.stride == 16:
+            if oc_guarded_copy(rec, layer.recs + 16 * r, 16) != 0:
+                return 1
+            if _zero16(rec):
+                if rlen == self.region_size:
+                    want[0] = &self.zero_full[0]
+                else:
+                    want[0] = &self.zero_tail[0]
+            else:
+                want[0] = rec
+            return 0
+        if _record_check(layer.salt, r, rec) != _le64(rec + 24):
+            return 2
+        want[0] = rec + 8
+        return 0
+
     cdef int _read(self, Py_ssize_t offset, unsigned char *out, Py_ssize_t length,
                    int64_t *misses, Py_ssize_t *nmiss, Py_ssize_t *bad) noexcept nogil:
         """Copy ``length`` bytes at ``offset`` to ``out``; 0, or 1 (I/O error) / 2 (checksum) at
@@ -790,6 +901,8 @@ cdef class Stack:
         cdef int l
         cdef const unsigned char *src
         cdef unsigned char digest[16]
+        cdef unsigned char rec[REC_SIZE]
+        cdef const unsigned char *want = NULL
         cdef _Layer *layer
         nmiss[0] = 0
         while pos < end:
@@ -837,30 +950,40 @@ cdef class Stack:
                 pos += n
                 continue
             layer = &self.layers[l]
-            slot = r
-            if layer.which != NULL and _bit(layer.which, r):
-                slot += self.num_regions
+            rc = self._slot(layer, r, rec, &slot)
+            if rc != 0:
+                bad[0] = r
+                return rc
             src = layer.data + (slot << self.shift)
             # Copied with a probe of the page after the region (see oc_guarded_copy_probe), so that
             # a file truncated inside the region's last page is not read as zeros.
             probe = src + self.region_size
             if probe >= layer.end:
                 probe = NULL
+            rlen = self.size - (r << self.shift)
+            if rlen > self.region_size:
+                rlen = self.region_size
             if layer.verified != NULL and not _bit(layer.verified, r):
-                rlen = self.size - (r << self.shift)
-                if rlen > self.region_size:
-                    rlen = self.region_size
+                rc = self._want(layer, r, rec, rlen, &want)
+                if rc != 0:
+                    bad[0] = r
+                    return rc
                 if oc_guarded_hash(src, rlen, digest) != 0:
                     bad[0] = r
                     return 1
-                if memcmp(digest, layer.sums + 16 * r, 16) != 0:
+                if memcmp(digest, want, 16) != 0:
                     bad[0] = r
                     return 2
                 oc_atomic_or64(<unsigned long long *>&layer.verified[r >> 6],
                                (<uint64_t>1) << (r & 63))
             rc = oc_guarded_copy_probe(out + (pos - offset), src + intra, n, probe)
             if rc == -2:  # the file ends at or inside this region: good only if it matches its checksum
-                rc = _check_sum(src, self.size - (r << self.shift), self.region_size, layer.sums + 16 * r)
+                rc = self._want(layer, r, rec, rlen, &want)
+                if rc == 0:
+                    rc = _check_sum(src, rlen, self.region_size, want)
+                elif rc == 2:
+                    bad[0] = r
+                    return 2
             if rc != 0:
                 bad[0] = r
                 return 1
@@ -970,12 +1093,20 @@ cdef class Stack:
         return out
 
     def locate(self, Py_ssize_t region):
-        """``(layer_index, byte offset in that layer's file)`` of ``region``."""
-        cdef int l
+        """``(layer_index, byte offset in that layer's file)`` of ``region``.
+
+        Raises
+        ------
+        RegionUnavailableError
+            An overlay's record of the region cannot be read or names no slot of its file.
+        """
+        cdef int l, rc
         cdef Py_ssize_t slot = region
+        cdef unsigned char rec[REC_SIZE]
         if region < 0 or region >= self.num_regions:
             raise OutOfRangeError(f"region {region} out of [0, {self.num_regions})")
         l = self._find(region)
-        if self.layers[l].which != NULL and _bit(self.layers[l].which, region):
-            slot += self.num_regions
+        rc = self._slot(&self.layers[l], region, rec, &slot)
+        if rc != 0:
+            self._raise(rc, region)
         return l, slot << self.shift

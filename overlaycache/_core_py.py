@@ -28,6 +28,13 @@ from overlaycache.errors import (
 IMPLEMENTATION = "python"
 
 _ALL = (1 << 64) - 1
+_PAGE = 4096
+REC_SIZE = 32  # a slot record (see local.layers)
+
+
+def record_check(salt: bytes, r: int, rec: bytes) -> bytes:
+    """The check of an overlay's slot record (see ``_core.Stack``): 8 bytes."""
+    return checksum(bytes(salt) + r.to_bytes(8, "little") + bytes(rec[:24]))[:8]
 
 
 def _readonly_view(obj: Any) -> memoryview:
@@ -216,17 +223,20 @@ class RWLock:
 
 
 class DataFile:
-    """A file accessed at byte offsets (see ``_core.DataFile``); uses pread/pwrite."""
+    """A file accessed at byte offsets (see ``_core.DataFile``); uses pread/pwrite. A ``private``
+    one keeps its writes in memory, a page at a time, as copy-on-write pages of a mapping would."""
 
-    def __init__(self, fd: int, length: int, writable: bool, path: str = "") -> None:
+    def __init__(self, fd: int, length: int, writable: bool, path: str = "", private: bool = False) -> None:
         if length < 0:
             raise InvalidArgumentError(f"length must be >= 0, got {length}")
         self.fd = fd
         self.length = length
         self.writable = writable
+        self.private = private
         self.path = path
         self.pins = 0
         self.closed = False
+        self._pages: dict[int, bytearray] = {}  # private copies, by page number
 
     def _check(self, offset: int, n: int) -> None:
         if self.closed:
@@ -242,6 +252,8 @@ class DataFile:
         )
 
     def _pread(self, offset: int, n: int) -> bytes:
+        if self._pages:
+            return self._private_read(offset, n)
         try:
             data = os.pread(self.fd, n, offset)
         except OSError as exc:
@@ -249,6 +261,39 @@ class DataFile:
         if len(data) != n:
             raise self._fault(offset + len(data))
         return data
+
+    def _file_page(self, page: int) -> bytearray:
+        """Page ``page`` as the file has it; a page past the end of the file faults, as a mapping would."""
+        try:
+            data = os.pread(self.fd, _PAGE, page * _PAGE)
+        except OSError as exc:
+            raise self._fault(page * _PAGE) from exc
+        want = min(_PAGE, self.length - page * _PAGE)
+        if len(data) < want:
+            if not data:
+                raise self._fault(page * _PAGE)
+            data += bytes(want - len(data))  # a mapping reads zeros after the end in the last page
+        return bytearray(data[:want])
+
+    def _private_read(self, offset: int, n: int) -> bytes:
+        out = bytearray()
+        pos, end = offset, offset + n
+        while pos < end:
+            page = pos // _PAGE
+            stop = min(end, (page + 1) * _PAGE)
+            got = self._pages.get(page)
+            if got is not None:
+                out += got[pos - page * _PAGE : stop - page * _PAGE]
+            else:
+                try:
+                    data = os.pread(self.fd, stop - pos, pos)
+                except OSError as exc:
+                    raise self._fault(pos) from exc
+                if len(data) != stop - pos:
+                    raise self._fault(pos + len(data))
+                out += data
+            pos = stop
+        return bytes(out)
 
     def readinto(self, offset: int, buffer: Any) -> int:
         out = _writable_view(buffer)
@@ -261,6 +306,17 @@ class DataFile:
         if not self.writable:
             raise InvalidArgumentError(f"{self.path}: mapped read-only")
         self._check(offset, len(src))
+        if self.private:
+            pos, end = offset, offset + len(src)
+            while pos < end:
+                page = pos // _PAGE
+                stop = min(end, (page + 1) * _PAGE)
+                copy = self._pages.get(page)
+                if copy is None:
+                    copy = self._pages[page] = self._file_page(page)
+                copy[pos - page * _PAGE : stop - page * _PAGE] = src[pos - offset : stop - offset]
+                pos = stop
+            return len(src)
         try:
             size = os.fstat(self.fd).st_size
             if offset + len(src) > size:  # a mapping would fault past the end of the file
@@ -281,8 +337,13 @@ class DataFile:
         self._check(offset, length)
         return checksum(self._pread(offset, length))
 
+    def discard(self) -> None:
+        if not self.private:
+            raise InvalidArgumentError(f"{self.path}: not a private mapping")
+        self._pages.clear()
+
     def sync(self) -> None:
-        if self.writable and not self.closed:
+        if self.writable and not self.closed and not self.private:
             try:
                 os.fdatasync(self.fd)
             except OSError as exc:
@@ -302,18 +363,28 @@ class Stack:
             raise InvalidArgumentError(f"region_size {region_size} is not a power of two")
         if not layers:
             raise InvalidArgumentError("a stack needs at least a base layer")
-        if layers[-1][1] is not None:
-            raise InvalidArgumentError("the last layer must be the base (present=None)")
+        if layers[-1][1] is not None or layers[-1][5] is not None:
+            raise InvalidArgumentError("the last layer must be the base (present=None, salt=None)")
         self.lock = lock
         self.region_size = region_size
         self.size = size
         self.num_regions = (size + region_size - 1) // region_size
         self.layers = list(layers)
         self._route: tuple[Any, ...] | None = None
-        for datafile, _present, _which, sums, _verified in self.layers:
-            if len(_readonly_view(sums)) < self.num_regions * 16:
-                raise InvalidArgumentError("checksum table too small")
-            datafile.pins += 1
+        self._zero = checksum(bytes(region_size))
+        self._zero_tail = checksum(bytes(size - (self.num_regions - 1) * region_size))
+        for _datafile, present, verified, records, offset, salt in self.layers:
+            stride = 16 if salt is None else REC_SIZE
+            if salt is not None and len(bytes(salt)) != 16:
+                raise InvalidArgumentError("a salt is 16 bytes")
+            for bm, what in ((present, "present"), (verified, "verified")):
+                if bm is not None and bm.nbits < self.num_regions:
+                    raise InvalidArgumentError(f"{what} bitmap too small")
+            if offset < 0 or offset + stride * self.num_regions > records.length:
+                raise InvalidArgumentError("record table too small")
+        for layer in self.layers:
+            layer[0].pins += 1
+            layer[3].pins += 1
         self.released = False
 
     def release(self) -> None:
@@ -321,6 +392,7 @@ class Stack:
             self.released = True
             for layer in self.layers:
                 layer[0].pins -= 1
+                layer[3].pins -= 1
             if self._route is not None:
                 self._route[2].pins -= 1
 
@@ -381,12 +453,39 @@ class Stack:
                 return idx
         return len(self.layers) - 1
 
+    def _record(self, idx: int, r: int) -> tuple[int, bytes]:
+        """Slot of region ``r`` in layer ``idx`` and its record (the base: ``r`` and its checksum)."""
+        datafile, _present, _verified, records, offset, salt = self.layers[idx]
+        try:
+            if salt is None:
+                return r, records._pread(offset + 16 * r, 16)
+            rec = records._pread(offset + REC_SIZE * r, REC_SIZE)
+        except MediaError as exc:
+            raise RegionUnavailableError(
+                f"region {r} cannot be read (I/O error or file truncated)", regions=(r,), reason=Reason.IO
+            ) from exc
+        v = int.from_bytes(rec[:8], "little")
+        if v == 0 or v - 1 >= datafile.length // self.region_size:
+            raise RegionUnavailableError(f"region {r} does not match its checksum", regions=(r,),
+                                         reason=Reason.CHECKSUM)
+        return v - 1, rec
+
+    def _want(self, idx: int, r: int, rec: bytes, rlen: int) -> bytes:
+        salt = self.layers[idx][5]
+        if salt is None:
+            if rec == bytes(16):
+                return self._zero if rlen == self.region_size else self._zero_tail
+            return rec
+        if record_check(salt, r, rec) != rec[24:32]:
+            raise RegionUnavailableError(f"region {r} does not match its checksum", regions=(r,),
+                                         reason=Reason.CHECKSUM)
+        return rec[8:24]
+
     def locate(self, region: int) -> tuple[int, int]:
         if region < 0 or region >= self.num_regions:
             raise OutOfRangeError(f"region {region} out of [0, {self.num_regions})")
         idx = self._find(region)
-        which = self.layers[idx][2]
-        slot = region + (self.num_regions if which is not None and which._get(region) else 0)
+        slot, _rec = self._record(idx, region)
         return idx, slot * self.region_size
 
     def _read(self, offset: int, buffer: Any, misses: list[int] | None = None) -> int:
@@ -404,12 +503,14 @@ class Stack:
             if self._route is not None and self._remote(r, out[pos - offset : pos - offset + take], intra, misses):
                 pos += take
                 continue
-            idx, base = self.locate(r)
-            datafile, _present, _which, sums, verified = self.layers[idx]
+            idx = self._find(r)
+            slot, rec = self._record(idx, r)
+            base = slot * self.region_size
+            datafile, _present, verified, _records, _offset, _salt = self.layers[idx]
             try:
                 if verified is not None and not verified._get(r):
                     rlen = min(self.region_size, self.size - r * self.region_size)
-                    if datafile.checksum(base, rlen) != bytes(_readonly_view(sums)[16 * r : 16 * r + 16]):
+                    if datafile.checksum(base, rlen) != self._want(idx, r, rec, rlen):
                         raise RegionUnavailableError(
                             f"region {r} does not match its checksum", regions=(r,), reason=Reason.CHECKSUM
                         )

@@ -228,7 +228,8 @@ class Clone:
         self._geo = Geometry(info.size, info.region_size)
         self._lock = threading.RLock()
         self._lock_fd = lock_fd
-        self._overlay: Overlay | None = Overlay(path, _LAYER_ID, self._geo, True)
+        self._verified = core.Bitmap(self._geo.num_regions)  # regions of the overlay checked since open
+        self._overlay: Overlay | None = Overlay(path, _LAYER_ID, self._geo, True, _overlay_key(info), top=True)
 
     # -- lifecycle --------------------------------------------------------------------------------
     @classmethod
@@ -267,7 +268,7 @@ class Clone:
                 "Volume.open_clone or Clone.open)")
         lock_fd = _lock(path)
         try:
-            Overlay.create(path, _LAYER_ID, Geometry(info.size, info.region_size))
+            Overlay.create(path, _LAYER_ID, Geometry(info.size, info.region_size), _overlay_key(info))
             fsync_dir(path)
             _write_descriptor(path, info)
             return cls(path, info, image, lock_fd, False)
@@ -406,14 +407,14 @@ class Clone:
     def _read_own(self, ov: Overlay, r: int, intra: int, out: memoryview) -> None:
         """Read ``out`` at ``intra`` in region ``r`` from the overlay, verifying the region's
         checksum on its first read since open."""
-        off = ov.slot_offset(r, int(ov.which.test(r)))
         try:
-            if not ov.verified.test(r):
+            off = ov.offset_of(r)
+            if not self._verified.test(r):
                 rlen = self._geo.region_length(r)
-                if bytes(ov.data.checksum(off, rlen)) != bytes(ov.sums[16 * r : 16 * r + 16]):
+                if bytes(ov.data.checksum(off, rlen)) != ov.checksum_of(r):
                     raise RegionUnavailableError(
                         f"{ov.data_path}: region {r} of the clone does not match its checksum", (r,), Reason.CHECKSUM)
-                ov.verified.set(r)
+                self._verified.set(r)
             ov.data.readinto(off + intra, out)
         except MediaError as exc:
             raise RegionUnavailableError(
@@ -527,6 +528,7 @@ class Clone:
             for r, intra, piece in pieces:
                 fill = filled.get(r)
                 ov.write_region(r, intra, piece, None if fill is None else memoryview(fill))
+                self._verified.set(r)
         return n
 
     def flush(self) -> None:
@@ -565,9 +567,14 @@ class Clone:
                         data = bytearray(self._geo.region_length(r))
                         self.image.readinto(r * self._geo.region_size, data)
                         csum = bytes(core.checksum(data))
-                    if csum != bytes(ov.sums[16 * r : 16 * r + 16]):
+                    if csum != ov.checksum_of(r):
                         out.append(r)
             return out
+
+
+def _overlay_key(info: CloneInfo) -> str:
+    """The identity a clone's overlay files are bound to: its volume and snapshot."""
+    return f"clone of {info.volume_id} at {info.snapshot_id}"
 
 
 def _check_image_open(image: CloneSource, path: str) -> None:

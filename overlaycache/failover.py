@@ -258,7 +258,7 @@ class Router:
             top.hash_dirty()
             out = []
             for r in range(self._geo.num_regions):
-                mine = bytes(top.sums[16 * r : 16 * r + 16]) if top.dirty.test(r) else self.local_checksum(r)
+                mine = top.checksum_of(r) if top.is_dirty(r) else self.local_checksum(r)
                 if theirs(r) != mine:
                     out.append(r)
             return out
@@ -275,7 +275,7 @@ class Router:
         if intra or len(piece) != rlen:  # partial: the rest of the region is needed unless patched in place
             # Not valid locally (even a version in the top overlay): the rest comes from the PIT.
             remote = bits.test(r) and self.location(r) == CODE_R
-            if remote or not top.dirty.test(r):
+            if remote or not top.is_dirty(r):
                 region = memoryview(self._scratch)[:rlen]
                 if remote:
                     got = (fetched or {}).get(r)
@@ -290,6 +290,7 @@ class Router:
                 top.write_region(r, intra, piece)
         else:
             top.write_region(r, intra, piece)
+        self._layers.verified.set(r)  # written from memory: nothing to check on its next read
         if bits.test(r) and self._state() is None:
             # The top overlay now holds a whole, fresh version: the region is readable again.
             self._unavail.discard(r)

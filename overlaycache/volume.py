@@ -56,6 +56,9 @@ from overlaycache.store.base import ObjectStore
 
 _log = logging.getLogger(__name__)
 
+#: A write that leaves this many regions written since the last commit commits them (as flush does).
+AUTO_COMMIT_REGIONS = 1 << 16
+
 
 class Volume:
     """A block volume made of a base file and a stack of overlays.
@@ -528,6 +531,8 @@ class Volume:
         if repl is not None and repl.policy.ships_on_write:
             self.flush()
             repl.ship_after_write(offset // rs, (offset + len(view) - 1) // rs)
+        elif top.regions_dirty >= AUTO_COMMIT_REGIONS:
+            self.flush()  # bounds what a commit has to do, and the slots held by replaced versions
         return len(view)
 
     def flush(self) -> None:

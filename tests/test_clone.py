@@ -34,6 +34,7 @@ from overlaycache.errors import (
     VolumeLockedError,
 )
 from overlaycache.remote.layout import is_pack_key
+from overlaycache.testing.ondisk import overlay_slot
 from overlaycache.testing.patterns import random_writes, region_chars
 
 RS = 4096
@@ -385,7 +386,7 @@ def test_damaged_descriptor_and_overlay(tmp_path: Path, any_store: Any) -> None:
         desc.write_bytes(good)
         # Damage the clone's copy of region 2: found by the checksum on its first read, never returned.
         with open(tmp_path / "clone" / "overlay-1.data", "r+b") as f:
-            f.seek(2 * RS + 7)
+            f.seek(overlay_slot(tmp_path / "clone", 1, 2) * RS + 7)
             f.write(b"!")
         with vol.open_clone(tmp_path / "clone") as clone:
             assert clone.read(0, 2 * RS) == b"a" * RS + b"b" * RS

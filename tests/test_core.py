@@ -8,6 +8,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import mmh3
 import pytest
@@ -216,45 +217,61 @@ def test_datafile_roundtrip_and_truncation(core: ModuleType, datafile_path: str)
         os.close(fd)
 
 
-def _stack_fixture(core: ModuleType, path: str, region_size: int, n: int) -> tuple[object, ...]:
-    """A base with region r filled with byte r and one overlay holding odd regions in slot 1."""
+def _records_file(core: ModuleType, raw: bytes) -> tuple[int, str, object]:
+    """A temporary file holding ``raw`` (a record table), mapped copy-on-write."""
+    rfd, rpath = tempfile.mkstemp()
+    os.write(rfd, raw)
+    return rfd, rpath, core.DataFile(rfd, len(raw), True, rpath, private=True)
+
+
+def _slot_record(salt: bytes, r: int, slot: int, csum: bytes) -> bytes:
+    body = (slot + 1).to_bytes(8, "little") + csum
+    return body + bytes(mmh3.mmh3_x64_128_digest(salt + r.to_bytes(8, "little") + body))[:8]
+
+
+def _stack_fixture(core: ModuleType, path: str, region_size: int, n: int) -> tuple[Any, ...]:
+    """A base with region r filled with byte r (region 0 left zero, with an all-zero checksum entry)
+    and its table of checksums."""
     size = n * region_size - 100  # partial last region
     fd = os.open(path, os.O_RDWR)
     os.ftruncate(fd, 3 * n * region_size)
     base = core.DataFile(fd, size, True, path)
-    ov = core.DataFile(fd, 2 * n * region_size, True, path)  # same file, different view is fine here
-    base_sums = bytearray()
-    ov_sums = bytearray(16 * n)
-    for r in range(n):
+    base_sums = bytearray(16)  # region 0: all zeros
+    for r in range(1, n):
         rlen = min(region_size, size - r * region_size)
         base.write(r * region_size, bytes([r]) * rlen)
         base_sums += core.checksum(bytes([r]) * rlen)
-    present, which = core.Bitmap(n), core.Bitmap(n)
-    return fd, size, base, ov, base_sums, ov_sums, present, which
+    return fd, size, base, bytes(base_sums)
 
 
 def test_stack_reads_newest_layer_and_verifies(core: ModuleType, datafile_path: str) -> None:
     rs, n = 4096, 6
-    fd, size, base, ov, base_sums, ov_sums, present, which = _stack_fixture(core, datafile_path, rs, n)
+    fd, size, base, base_sums = _stack_fixture(core, datafile_path, rs, n)
+    salt = bytes(range(16))
+    sfd, spath, sums = _records_file(core, b"H" * 8 + base_sums)  # records after an 8-byte header
+    # The overlay holds regions 1 and 3, in slots 4 and 0 of its own file.
+    ofd, opath = tempfile.mkstemp()
+    os.ftruncate(ofd, 6 * rs)
+    ov = core.DataFile(ofd, 6 * rs, True, opath)
+    raw = bytearray(32 * n)
+    slots = {1: 4, 3: 0}
+    present = core.Bitmap(n)
+    for r, slot in slots.items():
+        ov.write(slot * rs, bytes([0xA0 + r]) * rs)
+        raw[32 * r : 32 * r + 32] = _slot_record(salt, r, slot, core.checksum(bytes([0xA0 + r]) * rs))
+        present.set(r)
+    rfd, rpath, recs = _records_file(core, bytes(raw))
     try:
-        # Overlay data lives in a separate file so the base view stays intact.
-        ofd, opath = tempfile.mkstemp()
-        os.ftruncate(ofd, 2 * n * rs)
-        ov = core.DataFile(ofd, 2 * n * rs, True, opath)
-        for r in (1, 3):
-            slot = r + n  # slot 1
-            ov.write(slot * rs, bytes([0xA0 + r]) * rs)
-            ov_sums[16 * r : 16 * r + 16] = core.checksum(bytes([0xA0 + r]) * rs)
-            present.set(r)
-            which.set(r)
         lock = core.RWLock()
-        stack = core.Stack(lock, rs, size, [(ov, present, which, ov_sums, core.Bitmap(n)), (base, None, None, base_sums, core.Bitmap(n))])
+        verified = core.Bitmap(n)
+        stack = core.Stack(lock, rs, size, [(ov, present, verified, recs, 0, salt),
+                                            (base, None, verified, sums, 8, None)])
         data = stack.read(0, size)
         want = b"".join(
-            (bytes([0xA0 + r]) * rs) if r in (1, 3) else bytes([r]) * min(rs, size - r * rs) for r in range(n)
+            (bytes([0xA0 + r]) * rs) if r in slots else bytes([r]) * min(rs, size - r * rs) for r in range(n)
         )
-        assert data == want
-        assert stack.locate(3) == (0, (3 + n) * rs) and stack.locate(2) == (1, 2 * rs)
+        assert data == want and all(verified.test(r) for r in range(n))
+        assert stack.locate(3) == (0, 0) and stack.locate(1) == (0, 4 * rs) and stack.locate(2) == (1, 2 * rs)
         buf = bytearray(10)
         assert stack.readinto(rs - 5, buf) == 10 and bytes(buf) == want[rs - 5 : rs + 5]
         with pytest.raises(OutOfRangeError):
@@ -262,40 +279,107 @@ def test_stack_reads_newest_layer_and_verifies(core: ModuleType, datafile_path: 
         with pytest.raises(InvalidBufferError):
             stack.readinto(0, b"ro")
         # Corrupt region 4 of the base behind the checksum's back: the first read of it fails.
-        verified = core.Bitmap(n)
-        stack2 = core.Stack(lock, rs, size, [(base, None, None, base_sums, verified)])
+        v2 = core.Bitmap(n)
+        stack2 = core.Stack(lock, rs, size, [(base, None, v2, sums, 8, None)])
         base.write(4 * rs + 7, b"\xff")
         with pytest.raises(RegionUnavailableError) as info:
             stack2.read(4 * rs, 10)
         assert info.value.regions == (4,) and info.value.reason == "checksum"
-        assert stack2.read(0, 10) == bytes(10) and verified.test(0)
+        assert stack2.read(0, 10) == bytes(10) and v2.test(0)  # an all-zero entry: a zero region
+        # A region 0 that is not zero fails against the all-zero entry.
+        base.write(7, b"\x01")
+        v2.clear(0)
+        with pytest.raises(RegionUnavailableError):
+            stack2.read(0, 10)
         with pytest.raises(InvalidArgumentError):
             base.close()  # pinned by the stacks
+        # An overlay record that fails its check, or names a slot past the file, is an error; the
+        # records are read in the private view, which the file never sees.
+        verified.clear(3)
+        recs.write(32 * 3 + 9, b"\x01")
+        with pytest.raises(RegionUnavailableError) as info:
+            stack.read(3 * rs, 1)
+        assert info.value.regions == (3,) and info.value.reason == "checksum"
+        assert os.pread(rfd, 32, 32 * 3) == raw[32 * 3 : 32 * 4]
+        recs.write(32 * 3, _slot_record(salt, 3, 6, bytes(16)))
+        with pytest.raises(RegionUnavailableError):
+            stack.locate(3)
+        with pytest.raises(RegionUnavailableError):
+            stack.read(3 * rs, 1)
+        recs.discard()  # back to the file's records
+        assert stack.read(3 * rs, 1) == b"\xa3"
+        # A record copied from another region (or salt) fails its check too.
+        recs.write(32 * 3, bytes(raw[32:64]))
+        verified.clear(3)
+        with pytest.raises(RegionUnavailableError):
+            stack.read(3 * rs, 1)
         stack.release()
         stack2.release()
         with pytest.raises(StaleStackError):
             stack.read(0, 1)
-        base.close()
-        ov.close()
-        os.close(ofd)
-        os.unlink(opath)
+        for obj in (base, ov, recs, sums):
+            obj.close()
     finally:
-        os.close(fd)
+        for f in (fd, ofd, rfd, sfd):
+            os.close(f)
+        for p in (opath, rpath, spath):
+            os.unlink(p)
 
 
 def test_stack_truncated_file_names_region(core: ModuleType, datafile_path: str) -> None:
     rs, n = 4096, 4
-    fd, size, base, _ov, base_sums, _s, _p, _w = _stack_fixture(core, datafile_path, rs, n)
+    fd, size, base, base_sums = _stack_fixture(core, datafile_path, rs, n)
+    sfd, spath, sums = _records_file(core, base_sums)
     try:
-        stack = core.Stack(core.RWLock(), rs, size, [(base, None, None, base_sums, core.Bitmap(n))])
+        stack = core.Stack(core.RWLock(), rs, size, [(base, None, core.Bitmap(n), sums, 0, None)])
         assert stack.read(0, 10) == bytes(10)
         os.ftruncate(fd, 2 * rs)
         with pytest.raises(RegionUnavailableError) as info:
             stack.read(2 * rs, 100)
         assert info.value.regions == (2,)
         assert stack.read(rs, 5) == b"\x01" * 5
+        # A checksum table truncated under the stack: the regions whose entries are gone cannot
+        # be verified, an I/O error rather than a crash.
+        os.ftruncate(sfd, 0)
+        fresh = core.Stack(core.RWLock(), rs, size, [(base, None, core.Bitmap(n), sums, 0, None)])
+        with pytest.raises(RegionUnavailableError) as info:
+            fresh.read(0, 1)
+        assert info.value.reason == "io"
+        fresh.release()
         stack.release()
         base.close()
+        sums.close()
+    finally:
+        os.close(fd)
+        os.close(sfd)
+        os.unlink(spath)
+
+
+def test_private_datafile_keeps_writes_from_the_file(core: ModuleType, datafile_path: str) -> None:
+    """A private mapping shows its own writes, never writes them to the file, and shows the file
+    again (with changes made to it meanwhile) after discard()."""
+    fd = os.open(datafile_path, os.O_RDWR)
+    try:
+        os.ftruncate(fd, 3 * 4096)
+        os.pwrite(fd, b"F" * (3 * 4096), 0)
+        priv = core.DataFile(fd, 3 * 4096, True, datafile_path, private=True)
+        priv.write(4096 + 10, b"mine")
+        buf = bytearray(6)
+        priv.readinto(4096 + 9, buf)
+        assert bytes(buf) == b"Fmine" + b"F"
+        assert os.pread(fd, 4, 4096 + 10) == b"FFFF"
+        priv.sync()  # nothing reaches the file
+        assert os.pread(fd, 4, 4096 + 10) == b"FFFF"
+        os.pwrite(fd, b"new!", 2 * 4096)  # a page not copied shows the file's change
+        priv.readinto(2 * 4096, buf)
+        assert bytes(buf[:4]) == b"new!"
+        os.pwrite(fd, b"file", 4096 + 10)
+        priv.discard()
+        priv.readinto(4096 + 9, buf)
+        assert bytes(buf) == b"Ffile" + b"F"
+        with pytest.raises(InvalidArgumentError):
+            core.DataFile(fd, 4096, True, datafile_path).discard()
+        priv.close()
     finally:
         os.close(fd)
 

@@ -33,7 +33,9 @@ from overlaycache.errors import (
     VolumeClosedError,
     VolumeLockedError,
 )
+from overlaycache.local.layers import SUMS_OFFSET
 from overlaycache.testing.cores import IMPLEMENTATIONS, use_core
+from overlaycache.testing.ondisk import journal_batch, overlay_slot
 from overlaycache.volume import Volume
 
 RS = 4096
@@ -82,7 +84,7 @@ def vol_path(tmp_path: Path) -> Iterator[Path]:
     """A closed volume whose regions hold version 1, partly in the base and partly in an overlay.
 
     Regions 0-3 were merged into the base (as version 1); regions 4-7 are in overlay 2's
-    checkpointed table.
+    checkpointed map, in slots 0-3 (written in that order).
     """
     path = tmp_path / "vol"
     with Volume.create(path, SIZE, region_size=RS) as vol:
@@ -90,6 +92,7 @@ def vol_path(tmp_path: Path) -> Iterator[Path]:
         vol.merge_down()
         fill(vol, 1, range(4, NREG))
         assert [ov.id for ov in vol._layers.overlays] == [2]
+    assert [overlay_slot(path, 2, r) for r in range(NREG)] == [-1] * 4 + [0, 1, 2, 3]
     yield path
 
 
@@ -194,7 +197,7 @@ def test_truncated_overlay_under_open_volume(impl: ModuleType, vol_path: Path) -
     """Regions whose overlay slot was cut off raise RegionUnavailableError; the rest is intact."""
     with Volume.open(vol_path) as vol:
         assert_regions(vol, {4: 1, 5: 1})  # verified; 6 and 7 are not
-        os.truncate(vol_path / "overlay-2.data", 5 * RS)  # slots of regions 5-7 are gone
+        os.truncate(vol_path / "overlay-2.data", 1 * RS)  # slots 1-3, of regions 5-7, are gone
         for r in (5, 6, 7):
             with pytest.raises(RegionUnavailableError) as info:
                 vol.read(r * RS, 1)
@@ -212,14 +215,15 @@ def test_truncated_overlay_under_open_volume(impl: ModuleType, vol_path: Path) -
 def test_flipped_bytes_fail_the_first_read(impl: ModuleType, vol_path: Path, layer: str,
                                            when: str) -> None:
     """A region changed behind the volume's back fails its checksum on its first read since open."""
-    r = 2 if layer == "base" else 6  # region 6 is at slot 0 of overlay-2 (written once)
+    r = 2 if layer == "base" else 6  # region 6 is in slot 2 of overlay-2 (written once)
     target = vol_path / ("base.data" if layer == "base" else "overlay-2.data")
+    at = (r if layer == "base" else overlay_slot(vol_path, 2, r)) * RS + 1000
 
     def flip() -> None:
         with open(target, "r+b") as f:
-            f.seek(r * RS + 1000)
+            f.seek(at)
             old = f.read(1)
-            f.seek(r * RS + 1000)
+            f.seek(at)
             f.write(bytes([old[0] ^ 0x40]))
 
     if when == "closed":
@@ -243,7 +247,7 @@ def test_flipped_bytes_fail_the_first_read(impl: ModuleType, vol_path: Path, lay
 def test_corrupt_base_checksum_entry(impl: ModuleType, vol_path: Path) -> None:
     """A damaged entry of base.sums makes only its region unavailable, with reason "checksum"."""
     with open(vol_path / "base.sums", "r+b") as f:
-        f.seek(64 + 16 * 1 + 3)
+        f.seek(SUMS_OFFSET + 16 * 1 + 3)
         f.write(b"\x00\x01")
     with Volume.open(vol_path) as vol:
         with pytest.raises(RegionUnavailableError) as info:
@@ -255,7 +259,7 @@ def test_corrupt_base_checksum_entry(impl: ModuleType, vol_path: Path) -> None:
 def test_merge_refuses_a_corrupt_overlay_region(impl: ModuleType, vol_path: Path) -> None:
     """merge_down stops at a region that fails its checksum; the volume stays consistent."""
     with open(vol_path / "overlay-2.data", "r+b") as f:
-        f.seek(6 * RS)
+        f.seek(overlay_slot(vol_path, 2, 6) * RS)
         f.write(b"rot")
     with Volume.open(vol_path) as vol:
         snap = vol.local_snapshot("s")
@@ -314,8 +318,22 @@ def _edit_meta(path: Path) -> None:
 
 def _bad_journal_record(path: Path) -> None:
     """A well-formed, checksummed journal batch that names a region past the end of the volume."""
-    out = struct.pack("<4sIQ", b"OCJB", 1, 0) + struct.pack("<QB7x16s", NREG + 3, 0, bytes(16))
-    (path / "overlay-2.journal").write_bytes(out + py_checksum(out))
+    (path / "overlay-2.journal").write_bytes(journal_batch(path, 2, 7, 8, [(NREG + 3, 0, bytes(16))]))
+
+
+def _foreign_journal(path: Path) -> None:
+    """A well-formed batch of another overlay (as if copied from another volume or layer)."""
+    (path / "overlay-2.journal").write_bytes(journal_batch(path, 3, 7, 8, [(4, 0, bytes(16))]))
+
+
+def _table_bit_cleared(path: Path) -> None:
+    """Region 5's present bit cleared in the table (which would expose the base's older version)."""
+    raw = bytearray((path / "overlay-2.table").read_bytes())
+    words = 8 * ((NREG + 63) // 64)
+    at = len(raw) - 16 - words  # the bitmap, just before the checksum
+    assert raw[at] & (1 << 5)
+    raw[at] &= ~(1 << 5) & 0xFF
+    (path / "overlay-2.table").write_bytes(bytes(raw))
 
 
 DAMAGES: dict[str, tuple[Callable[[Path], None], str]] = {
@@ -328,11 +346,16 @@ DAMAGES: dict[str, tuple[Callable[[Path], None], str]] = {
     "table-header-flipped": (_flip("overlay-2.table", 20), "overlay-2.table"),
     "table-magic": (_flip("overlay-2.table", 0), "overlay-2.table"),
     "table-header-truncated": (_truncate_to("overlay-2.table", 40), "overlay-2.table"),
-    "table-body-truncated": (_truncate_to("overlay-2.table", 64 + 8), "overlay-2.table"),
+    "table-body-truncated": (_truncate_to("overlay-2.table", 100), "overlay-2.table"),
+    "table-bit-cleared": (_table_bit_cleared, "overlay-2.table"),
     "table-missing": (_remove("overlay-2.table"), "overlay-2.table"),
+    "map-header-flipped": (_flip("overlay-2.map", 20), "overlay-2.map"),
+    "map-truncated": (_truncate_to("overlay-2.map", 4096 + 32 * NREG - 1), "overlay-2.map"),
+    "map-missing": (_remove("overlay-2.map"), "overlay-2.map"),
     "sums-header-flipped": (_flip("base.sums", 13), "base.sums"),
-    "sums-truncated": (_truncate_to("base.sums", 64 + 16 * NREG - 1), "base.sums"),
+    "sums-truncated": (_truncate_to("base.sums", SUMS_OFFSET + 16 * NREG - 1), "base.sums"),
     "journal-region-out-of-range": (_bad_journal_record, "overlay-2.journal"),
+    "journal-of-another-overlay": (_foreign_journal, "overlay-2.journal"),
 }
 
 
@@ -360,7 +383,7 @@ def test_truncated_data_files_still_open(vol_path: Path, readonly: bool) -> None
     """A volume whose data files were truncated opens (only metadata can be fatal): regions whose
     bytes are gone raise RegionUnavailableError naming them, every other one reads as it was."""
     os.truncate(vol_path / "base.data", 2 * RS + 100)  # regions 2, 3 (in the base) are cut
-    os.truncate(vol_path / "overlay-2.data", 6 * RS)  # slots of regions 6, 7 are gone
+    os.truncate(vol_path / "overlay-2.data", 2 * RS)  # slots 2, 3, of regions 6, 7, are gone
     for _ in range(2):  # and again: nothing was lost by opening
         with Volume.open(vol_path, readonly=readonly) as vol:
             assert_regions(vol, {0: 1, 1: 1, 4: 1, 5: 1})
@@ -413,7 +436,8 @@ def test_not_a_volume_directory(tmp_path: Path) -> None:
 
 
 # -- the journal ------------------------------------------------------------------------------------
-BATCH_BYTES = 16 + 32 * 2 + 16  # one committed batch of two regions
+BATCH_HEADER = 40
+BATCH_BYTES = BATCH_HEADER + 32 * 2 + 16  # one committed batch of two regions
 
 
 @pytest.fixture
@@ -441,7 +465,7 @@ TAILS: dict[str, tuple[Callable[[bytes], bytes], dict[int, int]]] = {
     "second-batch-without-checksum": (lambda j: j[:-16], AFTER_BATCH_0),
     "second-batch-bad-checksum": (lambda j: j[:-1] + bytes([j[-1] ^ 1]), AFTER_BATCH_0),
     "garbage-appended": (lambda j: j + os.urandom(100), AFTER_BATCH_1),
-    "header-appended": (lambda j: j + struct.pack("<4sIQ", b"OCJB", 7, 2) + bytes(40), AFTER_BATCH_1),
+    "header-appended": (lambda j: j + struct.pack("<4sIQQ16s", b"OCJ2", 7, 2, 9, j[24:40]) + bytes(40), AFTER_BATCH_1),
     "few-bytes-appended": (lambda j: j + b"OC", AFTER_BATCH_1),
 }
 
@@ -476,7 +500,7 @@ def _flip(raw: bytes, at: int) -> bytes:
 # A damaged committed batch followed by a valid one: corruption, not a torn tail.
 CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], set[int]]] = {
     # region 4's record checksum in batch 0: its regions are 4 and 5; batch 1 names 5 again
-    "first-batch-record": (lambda j: _flip(j, 16 + 20), {4}),
+    "first-batch-record": (lambda j: _flip(j, BATCH_HEADER + 20), {4}),
     "first-batch-count": (lambda j: _flip(j, 4), {4}),
     "first-batch-checksum": (lambda j: _flip(j, BATCH_BYTES - 1), {4}),
     # bytes that are no batch between two valid ones: any region may be concerned, except those

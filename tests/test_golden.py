@@ -2,10 +2,11 @@
 visible decision.
 
 If a format change is intended, bump the format version and regenerate with
-``python -m overlaycache.testing.golden tests/golden/v1`` (the local volume) or
+``python -m overlaycache.testing.golden tests/golden/local-v2`` (the local volume) or
 ``python -m overlaycache.testing.golden --v2 tests/golden`` (the v2 pack, roots and map pages).
 ``tests/golden/v1.manifest`` is a PIT manifest of the removed format v1, kept to show that a v1
-store is refused; it is not rebuilt.
+store is refused, and ``tests/golden/v1`` a volume of local format 1, kept to show that it is
+refused by name; neither is rebuilt.
 """
 
 from __future__ import annotations
@@ -47,24 +48,36 @@ GOLDEN = Path(__file__).parent / "golden"
 RS = 4096
 
 
-def test_v1_volume_reads_back(tmp_path: Path) -> None:
-    shutil.copytree(GOLDEN / "v1", tmp_path / "v")
-    with Volume.open(tmp_path / "v") as vol:
-        region1 = bytearray(b"B" * RS)
-        region1[10:17] = b"OVERLAY"
-        assert vol.read(0, vol.size) == b"A" * RS + bytes(region1) + b"C" * RS + b"tail" * 25
-        with vol.image("golden") as img:
-            assert img.read(0, img.size) == b"A" * RS + b"B" * RS + b"C" * RS + bytes(100)
-        assert vol.layer_map() == [0, 3, 2, 3]
+def test_local_volume_reads_back(tmp_path: Path) -> None:
+    shutil.copytree(GOLDEN / "local-v2", tmp_path / "v")
+    for readonly in (True, False):  # the journal is replayed, then checkpointed by the writable open's close
+        with Volume.open(tmp_path / "v", readonly=readonly) as vol:
+            region1 = bytearray(b"B" * RS)
+            region1[10:17] = b"OVERLAY"
+            assert vol.read(0, vol.size) == b"A" * RS + bytes(region1) + b"C" * RS + b"tail" * 25
+            with vol.image("golden") as img:
+                assert img.read(0, img.size) == b"A" * RS + b"B" * RS + b"C" * RS + bytes(100)
+            assert vol.layer_map() == [0, 3, 2, 3]
 
 
-def test_v1_files_are_reproduced_byte_for_byte(tmp_path: Path) -> None:
-    make.build_v1(str(tmp_path / "v"))
+def test_local_files_are_reproduced_byte_for_byte(tmp_path: Path) -> None:
+    make.build_local(str(tmp_path / "v"))
     make.normalise(str(tmp_path / "v"))
-    golden = sorted(os.listdir(GOLDEN / "v1"))
+    golden = sorted(os.listdir(GOLDEN / "local-v2"))
     assert sorted(os.listdir(tmp_path / "v")) == golden
     for name in golden:
-        assert (tmp_path / "v" / name).read_bytes() == (GOLDEN / "v1" / name).read_bytes(), name
+        assert (tmp_path / "v" / name).read_bytes() == (GOLDEN / "local-v2" / name).read_bytes(), name
+
+
+def test_local_format_1_is_refused_by_name(tmp_path: Path) -> None:
+    """A volume of local format 1 is never misread: opening it is a FormatError that says so."""
+    shutil.copytree(GOLDEN / "v1", tmp_path / "v")
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "v").iterdir()}
+    for readonly in (True, False):
+        with pytest.raises(FormatError, match="local format 1") as err:
+            Volume.open(tmp_path / "v", readonly=readonly)
+        assert err.value.path == str(tmp_path / "v" / "volume.json")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "v").iterdir() if p.name != "lock"} == saved
 
 
 # -- the objects on the secondary (format v2) ---------------------------------------------------

@@ -287,7 +287,32 @@ class VolumeMachine(RuleBasedStateMachine):
         finally:
             shutil.rmtree(copy)
 
+    @rule()
+    def checkpoint(self) -> None:
+        """Flush and fold the top overlay's journal into its map and table (as a full journal does)."""
+        self.v.flush()
+        with self.v._wlock:
+            self.v._layers.top.checkpoint()  # type: ignore[union-attr]
+        self.durable = bytes(self.model)
+
     # -- invariants -------------------------------------------------------------------------------
+    @invariant()
+    def slots_are_accounted_for(self) -> None:
+        """Each region the top overlay holds has a slot of its own; free slots are held by none;
+        every slot is below the slot count; the data file holds no more than the slots need."""
+        if self.vol is None:
+            return
+        top = self.v._layers.top  # type: ignore[union-attr]
+        held = [top.slot_of(r) for r in top.regions()]
+        free = set(top._free)
+        releasing = set(top._releasing)
+        assert len(set(held)) == len(held)
+        assert not (set(held) & free) and not (set(held) & releasing) and not (free & releasing)
+        assert all(0 <= s < top.slots_end for s in [*held, *free, *releasing])
+        assert len(held) + len(free) + len(releasing) == top.slots_end
+        size = os.fstat(top._fd).st_size
+        assert size <= (top.slots_end + 17) * self.v.region_size + 4096
+
     @invariant()
     def image_equals_model(self) -> None:
         if self.vol is not None:

@@ -1,87 +1,145 @@
-"""Local layers of a volume: the base file and overlay files, with their bitmaps and checksums.
+"""Local layers of a volume: the base file and overlay files, with their maps and checksums.
 
-On-disk format (all little-endian; pinned by golden files in ``tests/golden``):
+On-disk format 2 (all little-endian; pinned by golden files in ``tests/golden``). Every header is
+:data:`_HEAD` (magic, format version, region size, region count, size, volume id, layer id)
+followed by its checksum, so a file of another volume, layer or geometry is refused by name.
 
 ``base.data``
     The base image, ``size`` bytes, region ``r`` at ``r * region_size``.
 ``base.sums``
-    A 64-byte header, then 16 bytes (mmh3 x64-128) per region.
+    A 128-byte header, then the 16-byte checksum (mmh3 x64-128) of region ``r`` at
+    ``128 + 16 * r``. Created sparse: an entry of 16 zero bytes stands for an all-zero region, so
+    an empty volume of any size costs nothing here.
 ``overlay-<id>.data``
-    Two slots per region: region ``r`` lives at slot ``r`` or slot ``r + num_regions`` (bit ``r`` of
-    the *which* bitmap). Sparse: only written slots take space.
+    The overlay's region versions in *slots* of ``region_size`` bytes, allocated on demand and
+    reused once free: the file grows with the regions the overlay holds, never past what they need
+    (plus the versions written since the last commit).
+``overlay-<id>.map``
+    A 4 KiB header, then region ``r``'s 32-byte *slot record* at ``4096 + 32 * r``: slot + 1
+    (u64; 0: none), the region's checksum, and the record's *check*, the first 8 bytes of the
+    mmh3 x64-128 of the overlay's salt, ``r`` and the record's first 24 bytes (see
+    :func:`record_check`). The salt is derived from the volume's id and the layer's, so a record
+    copied from elsewhere fails its check. Created sparse; written only at checkpoints, with
+    records already committed in the journal. The volume maps it copy-on-write and keeps the
+    records of new versions in that private view until they are checkpointed.
 ``overlay-<id>.table``
-    A 64-byte header, the *present* bitmap, the *which* bitmap (8-byte words each), and 16 bytes of
-    checksum per region. Written only with entries already committed in the journal.
+    The checkpoint: a header (the journal batch it is current up to, the slot count, the number of
+    free slots), the free slots (u64 each), the *present* bitmap (8-byte words; omitted while
+    empty), and a checksum of all of it. Replaced atomically (temp file, rename).
 ``overlay-<id>.journal``
-    Committed batches since the last checkpoint: a 16-byte header (``OCJB``, count, batch number),
-    ``count`` 32-byte records (region, slot, checksum), and a 16-byte checksum of the batch.
+    Committed batches since the last checkpoint: a 40-byte header (``OCJ2``, count, batch number,
+    slot count, the overlay's salt), ``count`` 32-byte records (region, slot, checksum), and a
+    16-byte checksum of the batch.
 
 Crash safety (shadow paging): a region whose current version is durable is never overwritten in
-place; its next version goes to its other slot. ``commit()`` makes the data durable first and only
-then appends the journal batch that points at it, so a crash at any point leaves every region at its
-last committed version, whole. A torn journal tail fails its checksum and is ignored.
+place; its next version goes to a free slot, and the old slot is free again only once the new
+version's journal batch is durable. ``commit()`` makes the data durable first and only then
+appends the batch that points at it, so a crash at any point leaves every region at its last
+committed version, whole. A checkpoint writes the table, then the map's changed pages, then
+empties the journal: the table's free list already counts the batches it covers, whose records are
+applied again on replay, so a crash between any two steps loses nothing.
+
+Memory: per region, a present bit for each overlay and a dirty bit for the writable top one; the
+checksums and slots stay in the files, read through the page cache.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import struct
 import time
+from array import array
 from collections.abc import Iterable
 from typing import Any
 
-from overlaycache._fs import FILE_MODE, write_file_new
+from overlaycache._fs import FILE_MODE, write_file_atomic, write_file_new
 from overlaycache._impl import core
 from overlaycache.errors import FormatError, MediaError, OverlayCacheError
 from overlaycache.local.geometry import Geometry, region_ranges
 
 _log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUM_SIZE = 16
-_HEADER = struct.Struct("<8sIIQQ")  # magic, version, region_size, num_regions, size
-_HEADER_SIZE = 64
-_BASE_MAGIC = b"OCBASE01"
-_TABLE_MAGIC = b"OCTABL01"
-_BATCH = struct.Struct("<4sIQ")  # magic, count, batch number
-_BATCH_MAGIC = b"OCJB"
-_RECORD = struct.Struct("<QB7x16s")  # region, slot (0 or 1), checksum
-# Checkpoint the journal into the table once it is this large.
+_HEAD = struct.Struct("<8sIIQQ16sQ")  # magic, version, region_size, num_regions, size, volume id, layer id
+_BASE_MAGIC = b"OCBASE02"
+_MAP_MAGIC = b"OCOMAP02"
+_TABLE_MAGIC = b"OCTABL02"
+_V1_MAGICS = {b"OCBASE01", b"OCTABL01"}
+#: Where base.sums's checksums and an overlay map's records begin.
+SUMS_OFFSET = 128
+MAP_OFFSET = 4096
+REC = struct.Struct("<Q16s8s")  # slot + 1, checksum, check
+REC_SIZE = REC.size
+_PAGE = 4096
+_TABLE = struct.Struct("<QQQQ")  # batch_next, slots_end, nfree, bitmap words stored (0: empty)
+_BATCH = struct.Struct("<4sIQQ16s")  # magic, count, batch number, slot count, salt
+_BATCH_MAGIC = b"OCJ2"
+_RECORD = struct.Struct("<QQ16s")  # region, slot, checksum
+# Checkpoint the journal into the map and table once it is this large.
 JOURNAL_CHECKPOINT_BYTES = 8 << 20
+# The data file grows by this many slots at a time (trimmed to the slots used at a checkpoint).
+_GROW_SLOTS = 16
 
 
-def zero_checksums(size: int, region_size: int) -> bytearray:
-    """The checksum table of an all-zero image."""
-    n = (size + region_size - 1) // region_size
-    full: bytes = core.checksum(bytes(region_size))
-    table = bytearray(full * n)
-    tail = size - (n - 1) * region_size
-    if n and tail != region_size:
-        table[16 * (n - 1) :] = core.checksum(bytes(tail))
-    return table
+def volume_key(volume_id: str) -> bytes:
+    """The 16 bytes that stand for a volume id in headers (its UUID, or a hash of another id)."""
+    try:
+        raw = bytes.fromhex(volume_id)
+    except ValueError:
+        raw = b""
+    return raw if len(raw) == 16 else bytes(core.checksum(volume_id.encode()))
 
 
-def _pack_header(magic: bytes, region_size: int, num_regions: int, size: int) -> bytes:
-    head = _HEADER.pack(magic, FORMAT_VERSION, region_size, num_regions, size)
-    head += bytes(core.checksum(head))
-    return head.ljust(_HEADER_SIZE, b"\0")
+def overlay_salt(volume_id: str, layer_id: int) -> bytes:
+    """The salt of an overlay's records and journal batches: bound to the volume and the layer."""
+    return bytes(core.checksum(b"overlaycache overlay" + volume_key(volume_id) + layer_id.to_bytes(8, "little")))
 
 
-def _check_header(raw: bytes, magic: bytes, path: str, region_size: int, num_regions: int, size: int) -> None:
-    if len(raw) < _HEADER_SIZE:
+def record_check(salt: bytes, r: int, body: bytes) -> bytes:
+    """The 8-byte check of region ``r``'s slot record whose first 24 bytes are ``body``."""
+    return bytes(core.checksum(salt + r.to_bytes(8, "little") + body))[:8]
+
+
+def zero_checksum(length: int) -> bytes:
+    """The checksum of ``length`` zero bytes."""
+    return bytes(core.checksum(bytes(length)))
+
+
+def _pack_header(magic: bytes, geo: Geometry, volume_id: str, layer_id: int) -> bytes:
+    head = _HEAD.pack(magic, FORMAT_VERSION, geo.region_size, geo.num_regions, geo.size, volume_key(volume_id),
+                      layer_id)
+    return head + bytes(core.checksum(head))
+
+
+def _check_header(raw: bytes, magic: bytes, path: str, geo: Geometry, volume_id: str, layer_id: int) -> None:
+    if len(raw) >= 8 and raw[:8] in _V1_MAGICS:
+        raise FormatError(f"{path}: a volume of local format 1; convert it with `overlaycache convert`", path)
+    if len(raw) < _HEAD.size + 16:
         raise FormatError(f"{path}: truncated header", path)
-    fields = raw[: _HEADER.size]
-    got_magic, version, rs, n, sz = _HEADER.unpack(fields)
+    fields = raw[: _HEAD.size]
+    got_magic, version, rs, n, sz, vkey, lid = _HEAD.unpack(fields)
     if got_magic != magic:
-        kind = {_BASE_MAGIC: "base checksum", _TABLE_MAGIC: "overlay table"}.get(magic, "metadata")
+        kind = {_BASE_MAGIC: "base checksum", _MAP_MAGIC: "overlay map", _TABLE_MAGIC: "overlay table"}[magic]
         raise FormatError(f"{path}: not an overlaycache {kind} file", path)
-    if raw[_HEADER.size : _HEADER.size + 16] != core.checksum(fields):
+    if raw[_HEAD.size : _HEAD.size + 16] != core.checksum(fields):
         raise FormatError(f"{path}: header checksum mismatch (file corrupted)", path)
-    if version > FORMAT_VERSION:
-        raise FormatError(f"{path}: format version {version} is newer than this overlaycache ({FORMAT_VERSION})", path)
-    if (rs, n, sz) != (region_size, num_regions, size):
-        raise FormatError(f"{path}: geometry {sz}/{rs} does not match the volume's {size}/{region_size}", path)
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{path}: format version {version}, this overlaycache reads {FORMAT_VERSION}", path)
+    if (rs, n, sz) != (geo.region_size, geo.num_regions, geo.size):
+        raise FormatError(f"{path}: geometry {sz}/{rs} does not match the volume's {geo.size}/{geo.region_size}",
+                          path)
+    if vkey != volume_key(volume_id) or lid != layer_id:
+        raise FormatError(f"{path}: belongs to another volume or layer (layer {lid})", path)
+
+
+def _open_file(path: str, writable: bool) -> int:
+    try:
+        return os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise FormatError(f"{path}: missing", path) from exc
 
 
 def _read_exact(fd: int, n: int, offset: int, path: str) -> bytes:
@@ -91,14 +149,52 @@ def _read_exact(fd: int, n: int, offset: int, path: str) -> bytes:
     return data
 
 
-def _open_data(path: str, length: int, writable: bool) -> tuple[int, Any, int | None]:
-    """Open and map a data file of ``length`` bytes; returns its fd, its mapping, and where it ends
-    if it is shorter (truncated under the volume: the bytes past its end cannot be read, and a read
-    of them raises :class:`MediaError` through the core's SIGBUS guard, never zeros)."""
+def _map_records(fd: int, path: str, length: int, head: bytes) -> Any:
+    """Map a record file copy-on-write, after checking its length."""
+    if os.fstat(fd).st_size < length:
+        raise FormatError(f"{path}: truncated ({os.fstat(fd).st_size} bytes, expected {length})", path)
+    return core.DataFile(fd, length, True, path, private=True)
+
+
+def _create_sparse(path: str, head: bytes, length: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
-        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
-    except FileNotFoundError as exc:
-        raise FormatError(f"{path}: missing", path) from exc
+        os.pwrite(fd, head, 0)
+        os.ftruncate(fd, length)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Layer:
+    """What every layer has: a data file and a checksum per region, found through its records."""
+
+    name: str
+    data: Any
+    geo: Geometry
+
+    def stack_entry(self, verified: Any) -> tuple[Any, ...]:
+        """The layer as ``core.Stack`` takes it, checked against ``verified``."""
+        raise NotImplementedError
+
+    def offset_of(self, r: int) -> int:
+        """Byte offset of region ``r``'s current version in :attr:`data`."""
+        raise NotImplementedError
+
+    def checksum_of(self, r: int) -> bytes:
+        """The checksum of region ``r``'s version in this layer (as recorded, not read)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _open_data(path: str, length: int, mapped: int, writable: bool) -> tuple[int, Any, int | None]:
+    """Open a data file that should be ``length`` bytes long, mapping ``mapped`` bytes; returns its
+    fd, its mapping, and where it ends if it is shorter (truncated under the volume: the bytes past
+    its end cannot be read, and a read of them raises :class:`MediaError` through the core's SIGBUS
+    guard, never zeros)."""
+    fd = _open_file(path, writable)
     try:
         actual = os.fstat(fd).st_size
         short = None
@@ -106,82 +202,71 @@ def _open_data(path: str, length: int, writable: bool) -> tuple[int, Any, int | 
             _log.error("%s: truncated (%d bytes, expected %d); the regions stored past its end are unavailable",
                        path, actual, length)
             short = actual
-        return fd, core.DataFile(fd, length, writable, path), short
+        return fd, core.DataFile(fd, mapped, writable, path), short
     except BaseException:
         os.close(fd)
         raise
 
 
-class Layer:
-    """What every layer has: a data file, a checksum table, and a verified-regions bitmap."""
-
-    name: str
-    data: Any
-    sums: bytearray
-    verified: Any
-
-    def stack_entry(self) -> tuple[Any, Any, Any, bytearray, Any]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
 class BaseLayer(Layer):
     """The base image: region ``r`` at ``r * region_size``, checksums in ``base.sums``."""
 
-    def __init__(self, directory: str, geo: Geometry, writable: bool) -> None:
+    def __init__(self, directory: str, geo: Geometry, writable: bool, volume_id: str) -> None:
         self.name = "base"
         self.geo = geo
         self.data_path = os.path.join(directory, "base.data")
         self.sums_path = os.path.join(directory, "base.sums")
         self.writable = writable
-        self._fd, self.data, self.truncated_at = _open_data(self.data_path, geo.size, writable)
+        self._zero = zero_checksum(geo.region_size)
+        self._zero_tail = zero_checksum(geo.region_length(geo.num_regions - 1))
+        self._fd, self.data, self.truncated_at = _open_data(self.data_path, geo.size, geo.size, writable)
+        self._sums_fd = -1
         try:
-            self.sums = self._load_sums()
+            self._sums_fd = _open_file(self.sums_path, writable)
+            _check_header(os.pread(self._sums_fd, _HEAD.size + 16, 0), _BASE_MAGIC, self.sums_path, geo,
+                          volume_id, 0)
+            length = SUMS_OFFSET + SUM_SIZE * geo.num_regions
+            if os.fstat(self._sums_fd).st_size < length:
+                raise FormatError(f"{self.sums_path}: truncated ({os.fstat(self._sums_fd).st_size} bytes, expected "
+                                  f"{length})", self.sums_path)
+            self.records = core.DataFile(self._sums_fd, length, False, self.sums_path)
         except BaseException:
             self.data.close()
             os.close(self._fd)
+            if self._sums_fd >= 0:
+                os.close(self._sums_fd)
             raise
-        self.verified = core.Bitmap(geo.num_regions)
 
     @staticmethod
-    def create(directory: str, geo: Geometry) -> None:
-        """Create an all-zero base (sparse) with its checksum table."""
+    def create(directory: str, geo: Geometry, volume_id: str) -> None:
+        """Create an all-zero base (sparse) with its (sparse) checksum table."""
         fd = os.open(os.path.join(directory, "base.data"), os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             os.ftruncate(fd, geo.size)
             os.fsync(fd)
         finally:
             os.close(fd)
-        head = _pack_header(_BASE_MAGIC, geo.region_size, geo.num_regions, geo.size)
-        write_file_new(os.path.join(directory, "base.sums"), head + bytes(zero_checksums(geo.size, geo.region_size)))
+        _create_sparse(os.path.join(directory, "base.sums"), _pack_header(_BASE_MAGIC, geo, volume_id, 0),
+                       SUMS_OFFSET + SUM_SIZE * geo.num_regions)
 
-    def _load_sums(self) -> bytearray:
-        try:
-            fd = os.open(self.sums_path, os.O_RDONLY)
-        except FileNotFoundError as exc:
-            raise FormatError(f"{self.sums_path}: missing", self.sums_path) from exc
-        try:
-            g = self.geo
-            _check_header(_read_exact(fd, _HEADER_SIZE, 0, self.sums_path), _BASE_MAGIC, self.sums_path,
-                          g.region_size, g.num_regions, g.size)
-            return bytearray(_read_exact(fd, 16 * g.num_regions, _HEADER_SIZE, self.sums_path))
-        finally:
-            os.close(fd)
+    def checksum_of(self, r: int) -> bytes:
+        raw = bytearray(SUM_SIZE)
+        self.records.readinto(SUMS_OFFSET + SUM_SIZE * r, raw)
+        if not any(raw):
+            return self._zero if r != self.geo.num_regions - 1 else self._zero_tail
+        return bytes(raw)
 
-    def store_sums(self, regions: Iterable[int]) -> None:
-        """Write the checksums of ``regions`` to ``base.sums`` and fsync it."""
-        fd = os.open(self.sums_path, os.O_WRONLY)
-        try:
-            for r in regions:
-                os.pwrite(fd, self.sums[16 * r : 16 * r + 16], _HEADER_SIZE + 16 * r)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def offset_of(self, r: int) -> int:
+        return r * self.geo.region_size
 
-    def stack_entry(self) -> tuple[Any, Any, Any, bytearray, Any]:
-        return (self.data, None, None, self.sums, self.verified)
+    def store_sums(self, sums: dict[int, bytes]) -> None:
+        """Write the checksums of regions (``{region: checksum}``) to ``base.sums`` and fsync it."""
+        for r in sorted(sums):
+            os.pwrite(self._sums_fd, sums[r], SUMS_OFFSET + SUM_SIZE * r)
+        os.fsync(self._sums_fd)
+
+    def stack_entry(self, verified: Any) -> tuple[Any, ...]:
+        return (self.data, None, verified, self.records, SUMS_OFFSET, None)
 
     def repair(self) -> bool:
         """Make the base file writable again before regions are folded into it: a file truncated
@@ -208,90 +293,180 @@ class BaseLayer(Layer):
 
     def close(self) -> None:
         self.data.close()
+        self.records.close()
         os.close(self._fd)
+        os.close(self._sums_fd)
 
 
 class Overlay(Layer):
-    """An overlay: two slots per region, present/which bitmaps, checksums, and a journal."""
+    """An overlay: region versions in slots, a map of slot records, a present bitmap, a journal.
 
-    def __init__(self, directory: str, layer_id: int, geo: Geometry, writable: bool) -> None:
+    Parameters
+    ----------
+    directory : str
+        Where its files are.
+    layer_id : int
+        Its id (``overlay-<id>.*``).
+    geo : Geometry
+        The volume's geometry.
+    writable : bool
+        Open for writing.
+    volume_id : str
+        The volume's id (headers and records are bound to it).
+    top : bool
+        It takes writes: its data file is mapped with room to grow.
+    """
+
+    def __init__(self, directory: str, layer_id: int, geo: Geometry, writable: bool, volume_id: str,
+                 top: bool = False) -> None:
         self.id = layer_id
         self.name = f"overlay-{layer_id}"
         self.geo = geo
         self.writable = writable
+        self.volume_id = volume_id
+        self.salt = overlay_salt(volume_id, layer_id)
         prefix = os.path.join(directory, self.name)
+        self.directory = directory
         self.data_path = prefix + ".data"
+        self.map_path = prefix + ".map"
         self.table_path = prefix + ".table"
         self.journal_path = prefix + ".journal"
         n = geo.num_regions
         self.present = core.Bitmap(n)
-        self.which = core.Bitmap(n)
-        self.dirty = core.Bitmap(n)  # written since the last commit (in memory only)
-        self.verified = core.Bitmap(n)
-        self.sums = bytearray(16 * n)
-        self._batch = 0
+        self.dirty: Any = core.Bitmap(n) if writable else None  # written since the last commit
+        self._dirty_list = array("Q")  # the same regions, in the order they became dirty
+        self._releasing = array("Q")  # slots of versions replaced since the last commit: free after it
+        self._free: list[int] = []  # a heap of free slots (lowest reused first)
+        self.slots_end = 0  # slots in use or free below this
+        self._batch = 0  # the next journal batch
         self._journal_bytes = 0
+        self._pages: set[int] = set()  # map pages changed since the last checkpoint
         self.untrusted: list[int] = []  # regions a damaged journal may have committed (see _replay_journal)
-        self._fd, self.data, self.truncated_at = _open_data(self.data_path, 2 * n * geo.region_size, writable)
+        self._map_fd = self._fd = -1
+        self.records: Any = None
+        self.data: Any = None
         try:
-            self._load_table()
-            self._replay_journal()
+            self._map_fd = _open_file(self.map_path, writable)
+            _check_header(os.pread(self._map_fd, _HEAD.size + 16, 0), _MAP_MAGIC, self.map_path, geo, volume_id,
+                          layer_id)
+            self.records = _map_records(self._map_fd, self.map_path, MAP_OFFSET + REC_SIZE * n, b"")
+            free = self._load_table()
+            free = self._replay_journal(free)
+            self._free = sorted(free)
+            need = self.slots_end * geo.region_size
+            self._fd = _open_file(self.data_path, writable)
+            actual = os.fstat(self._fd).st_size
+            self.truncated_at = None
+            if actual < need:
+                _log.error("%s: truncated (%d bytes, expected %d); the regions stored past its end are unavailable",
+                           self.data_path, actual, need)
+                self.truncated_at = actual
+            elif actual > need + _PAGE and writable:
+                os.ftruncate(self._fd, need + _PAGE)  # slots of versions never committed
+            self._file_slots = self.slots_end
+            mapped = 2 * n * geo.region_size if (writable and top) else need
+            self.data = core.DataFile(self._fd, mapped, writable, self.data_path)
         except BaseException:
-            self.data.close()
-            os.close(self._fd)
+            self._close_files()
             raise
 
     # -- files ----------------------------------------------------------------------------------
     @staticmethod
-    def create(directory: str, layer_id: int, geo: Geometry) -> None:
-        """Create the empty files of an overlay (durably)."""
+    def create(directory: str, layer_id: int, geo: Geometry, volume_id: str) -> None:
+        """Create the empty files of an overlay (durably; the caller fsyncs the directory)."""
         prefix = os.path.join(directory, f"overlay-{layer_id}")
         fd = os.open(prefix + ".data", os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
-            os.ftruncate(fd, 2 * geo.num_regions * geo.region_size)
             os.fsync(fd)
         finally:
             os.close(fd)
-        nw = 8 * ((geo.num_regions + 63) // 64)
-        head = _pack_header(_TABLE_MAGIC, geo.region_size, geo.num_regions, geo.size)
-        write_file_new(prefix + ".table", head + bytes(2 * nw + 16 * geo.num_regions))
+        _create_sparse(prefix + ".map", _pack_header(_MAP_MAGIC, geo, volume_id, layer_id).ljust(MAP_OFFSET, b"\0"),
+                       MAP_OFFSET + REC_SIZE * geo.num_regions)
+        head = _pack_header(_TABLE_MAGIC, geo, volume_id, layer_id) + _TABLE.pack(0, 0, 0, 0)
+        write_file_new(prefix + ".table", head + bytes(core.checksum(head)))
         write_file_new(prefix + ".journal", b"")
 
     @staticmethod
     def remove_files(directory: str, layer_id: int) -> None:
         """Delete the files of an overlay (missing ones are fine)."""
-        for ext in (".data", ".table", ".journal"):
+        for ext in (".data", ".map", ".table", ".table.tmp", ".journal"):
             try:
                 os.unlink(os.path.join(directory, f"overlay-{layer_id}{ext}"))
             except FileNotFoundError:
                 pass
 
-    def _table_offsets(self) -> tuple[int, int, int]:
-        nw = 8 * self.present.nwords
-        return _HEADER_SIZE, _HEADER_SIZE + nw, _HEADER_SIZE + 2 * nw
-
-    def _load_table(self) -> None:
+    def _load_table(self) -> set[int]:
+        """Read the checkpoint: the present bitmap, the slot count, the next batch; returns the
+        free slots."""
         try:
-            fd = os.open(self.table_path, os.O_RDONLY)
+            with open(self.table_path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError as exc:
             raise FormatError(f"{self.table_path}: missing", self.table_path) from exc
-        try:
-            g = self.geo
-            _check_header(_read_exact(fd, _HEADER_SIZE, 0, self.table_path), _TABLE_MAGIC, self.table_path,
-                          g.region_size, g.num_regions, g.size)
-            p_off, w_off, s_off = self._table_offsets()
-            nw = 8 * self.present.nwords
-            self.present.load(_read_exact(fd, nw, p_off, self.table_path))
-            self.which.load(_read_exact(fd, nw, w_off, self.table_path))
-            self.sums[:] = _read_exact(fd, 16 * g.num_regions, s_off, self.table_path)
-        finally:
-            os.close(fd)
+        path = self.table_path
+        _check_header(raw, _TABLE_MAGIC, path, self.geo, self.volume_id, self.id)
+        pos = _HEAD.size + 16
+        if len(raw) < pos + _TABLE.size + 16 or raw[-16:] != core.checksum(raw[:-16]):
+            raise FormatError(f"{path}: checksum mismatch (file corrupted or truncated)", path)
+        self._batch, self.slots_end, nfree, words = _TABLE.unpack_from(raw, pos)
+        pos += _TABLE.size
+        if words not in (0, self.present.nwords) or len(raw) != pos + 8 * nfree + 8 * words + 16:
+            raise FormatError(f"{path}: inconsistent lengths (file corrupted)", path)
+        free = array("Q")
+        free.frombytes(raw[pos : pos + 8 * nfree])
+        pos += 8 * nfree
+        if words:
+            self.present.load(raw[pos : pos + 8 * words])
+        if any(s >= self.slots_end for s in free):
+            raise FormatError(f"{path}: a free slot past the slot count (file corrupted)", path)
+        return set(free)
 
+    def _store_table(self) -> None:
+        head = (_pack_header(_TABLE_MAGIC, self.geo, self.volume_id, self.id)
+                + _TABLE.pack(self._batch, self.slots_end, len(self._free), self.present.nwords))
+        free = array("Q", sorted(self._free)).tobytes()
+        body = b"".join((head, free, self.present.to_bytes()))
+        write_file_atomic(self.table_path, body + bytes(core.checksum(body)))
+
+    # -- records ------------------------------------------------------------------------------------
+    def _record(self, r: int) -> tuple[int, bytes]:
+        """``(slot, checksum)`` of region ``r``'s current record (slot -1: none)."""
+        raw = bytearray(REC_SIZE)
+        self.records.readinto(MAP_OFFSET + REC_SIZE * r, raw)
+        slot, csum, _check = REC.unpack(raw)
+        return int(slot) - 1, bytes(csum)
+
+    def _put(self, r: int, slot: int, csum: bytes) -> None:
+        body = struct.pack("<Q16s", slot + 1, csum)
+        self.records.write(MAP_OFFSET + REC_SIZE * r, body + record_check(self.salt, r, body))
+
+    def slot_of(self, r: int) -> int:
+        """Region ``r``'s slot in the data file (-1: the overlay does not hold it)."""
+        return self._record(r)[0] if self.present.test(r) else -1
+
+    def offset_of(self, r: int) -> int:
+        return self._record(r)[0] * self.geo.region_size
+
+    def checksum_of(self, r: int) -> bytes:
+        """The recorded checksum of region ``r`` (of a region written since the last commit:
+        only once :meth:`hash_dirty` has run)."""
+        return self._record(r)[1]
+
+    def is_dirty(self, r: int) -> bool:
+        """Whether region ``r`` was written since the last commit."""
+        return self.dirty is not None and bool(self.dirty.test(r))
+
+    @property
+    def regions_dirty(self) -> int:
+        """How many regions were written since the last commit."""
+        return len(self._dirty_list)
+
+    # -- journal replay -------------------------------------------------------------------------------
     def _batch_end(self, raw: bytes, pos: int) -> int | None:
         """Where the batch starting at ``pos`` ends (after its checksum), if a whole, valid one does."""
         if pos + _BATCH.size > len(raw):
             return None
-        magic, count, _batch = _BATCH.unpack_from(raw, pos)
+        magic, count, _batch, _slots, _salt = _BATCH.unpack_from(raw, pos)
         end = pos + _BATCH.size + count * _RECORD.size
         if magic != _BATCH_MAGIC or end + 16 > len(raw) or core.checksum(raw[pos:end]) != raw[end : end + 16]:
             return None
@@ -306,19 +481,22 @@ class Overlay(Layer):
             at = raw.find(_BATCH_MAGIC, at + 1)
         return None
 
-    def _replay_journal(self) -> None:
+    def _replay_journal(self, free: set[int]) -> set[int]:
         """Apply the committed batches. A bad batch at the end is a torn tail (never committed: cut
         off). A bad batch followed by valid ones is corruption: the valid ones are applied, the
         regions the damaged span may have named (all, when it cannot be parsed) are left in
         :attr:`untrusted` unless a later batch names them again, the journal is kept as it is and
-        a copy of it saved beside it, and it is logged as an error."""
+        a copy of it saved beside it, and it is logged as an error. A valid batch of another
+        overlay or volume is refused (:class:`FormatError`). Batches the table already counts
+        (copied before a checkpoint finished) set their records again but free nothing."""
         try:
             with open(self.journal_path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError as exc:
             raise FormatError(f"{self.journal_path}: missing", self.journal_path) from exc
         n = self.geo.num_regions
-        suspect = core.Bitmap(n)
+        counted = self._batch
+        suspect: Any = None
         damaged = 0
         pos = 0
         while pos < len(raw):
@@ -327,20 +505,35 @@ class Overlay(Layer):
                 later = self._next_batch(raw, pos)
                 if later is None:
                     break  # torn or garbage tail: everything before it was committed
+                if suspect is None:
+                    suspect = core.Bitmap(n)
                 self._suspect_span(raw, pos, later, suspect)
                 damaged += later - pos
                 pos = later
                 continue
-            _magic, count, batch = _BATCH.unpack_from(raw, pos)
+            _magic, count, batch, slots_end, salt = _BATCH.unpack_from(raw, pos)
+            if salt != self.salt:
+                raise FormatError(f"{self.journal_path}: batch {batch} belongs to another volume or overlay",
+                                  self.journal_path)
+            self.slots_end = max(self.slots_end, slots_end)
             for k in range(count):
                 r, slot, csum = _RECORD.unpack_from(raw, pos + _BATCH.size + k * _RECORD.size)
-                if r >= n or slot > 1:
-                    raise FormatError(f"{self.journal_path}: record for region {r} out of range", self.journal_path)
-                self._apply(r, slot, csum)
-                suspect.clear(r)  # named again after the damage: this version is committed
-            self._batch = batch + 1
+                if r >= n or slot >= slots_end:
+                    raise FormatError(f"{self.journal_path}: record for region {r} (slot {slot}) out of range",
+                                      self.journal_path)
+                if batch >= counted:
+                    old = self._record(r)[0] if self.present.test(r) else -1
+                    if old >= 0 and old != slot:
+                        free.add(old)
+                    free.discard(slot)
+                self._put(r, slot, csum)
+                self.present.set(r)
+                self._pages.add(r * REC_SIZE // _PAGE)
+                if suspect is not None:
+                    suspect.clear(r)  # named again after the damage: this version is committed
+            self._batch = max(self._batch, batch + 1)
             pos = end
-        self.untrusted = [r for a, b in suspect.runs() for r in range(a, b)]
+        self.untrusted = [] if suspect is None else [r for a, b in suspect.runs() for r in range(a, b)]
         if damaged:
             _log.error("%s: %d bytes of committed journal are damaged; regions %s cannot be trusted and are "
                        "unavailable; the journal is kept as it was", self.journal_path, damaged,
@@ -355,16 +548,17 @@ class Overlay(Layer):
             if self.writable:
                 os.truncate(self.journal_path, pos)
         self._journal_bytes = pos
+        return free
 
-    def _suspect_span(self, raw: bytes, start: int, stop: int, suspect: core.Bitmap) -> None:
+    def _suspect_span(self, raw: bytes, start: int, stop: int, suspect: Any) -> None:
         """Mark the regions a damaged span of the journal may name: those of its records when it
         is laid out as one batch whose records are all plausible, else every region."""
         nrec, rest = divmod(stop - start - _BATCH.size - 16, _RECORD.size)
         records = []
         if nrec >= 0 and rest == 0:
             for k in range(nrec):
-                r, slot, _csum = _RECORD.unpack_from(raw, start + _BATCH.size + k * _RECORD.size)
-                if r >= self.geo.num_regions or slot > 1:
+                r, _slot, _csum = _RECORD.unpack_from(raw, start + _BATCH.size + k * _RECORD.size)
+                if r >= self.geo.num_regions:
                     break
                 records.append(r)
             else:
@@ -373,19 +567,20 @@ class Overlay(Layer):
                 return
         suspect.set_range(0, self.geo.num_regions)
 
-    def _apply(self, r: int, slot: int, csum: bytes) -> None:
-        self.present.set(r)
-        if slot:
-            self.which.set(r)
-        else:
-            self.which.clear(r)
-        self.sums[16 * r : 16 * r + 16] = csum
+    # -- slots ----------------------------------------------------------------------------------------
+    def _allocate(self) -> int:
+        """A free slot for a new version (the lowest free one, else a new one at the end)."""
+        if self._free:
+            return heapq.heappop(self._free)
+        slot = self.slots_end
+        self.slots_end += 1
+        if self.slots_end >= self._file_slots:
+            # One slot more at least: the core's read of a slot probes the page after it.
+            self._file_slots = self.slots_end + _GROW_SLOTS
+            os.ftruncate(self._fd, self._file_slots * self.geo.region_size)
+        return slot
 
     # -- commit protocol ------------------------------------------------------------------------
-    def slot_offset(self, r: int, slot: int) -> int:
-        """Byte offset of region ``r``'s slot ``slot`` (0 or 1) in the data file."""
-        return (r + slot * self.geo.num_regions) * self.geo.region_size
-
     def needs_current(self, r: int, intra: int, length: int) -> bool:
         """Whether a write of ``length`` bytes at ``intra`` in region ``r`` needs the region's current
         bytes (see :meth:`write_region`): it covers the region in part, and the region has no
@@ -396,35 +591,34 @@ class Overlay(Layer):
         """Write ``piece`` at ``intra`` in region ``r`` (shadow paging: the one place that does).
 
         A region written since the last commit holds no durable version in its current slot: it is
-        patched in place (its checksum is computed once, at commit). Otherwise the region's other
-        slot is written whole, so the durable version (if any) stays untouched until the next
-        commit. ``current``, which must be given when :meth:`needs_current` says so, holds the
-        region's current bytes (from the layers below, or the remote PIT when the region's local
-        versions are not valid, even one in this overlay); it is patched with ``piece`` and
-        written whole.
+        patched in place (its checksum is computed once, at commit). Otherwise the region's new
+        version goes whole to a free slot, so the durable version (if any) stays untouched until
+        the next commit frees its slot. ``current``, which must be given when
+        :meth:`needs_current` says so, holds the region's current bytes (from the layers below, or
+        the remote PIT when the region's local versions are not valid, even one in this overlay);
+        it is patched with ``piece`` and written whole.
         """
+        geo = self.geo
         in_place = self.dirty.test(r)
         if in_place:
-            slot = int(self.which.test(r))
+            slot = self._record(r)[0]
+        elif current is None and not (intra == 0 and len(piece) == geo.region_length(r)):
+            raise OverlayCacheError(f"internal: a partial write of region {r} without its current bytes")
         else:
-            slot = int(not self.which.test(r)) if self.present.test(r) else 0
-        geo = self.geo
-        off = (r + slot * geo.num_regions) * geo.region_size  # slot_offset, inline: the hot path
+            slot = self._allocate()
+        off = slot * geo.region_size
         if current is not None:
             current[intra : intra + len(piece)] = piece
             self.data.write(off, current)
-        elif in_place or (intra == 0 and len(piece) == min(geo.region_size, geo.size - r * geo.region_size)):
-            self.data.write(off + intra, piece)
         else:
-            raise OverlayCacheError(f"internal: a partial write of region {r} without its current bytes")
+            self.data.write(off + intra, piece)
         if not in_place:
-            if slot:
-                self.which.set(r)
-            else:
-                self.which.clear(r)
+            if self.present.test(r):
+                self._releasing.append(self._record(r)[0])
+            self._put(r, slot, bytes(16))  # its checksum comes at commit
             self.present.set(r)
             self.dirty.set(r)
-        self.verified.set(r)
+            self._dirty_list.append(r)
 
     def lost_regions(self) -> list[int]:
         """The regions whose current version lies (in part) past the end of a truncated data file."""
@@ -434,7 +628,7 @@ class Overlay(Layer):
         out = []
         for a, b in self.present.runs():
             for r in range(a, b):
-                if self.slot_offset(r, int(self.which.test(r))) + self.geo.region_length(r) > end:
+                if (self._record(r)[0] + 1) * self.geo.region_size > end:
                     out.append(r)
         return out
 
@@ -442,28 +636,31 @@ class Overlay(Layer):
         """Give a truncated data file its length back (sparse), so that new versions can be written;
         call it once its lost regions are recorded as unavailable (their slots now read as zeros)."""
         if self.truncated_at is not None:
-            os.ftruncate(self._fd, 2 * self.geo.num_regions * self.geo.region_size)
+            os.ftruncate(self._fd, self._file_slots * self.geo.region_size)
             os.fsync(self._fd)
             self.truncated_at = None
 
     def hash_dirty(self) -> list[int]:
-        """Compute the checksums of the regions written since the last commit; returns them."""
-        regions = [r for a, b in self.dirty.runs() for r in range(a, b)]
+        """Compute the checksums of the regions written since the last commit (into their
+        records); returns them, sorted."""
+        regions = sorted(set(self._dirty_list))
+        rs = self.geo.region_size
         for r in regions:
-            off = self.slot_offset(r, int(self.which.test(r)))
-            self.sums[16 * r : 16 * r + 16] = self.data.checksum(off, self.geo.region_length(r))
+            slot = self._record(r)[0]
+            self._put(r, slot, bytes(self.data.checksum(slot * rs, self.geo.region_length(r))))
         return regions
 
     def commit(self) -> int:
         """Make every region written since the last commit durable; returns how many."""
-        regions = self.hash_dirty()
-        if not regions:
+        if not self._dirty_list:
             return 0
+        regions = self.hash_dirty()
         self.data.sync()
         os.fsync(self._fd)
-        out = bytearray(_BATCH.pack(_BATCH_MAGIC, len(regions), self._batch))
+        out = bytearray(_BATCH.pack(_BATCH_MAGIC, len(regions), self._batch, self.slots_end, self.salt))
         for r in regions:
-            out += _RECORD.pack(r, int(self.which.test(r)), bytes(self.sums[16 * r : 16 * r + 16]))
+            slot, csum = self._record(r)
+            out += _RECORD.pack(r, slot, csum)
         out += core.checksum(out)
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
         try:
@@ -475,26 +672,39 @@ class Overlay(Layer):
             os.close(fd)
         self._batch += 1
         self._journal_bytes += len(out)
-        self.dirty.clear_range(0, self.geo.num_regions)
+        for slot in self._releasing:
+            heapq.heappush(self._free, slot)
+        self._releasing = array("Q")
+        for r in regions:
+            self.dirty.clear(r)
+            self._pages.add(r * REC_SIZE // _PAGE)
+        self._dirty_list = array("Q")
         if self._journal_bytes >= JOURNAL_CHECKPOINT_BYTES:
             self.checkpoint()
         return len(regions)
 
     def checkpoint(self) -> None:
-        """Fold the journal into the table (committed entries only), then empty the journal."""
-        if self.dirty.any():
+        """Fold the journal into the table and the map (committed entries only), then empty the
+        journal."""
+        if self._dirty_list:
             raise OverlayCacheError("checkpoint with uncommitted regions")  # internal misuse
-        if not self._journal_bytes:
+        if not self._journal_bytes and not self._pages:
             return
-        p_off, w_off, s_off = self._table_offsets()
-        fd = os.open(self.table_path, os.O_WRONLY)
-        try:
-            os.pwrite(fd, self.present.to_bytes(), p_off)
-            os.pwrite(fd, self.which.to_bytes(), w_off)
-            os.pwrite(fd, self.sums, s_off)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # Free slots at the end of the file are given back to the file system.
+        if self._free:
+            free = set(self._free)
+            while self.slots_end and self.slots_end - 1 in free:
+                self.slots_end -= 1
+                free.discard(self.slots_end)
+            self._free = sorted(free)
+        self._store_table()
+        page = bytearray(_PAGE)
+        for p in sorted(self._pages):
+            off = MAP_OFFSET + p * _PAGE
+            n = min(_PAGE, self.records.length - off)
+            self.records.readinto(off, memoryview(page)[:n])
+            os.pwrite(self._map_fd, memoryview(page)[:n], off)
+        os.fsync(self._map_fd)
         os.truncate(self.journal_path, 0)
         fd = os.open(self.journal_path, os.O_RDONLY)
         try:
@@ -502,10 +712,35 @@ class Overlay(Layer):
         finally:
             os.close(fd)
         self._journal_bytes = 0
+        self._pages.clear()
+        self.records.discard()  # the private copies now equal the file
+        if self._file_slots > self.slots_end and self.truncated_at is None:
+            # Kept: a page past the last slot, which reads of it probe (see _allocate).
+            os.ftruncate(self._fd, self.slots_end * self.geo.region_size + _PAGE)
+            self._file_slots = self.slots_end
 
-    def stack_entry(self) -> tuple[Any, Any, Any, bytearray, Any]:
-        return (self.data, self.present, self.which, self.sums, self.verified)
+    def freeze(self) -> None:
+        """Stop taking writes (a newer overlay takes them): the dirty bitmap is dropped."""
+        if self._dirty_list:
+            raise OverlayCacheError("freeze with uncommitted regions")  # internal misuse
+        self.dirty = None
+
+    def stack_entry(self, verified: Any) -> tuple[Any, ...]:
+        return (self.data, self.present, verified, self.records, MAP_OFFSET, self.salt)
+
+    def regions(self) -> Iterable[int]:
+        """The regions the overlay holds, in order."""
+        for a, b in self.present.runs():
+            yield from range(a, b)
+
+    def _close_files(self) -> None:
+        for obj in (self.data, self.records):
+            if obj is not None:
+                obj.close()
+        for fd in (self._fd, self._map_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._map_fd = -1
 
     def close(self) -> None:
-        self.data.close()
-        os.close(self._fd)
+        self._close_files()

@@ -19,7 +19,7 @@ from overlaycache.snapshots import LocalSnapshot
 
 META_NAME = "volume.json"
 META_KIND = "overlaycache-volume"
-META_VERSION = 1
+META_VERSION = 2  # 2: overlays of slots and slot maps (local/layers.py); 1 is refused with a message
 _KNOWN = {"kind", "version", "checksum", "id", "size", "region_size", "created_at", "layers", "next_layer",
           "snapshots", "next_snapshot", "merging", "secondary", "distributed_overlay"}
 
@@ -195,7 +195,11 @@ def read_meta(directory: str) -> VolumeMeta:
         Not a volume, damaged, or of a newer format.
     """
     obj = read_json_checked(directory, META_NAME, META_KIND, META_VERSION, "volume")
-    return VolumeMeta.from_json(obj, os.path.join(directory, META_NAME))
+    path = os.path.join(directory, META_NAME)
+    if obj["version"] != META_VERSION:
+        raise FormatError(f"{directory}: a volume of local format {obj['version']} (overlays of two slots per "
+                          f"region); this overlaycache reads format {META_VERSION}", path)
+    return VolumeMeta.from_json(obj, path)
 
 
 def write_meta(directory: str, meta: VolumeMeta) -> None:

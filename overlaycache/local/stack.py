@@ -44,6 +44,7 @@ _log = logging.getLogger(__name__)
 MAX_OVERLAYS = 250
 VERIFY_POLICIES = ("always", "sampled", "scrub-only")
 _SAMPLE = 16  # "sampled" verification: one region in this many
+_SUMS_BATCH = 65536  # a merge stores the base's checksums after this many regions (the data synced first)
 
 
 class StackedImage(Protocol):
@@ -103,10 +104,13 @@ class LayerStack:
         self.route: Callable[[core.Stack], core.Stack] = _identity
         self.images: set[StackedImage] = set()
         self._closed = False
-        self.base: BaseLayer = BaseLayer(directory, geo, writable)
+        #: Regions whose current version (in the live stack) was checked against its checksum.
+        self.verified = core.Bitmap(geo.num_regions)
+        self.base: BaseLayer = BaseLayer(directory, geo, writable, meta.id)
         try:
             for layer_id in meta.layers:
-                self.overlays.append(Overlay(directory, layer_id, geo, writable))
+                self.overlays.append(Overlay(directory, layer_id, geo, writable, meta.id,
+                                             top=layer_id == meta.layers[-1]))
         except BaseException:
             self.close()
             raise
@@ -130,11 +134,10 @@ class LayerStack:
         if verify == "always":
             return
         n = self.geo.num_regions
-        for layer in [self.base, *self.overlays]:
-            layer.verified.set_range(0, n)
-            if verify == "sampled":
-                for r in range(0, n, _SAMPLE):
-                    layer.verified.clear(r)
+        self.verified.set_range(0, n)
+        if verify == "sampled":
+            for r in range(0, n, _SAMPLE):
+                self.verified.clear(r)
 
     # -- read stacks -----------------------------------------------------------------------------
     def layers_up_to(self, layer_id: int) -> list[Layer]:
@@ -143,9 +146,11 @@ class LayerStack:
         return [*reversed(chosen), self.base]
 
     def build(self, layer_id: int | None = None) -> core.Stack:
-        """A read stack of the level ``layer_id`` (default: the top)."""
+        """A read stack of the level ``layer_id`` (default: the top). The live level shares
+        :attr:`verified`; another level (an image) verifies its regions afresh, in a bitmap of its own."""
         level = self.top.id if layer_id is None else layer_id
-        entries = [layer.stack_entry() for layer in self.layers_up_to(level)]
+        verified = self.verified if level == self.top.id else core.Bitmap(self.geo.num_regions)
+        entries = [layer.stack_entry(verified) for layer in self.layers_up_to(level)]
         return core.Stack(self.rw, self.geo.region_size, self.geo.size, entries)
 
     def build_live(self) -> core.Stack:
@@ -177,10 +182,10 @@ class LayerStack:
             self.top.hash_dirty()
         newest_first = list(reversed(self.overlays))
         found = core.resolve([ov.present for ov in newest_first], 0, self.geo.num_regions)
-        tables = [ov.sums for ov in newest_first] + [self.base.sums]
+        layers: list[Layer] = [*newest_first, self.base]
         out = bytearray(16 * self.geo.num_regions)
         for r, idx in enumerate(found):
-            out[16 * r : 16 * r + 16] = tables[idx][16 * r : 16 * r + 16]
+            out[16 * r : 16 * r + 16] = layers[idx].checksum_of(r)
         return out
 
     def _serving(self, r: int) -> tuple[Layer, int]:
@@ -193,20 +198,20 @@ class LayerStack:
     def committed_checksum(self, r: int) -> bytes | None:
         """The checksum of region ``r``'s current version, or None when it is not committed yet."""
         layer, _off = self._serving(r)
-        if isinstance(layer, Overlay) and layer.dirty.test(r):
+        if isinstance(layer, Overlay) and layer.is_dirty(r):
             return None
-        return bytes(layer.sums[16 * r : 16 * r + 16])
+        return layer.checksum_of(r)
 
     def verify(self, r: int) -> bool:
         """Read region ``r``'s current version and check it against its checksum (scrub); a good
         one is remembered as verified."""
-        layer, off = self._serving(r)
         try:
-            ok = bytes(layer.data.checksum(off, self.geo.region_length(r))) == bytes(layer.sums[16 * r : 16 * r + 16])
-        except MediaError:
+            layer, off = self._serving(r)
+            ok = bytes(layer.data.checksum(off, self.geo.region_length(r))) == layer.checksum_of(r)
+        except (MediaError, RegionUnavailableError):
             ok = False
         if ok:
-            layer.verified.set(r)
+            self.verified.set(r)
         return ok
 
     # -- local snapshots and images ---------------------------------------------------------------
@@ -256,10 +261,10 @@ class LayerStack:
         top.commit()
         top.checkpoint()
         new_id = self.meta.next_layer
-        Overlay.create(self.directory, new_id, self.geo)
+        Overlay.create(self.directory, new_id, self.geo, self.meta.id)
         fsync_dir(self.directory)
         self.meta.next_layer = new_id + 1
-        overlay = Overlay(self.directory, new_id, self.geo, True)
+        overlay = Overlay(self.directory, new_id, self.geo, True, self.meta.id, top=True)
         self.rw.acquire_write()
         try:
             self.overlays.append(overlay)
@@ -274,6 +279,7 @@ class LayerStack:
                 old.release()
         finally:
             self.rw.release_write()
+        top.freeze()
 
     def merge_oldest(self) -> int:
         """Fold the oldest overlay into the base; the caller holds the writer lock throughout.
@@ -310,20 +316,26 @@ class LayerStack:
         """
         base, geo = self.base, self.geo
         try:
+            sums: dict[int, bytes] = {}
             for r in regions:
-                off = ov.slot_offset(r, int(ov.which.test(r)))
                 rlen = geo.region_length(r)
                 try:
-                    if ov.data.checksum(off, rlen) != bytes(ov.sums[16 * r : 16 * r + 16]):
+                    off = ov.offset_of(r)
+                    csum = ov.checksum_of(r)
+                    if ov.data.checksum(off, rlen) != csum:
                         raise RegionUnavailableError(
                             f"{ov.data_path}: region {r} does not match its checksum; merge aborted",
                             (r,), Reason.CHECKSUM)
                     ov.data.copy_to(off, base.data, r * geo.region_size, rlen)
                 except MediaError as exc:
                     raise RegionUnavailableError(f"region {r}: {exc}; merge aborted", (r,), Reason.IO) from exc
-                base.sums[16 * r : 16 * r + 16] = ov.sums[16 * r : 16 * r + 16]
+                sums[r] = csum
+                if len(sums) >= _SUMS_BATCH:
+                    base.data.sync()
+                    base.store_sums(sums)
+                    sums = {}
             base.data.sync()
-            base.store_sums(regions)
+            base.store_sums(sums)
         except BaseException:
             with self.wlock:
                 self.meta.merging = None
@@ -336,8 +348,6 @@ class LayerStack:
         meta = self.meta
         self.rw.acquire_write()
         try:
-            for r in regions:
-                self.base.verified.set(r)
             self.overlays.pop(0)
             meta.snapshots = [LocalSnapshot(s.id, s.label, s.created_at, 0) if s.layer == ov.id else s
                               for s in meta.snapshots]
@@ -443,9 +453,11 @@ def create_volume_files(path: str, geo: Geometry) -> bool:
         if not existed:
             os.makedirs(build, mode=DIR_MODE)
             creator = lock_directory(build, False, "being created")  # released once in place
-        BaseLayer.create(build, geo)
-        Overlay.create(build, 1, geo)
-        write_meta(build, VolumeMeta(id=uuid.uuid4().hex, size=geo.size, region_size=geo.region_size,
+        volume_id = uuid.uuid4().hex
+        BaseLayer.create(build, geo, volume_id)
+        Overlay.create(build, 1, geo, volume_id)
+        fsync_dir(build)
+        write_meta(build, VolumeMeta(id=volume_id, size=geo.size, region_size=geo.region_size,
                                      created_at=time.time(), layers=[1], next_layer=2, snapshots=[],
                                      next_snapshot=1))
         if not existed:

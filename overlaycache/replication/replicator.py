@@ -43,7 +43,7 @@ from overlaycache.errors import (
     SecondaryUnavailableError,
     StoreError,
 )
-from overlaycache.local.layers import zero_checksums
+from overlaycache.local.layers import zero_checksum
 from overlaycache.local.meta import SecondaryRecord
 from overlaycache.store.base import ObjectStore
 from overlaycache.local.regions import ReplicationHost
@@ -127,7 +127,7 @@ class Replicator:
         self.max_lag_regions = max_lag_regions
         self.volume_id = vol.volume_id
         n, rs = vol.num_regions, vol.region_size
-        self._zero = zero_checksums(vol.size, rs)
+        self._zeros = (zero_checksum(rs), zero_checksum(vol.size - (n - 1) * rs), n - 1)
         self.remote = RemoteMap(os.path.join(vol.path, "remote.map"), rs, n, True)
         try:
             self.changes = ChangeMap(os.path.join(vol.path, "replication.map"), n, True)
@@ -190,6 +190,11 @@ class Replicator:
         if not self._registered:
             self._register_volume()
 
+    def _zero(self, r: int) -> bytes:
+        """The checksum of region ``r`` all zeros."""
+        full, tail, last = self._zeros
+        return tail if r == last else full
+
     def resync(self) -> None:
         """Mark every region whose current checksum differs from the secondary's record."""
         sums = self.vol.checksums()
@@ -200,7 +205,7 @@ class Replicator:
                 if r in remote_now:
                     continue
                 seq, csum = self.remote.get(r)
-                remote_sum = bytes(self._zero[16 * r : 16 * r + 16]) if seq == 0 else csum
+                remote_sum = self._zero(r) if seq == 0 else csum
                 if sums[16 * r : 16 * r + 16] != remote_sum:
                     self.pending.set(r)
                     marked += 1
@@ -344,7 +349,7 @@ class Replicator:
                 if r in bad:
                     continue
                 csum = bytes(core.checksum(data))
-                if csum == bytes(self._zero[16 * r : 16 * r + 16]):
+                if csum == self._zero(r):
                     zeros.append((r, seq, csum))
                 else:
                     stored.append((r, seq, data, csum))

@@ -5,9 +5,13 @@ secondary (``tests/golden/``).
 the v2 objects: the bytes before them, and what they decompress to). Regenerate only on a
 deliberate format change.
 
-The v1 volume (``python -m overlaycache.testing.golden tests/golden/v1``) has three regions of
-4 KiB plus a partial one, a frozen overlay behind a snapshot, a writable overlay with a committed
-journal batch, and one region in each slot.
+The local volume of format 2 (``python -m overlaycache.testing.golden tests/golden/local-v2``) has
+three regions of 4 KiB plus a partial one, a frozen overlay behind a snapshot, and a writable
+overlay whose region 1 was rewritten (a second slot) with its journal batches not checkpointed.
+Its id is fixed (all zeros), as every header, map record and journal batch is bound to it.
+
+``tests/golden/v1`` is the same volume in local format 1 (two slots per region), kept as it was
+written to show that format 1 is refused with a clear message; it is not rebuilt.
 
 The v2 objects on the secondary (``python -m overlaycache.testing.golden --v2 tests/golden``) are
 built from fixed inputs by :func:`build_pack_v2` and :func:`build_root_v2`: a pack
@@ -30,13 +34,14 @@ import sys
 
 __all__ = [
     "DEEP_ROOT_V2",
+    "GOLDEN_VOLUME_ID",
     "MANIFEST_V1",
     "PACK_V2",
     "ROOT_V2",
     "RootSpec",
+    "build_local",
     "build_pack_v2",
     "build_root_v2",
-    "build_v1",
     "normalise",
     "write_v2",
 ]
@@ -69,12 +74,22 @@ DEEP_ROOT_V2: RootSpec = (
      (1_048_581, 3, 0x10, 4253, 4096, b"y" * 4096), (1_099_999, 4, 0x10, 8349, 4096, b"z" * 4096)))
 
 
-def build_v1(path: str) -> None:
-    """Create the v1 golden volume at ``path`` (a new directory); call `normalise` after."""
+#: The golden volume's id.
+GOLDEN_VOLUME_ID = "0" * 32
+
+
+def build_local(path: str) -> None:
+    """Create the golden volume of local format 2 at ``path`` (a new directory); call `normalise`
+    after."""
+    import uuid
+    from unittest import mock
+
     from overlaycache import Volume
 
     rs = 4096
-    with Volume.create(path, 3 * rs + 100, region_size=rs) as vol:
+    with mock.patch("overlaycache.local.stack.uuid.uuid4", return_value=uuid.UUID(GOLDEN_VOLUME_ID)):
+        vol = Volume.create(path, 3 * rs + 100, region_size=rs)
+    with vol:
         vol.write(0, b"A" * rs)
         vol.write(rs, b"B" * rs)
         vol.merge_down()  # A, B into the base
@@ -82,7 +97,7 @@ def build_v1(path: str) -> None:
         vol.local_snapshot("golden")
         vol.write(rs + 10, b"overlay")  # partial write: copy-up from the base
         vol.flush()
-        vol.write(rs + 10, b"OVERLAY")  # second version goes to the other slot
+        vol.write(rs + 10, b"OVERLAY")  # the second version goes to another slot
         vol.write(3 * rs, b"tail" * 25)
         vol.flush()  # commits the top overlay's journal batch
         # Keep the journal un-checkpointed: skip close()'s checkpoint by tearing down directly.
@@ -90,13 +105,13 @@ def build_v1(path: str) -> None:
 
 
 def normalise(path: str) -> None:
-    """Fixed id and times, so the files are reproducible."""
+    """Fixed times, so the files are reproducible."""
     from overlaycache._fs import write_json_atomic
 
     with open(os.path.join(path, "volume.json")) as f:
         meta = json.load(f)
     meta.pop("checksum")
-    meta["id"] = "0" * 32
+    assert meta["id"] == GOLDEN_VOLUME_ID
     meta["created_at"] = 0.0
     for snap in meta["snapshots"]:
         snap["created_at"] = 0.0
@@ -188,13 +203,13 @@ def _main(argv: list[str]) -> int:
         write_v2(argv[1])
         return 0
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m overlaycache.testing.golden DIR   (replaces DIR, e.g. tests/golden/v1)\n"
+        print("usage: python -m overlaycache.testing.golden DIR   (replaces DIR, e.g. tests/golden/local-v2)\n"
               "       python -m overlaycache.testing.golden --v2 DIR   (the v2 objects, e.g. tests/golden)",
               file=sys.stderr)
         return 2
     target = argv[0]
     shutil.rmtree(target, ignore_errors=True)
-    build_v1(target)
+    build_local(target)
     normalise(target)
     return 0
 
