@@ -9,7 +9,8 @@ Steps, per size:
 
 * ``create``: ``Volume.create`` + ``close`` without a secondary, and again with one (async mode);
 * ``open``: ``Volume.open`` of the volume without a secondary; the resident memory it adds (VmRSS
-  after open minus before), and what each further local snapshot adds;
+  after open minus before), the bits per region its per-region bitmaps take when every page of
+  them is touched (without and with a secondary), and what each further local snapshot adds;
 * ``failover``: open with the secondary, then mark 1% of the regions unavailable (every 100th),
   which begins the distributed overlay;
 * ``crash reopen``: a child opens the volume with its secondary (async), writes 16 regions, flushes
@@ -48,6 +49,15 @@ def rss():
                 return int(line.split()[1]) * 1024
     return 0
 
+def bitmap_bits(vol):
+    """Bits per region held by the volume's per-region bitmaps (allocated, touched or not)."""
+    maps = [vol._layers.verified, vol._unavail.bits]
+    for ov in vol._layers.overlays:
+        maps += [ov.present] + ([ov.dirty] if ov.dirty is not None else [])
+    if vol._repl is not None:
+        maps.append(vol._repl.set.pending)
+    return sum(64 * m.nwords for m in maps) / vol.num_regions
+
 op, path, size, store_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 out = {}
 if op == "create":
@@ -65,6 +75,7 @@ elif op == "open":
     vol = Volume.open(path)
     out["open_s"] = time.perf_counter() - t
     out["rss_open"] = rss() - before
+    out["bits_open"] = bitmap_bits(vol)
     vol.write(0, b"x" * 65536)
     vol.write(size - 65536, b"y" * 65536)
     vol.flush()
@@ -87,6 +98,7 @@ elif op == "open_secondary":
     t = time.perf_counter()
     vol = Volume.open(path, secondary=store)
     out["open_secondary_s"] = time.perf_counter() - t
+    out["bits_open_secondary"] = bitmap_bits(vol)
     vol.close()
 elif op == "failover":
     store = LocalStore(store_dir)
@@ -216,6 +228,9 @@ COLUMNS = [
     ("open_secondary_s", "open + secondary", lambda r: _fmt_s(r.get("open_secondary_s"))),
     ("rss_open", "memory after open", lambda r: _fmt_b(r.get("rss_open"))),
     ("rss_open_bits", "bits/region", lambda r: f"{8 * r['rss_open'] / r['regions']:.2f}" if "rss_open" in r else "-"),
+    ("bits_open", "bitmaps (bits/region)", lambda r: f"{r['bits_open']:.1f}" if "bits_open" in r else "-"),
+    ("bits_open_secondary", "with secondary", lambda r: f"{r['bits_open_secondary']:.1f}"
+     if "bits_open_secondary" in r else "-"),
     ("rss_per_snapshot", "memory per snapshot", lambda r: _fmt_b(r.get("rss_per_snapshot"))),
     ("failover_s", "begin_distributed_overlay (1%)", lambda r: _fmt_s(r.get("failover_s"))),
     ("reopen_after_kill_s", "reopen after kill -9", lambda r: _fmt_s(r.get("reopen_after_kill_s"))),

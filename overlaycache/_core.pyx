@@ -11,6 +11,7 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.errno cimport errno
 from libc.string cimport memcmp, memcpy, memset
 
+import mmap
 import os
 
 from overlaycache.errors import (
@@ -24,6 +25,8 @@ from overlaycache.errors import (
 )
 
 IMPLEMENTATION = "cython"
+#: Bitmaps of at least this many bytes are backed by an anonymous mapping (untouched pages are free).
+BITMAP_MMAP_BYTES = 1 << 16
 
 cdef extern from "_oc.h" nogil:
     int oc_install_sigbus_handler()
@@ -136,7 +139,9 @@ cdef class Bitmap:
         self.nbits = nbits
         self.nwords = (nbits + 63) >> 6
         if buffer is None:
-            buffer = bytearray(max(self.nwords, 1) * 8)
+            nbytes = max(self.nwords, 1) * 8
+            # A large one in zero pages of its own: memory only where bits were ever set.
+            buffer = mmap.mmap(-1, nbytes) if nbytes >= BITMAP_MMAP_BYTES else bytearray(nbytes)
         self._buf = _Buffer(buffer, True)
         if self._buf.view.len < self.nwords * 8:
             raise InvalidBufferError(
@@ -289,20 +294,26 @@ cdef class Bitmap:
         """Whether any bit is set."""
         return self._next(0, self.nbits, True) < self.nbits
 
-    def to_bytes(self):
-        """The words as little-endian bytes (``8 * nwords`` bytes)."""
-        return (<char *>self.words)[:self.nwords * 8]
+    def to_bytes(self, Py_ssize_t start=0, object stop=None):
+        """Words ``start..stop`` (default: all) as little-endian bytes."""
+        cdef Py_ssize_t end = self.nwords if stop is None else stop
+        if start < 0 or end < start or end > self.nwords:
+            raise OutOfRangeError(f"words [{start}, {end}) out of [0, {self.nwords})")
+        return (<char *>self.words)[start * 8 : end * 8]
 
     def load(self, data):
-        """Replace the contents with ``data`` as produced by :meth:`to_bytes`."""
+        """Replace the contents with ``data`` as produced by :meth:`to_bytes` (words that are
+        zero in both are not written: a mapping's untouched pages stay untouched)."""
         cdef const unsigned char[::1] src = data
         cdef Py_ssize_t i
-        cdef unsigned char *dst = <unsigned char *>self.words
+        cdef uint64_t word
         if src.shape[0] != self.nwords * 8:
             raise InvalidArgumentError(
                 f"expected {self.nwords * 8} bytes of bitmap, got {src.shape[0]}")
-        for i in range(src.shape[0]):
-            dst[i] = src[i]
+        for i in range(self.nwords):
+            memcpy(&word, &src[8 * i], 8)
+            if word != 0 or self.words[i] != 0:
+                self.words[i] = word
 
     def copy(self):
         """An independent copy that owns its memory."""

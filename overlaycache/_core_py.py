@@ -7,6 +7,7 @@ It is slow and simple on purpose: the compiled core is tested against it. Files 
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from array import array
@@ -28,6 +29,8 @@ from overlaycache.errors import (
 IMPLEMENTATION = "python"
 
 _ALL = (1 << 64) - 1
+#: Bitmaps of at least this many bytes are backed by an anonymous mapping (untouched pages are free).
+BITMAP_MMAP_BYTES = 1 << 16
 _PAGE = 4096
 REC_SIZE = 32  # a slot record (see local.layers)
 
@@ -63,7 +66,9 @@ class Bitmap:
         self.nbits = nbits
         self.nwords = (nbits + 63) >> 6
         if buffer is None:
-            buffer = bytearray(max(self.nwords, 1) * 8)
+            nbytes = max(self.nwords, 1) * 8
+            # A large one in zero pages of its own: memory only where bits were ever set.
+            buffer = mmap.mmap(-1, nbytes) if nbytes >= BITMAP_MMAP_BYTES else bytearray(nbytes)
         view = _writable_view(buffer)
         if len(view) < self.nwords * 8:
             raise InvalidBufferError(f"buffer of {len(view)} bytes is too small for {nbits} bits")
@@ -146,8 +151,11 @@ class Bitmap:
     def any(self) -> bool:
         return any(self._get(i) for i in range(self.nbits))
 
-    def to_bytes(self) -> bytes:
-        return bytes(_readonly_view(self._owner)[: self.nwords * 8])
+    def to_bytes(self, start: int = 0, stop: int | None = None) -> bytes:
+        end = self.nwords if stop is None else stop
+        if start < 0 or end < start or end > self.nwords:
+            raise OutOfRangeError(f"words [{start}, {end}) out of [0, {self.nwords})")
+        return bytes(_readonly_view(self._owner)[start * 8 : end * 8])
 
     def load(self, data: Any) -> None:
         src = _readonly_view(data)

@@ -251,6 +251,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label")
     m = sub.add_parser("merge-down", help="fold the oldest overlay into the base")
     m.add_argument("path")
+    v = sub.add_parser("convert", help="convert a closed volume of local format 1 to format 2, in place")
+    v.add_argument("path")
     store_help = ("the secondary: s3://BUCKET/PREFIX?endpoint_url=... (credentials from boto3's standard chain: "
                   "environment, profile, ...), file:///DIR or a directory")
     k = sub.add_parser("check", help="check a volume's packs, PITs and map pages on its secondary")
@@ -359,6 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "merge-down":
             with Volume.open(args.path) as vol:
                 print(f"merged {vol.merge_down()} regions into the base")
+        elif args.command == "convert":
+            from overlaycache.local.convert import convert_volume
+
+            rep = convert_volume(args.path)
+            print(f"converted {rep.path} to local format 2: {rep.overlays} overlays, {rep.regions} region versions"
+                  + (f"; regions {rep.unavailable} failed their checksums and are unavailable" if rep.unavailable
+                     else "") + (" (an interrupted conversion finished)" if rep.resumed else ""))
         elif args.command == "collapse":
             _collapse(args)
         elif args.command == "check":

@@ -174,7 +174,10 @@ class Router:
         with self._wlock:
             if self._state() is None:
                 return set()
-            return {r for r, c in enumerate(self.codes(0, self._geo.num_regions)) if c == CODE_R}
+            out: set[int] = set()
+            for a, b in self._unavail.bits.runs():  # only unavailable regions can be R
+                out.update(a + i for i, c in enumerate(self.codes(a, b - a)) if c == CODE_R)
+            return out
 
     # -- local copies (the volume as LocalRegions / ReplicationHost / HydrationTarget) -------------
     @property
@@ -194,6 +197,12 @@ class Router:
             raise VolumeClosedError(f"{self.path}: volume is closed")
         return stack
 
+    def is_uncommitted(self, r: int) -> bool:
+        """Whether region ``r``'s current local version was written since the last commit (a
+        racy read of a bit, which the caller allows for)."""
+        overlays = self._layers.overlays
+        return bool(overlays) and overlays[-1].is_dirty(r)
+
     def local_checksum(self, r: int) -> bytes | None:
         """The checksum of region ``r``'s current local version, or None when it is not known valid
         (R, or not yet committed). The caller holds the writer lock."""
@@ -208,8 +217,8 @@ class Router:
         Raises
         ------
         RegionUnavailableError
-            The region is not valid locally (its newest local version is lost); a failed read
-            marks it unavailable.
+            The region is not valid locally (its newest local version is lost); the caller
+            reports a failed read with :meth:`note_unreadable`.
         """
         return self.read_run(r, 1)
 
@@ -227,10 +236,14 @@ class Router:
                 return bytes(self._live().read(first * rs, end - first * rs))
             except StaleStackError:
                 continue
-            except RegionUnavailableError as exc:
-                with self._wlock:
-                    self._unavail.mark(exc.regions, exc.reason)
-                raise
+
+    def note_unreadable(self, exc: RegionUnavailableError) -> None:
+        """A read for shipping failed: mark the regions unavailable. Called by the thread that
+        asked for the shipping (which may hold the writer lock), never by the threads that read:
+        they must not wait for that lock while their caller waits for them."""
+        if exc.reason in (Reason.IO, Reason.CHECKSUM):
+            with self._wlock:
+                self._unavail.mark(exc.regions, exc.reason)
 
     def read_if_identical(self, r: int, csum: bytes, offset: int, out: memoryview) -> bool:
         """Read ``out`` at ``offset`` (inside region ``r``) locally if the region's current version

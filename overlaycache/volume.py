@@ -40,6 +40,7 @@ from overlaycache.jobs import IDLE, Job
 from overlaycache.local.geometry import byte_view, check_callback, check_geometry, check_path, check_regions
 from overlaycache.local.meta import (
     DistributedOverlayState,
+    SecondaryRecord,
     VolumeMeta,
     read_meta,
     remove_meta_temp,
@@ -49,7 +50,7 @@ from overlaycache.local.stack import LayerStack, create_volume_files, remove_vol
 from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.remote.catalog import Catalog
 from overlaycache.replication import Lag, Replicator, attach
-from overlaycache.replication.replicator import PACK_DELAY, PACK_SIZE, check_pack_options
+from overlaycache.replication.replicator import PACK_DELAY, PACK_SIZE, check_pack_options, store_location
 from overlaycache.store.metered import MeteredStore, StoreStats
 from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
 from overlaycache.store.base import ObjectStore
@@ -245,6 +246,13 @@ class Volume:
             raise InvalidArgumentError("replication needs a secondary store")
         existed = create_volume_files(path, geo)
         try:
+            if secondary is not None:
+                # An empty volume is in step with a secondary that has nothing of it yet: recorded
+                # as such, attaching compares nothing (which would cost time in the volume's size).
+                meta = read_meta(path)
+                meta.secondary = SecondaryRecord(store_location(secondary), replication or "async", period,
+                                                 clean=True)
+                write_meta(path, meta)
             return cls.open(path, secondary=secondary, replication=replication, period=period,
                             sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers,
                             verify=verify, cache_regions=cache_regions, readahead=readahead,
@@ -335,6 +343,8 @@ class Volume:
                         self._repl.before_commit()
                     top = self._live_layers().top
                     top.commit()
+                    if self._repl is not None:
+                        self._repl.after_commit()
                     top.checkpoint()
                     if self._unavail.dirty:
                         self._unavail.store()
@@ -545,6 +555,8 @@ class Volume:
             if self._repl is not None:
                 self._repl.before_commit()
             self._live_layers().top.commit()
+            if self._repl is not None:
+                self._repl.after_commit()
             if self._unavail.dirty:
                 self._unavail.store()
 

@@ -109,3 +109,18 @@ def test_collapse_and_check_from_the_command_line(tmp_path: Path, capsys: pytest
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert err.startswith("overlaycache: error: ") and err.count("\n") == 1
+
+
+def test_convert_a_format_1_volume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`overlaycache convert` converts a volume of local format 1; a second run is a one-line error."""
+    import shutil
+
+    shutil.copytree(Path(__file__).parent / "golden" / "v1", tmp_path / "v")
+    assert main(["info", str(tmp_path / "v")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "overlaycache convert" in err
+    assert main(["convert", str(tmp_path / "v")]) == 0
+    assert "converted" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "v")]) == 1
+    assert "already of local format 2" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "v")]) == 0

@@ -69,15 +69,62 @@ def test_local_files_are_reproduced_byte_for_byte(tmp_path: Path) -> None:
         assert (tmp_path / "v" / name).read_bytes() == (GOLDEN / "local-v2" / name).read_bytes(), name
 
 
-def test_local_format_1_is_refused_by_name(tmp_path: Path) -> None:
-    """A volume of local format 1 is never misread: opening it is a FormatError that says so."""
+def test_local_format_1_is_refused_by_name_and_converted(tmp_path: Path) -> None:
+    """A volume of local format 1 is never misread: opening it is a FormatError that says how to
+    convert it; converted, it reads as it did, snapshots included, and takes writes."""
+    from overlaycache.local.convert import convert_volume
+
     shutil.copytree(GOLDEN / "v1", tmp_path / "v")
     saved = {p.name: p.read_bytes() for p in (tmp_path / "v").iterdir()}
     for readonly in (True, False):
-        with pytest.raises(FormatError, match="local format 1") as err:
+        with pytest.raises(FormatError, match="local format 1.*overlaycache convert") as err:
             Volume.open(tmp_path / "v", readonly=readonly)
         assert err.value.path == str(tmp_path / "v" / "volume.json")
     assert {p.name: p.read_bytes() for p in (tmp_path / "v").iterdir() if p.name != "lock"} == saved
+    report = convert_volume(tmp_path / "v")
+    assert (report.overlays, report.regions, report.unavailable) == (2, 3, [])
+    with pytest.raises(FormatError, match="already"):
+        convert_volume(tmp_path / "v")
+    region1 = bytearray(b"B" * RS)
+    region1[10:17] = b"OVERLAY"
+    with Volume.open(tmp_path / "v") as vol:
+        assert vol.read(0, vol.size) == b"A" * RS + bytes(region1) + b"C" * RS + b"tail" * 25
+        with vol.image("golden") as img:
+            assert img.read(0, img.size) == b"A" * RS + b"B" * RS + b"C" * RS + bytes(100)
+        assert vol.layer_map() == [0, 3, 2, 3]
+        vol.write(0, b"new")
+    with Volume.open(tmp_path / "v") as vol:
+        assert vol.read(0, 4) == b"newA"
+        assert vol.merge_down() >= 1
+
+
+def test_conversion_of_a_damaged_version_and_a_resumed_one(tmp_path: Path) -> None:
+    """A format-1 version that fails its checksum is not converted: its region is unavailable. A
+    conversion interrupted once its files were complete is finished by the next run."""
+    from unittest import mock
+
+    from overlaycache.errors import RegionUnavailableError
+    from overlaycache.local import convert as convert_mod
+
+    shutil.copytree(GOLDEN / "v1", tmp_path / "v")
+    n = 4
+    with open(tmp_path / "v" / "overlay-2.data", "r+b") as f:  # region 2 ('C'), slot 0 of overlay 2
+        f.seek(2 * RS + 5)
+        f.write(b"!")
+    real = convert_mod.write_json_atomic
+    with mock.patch.object(convert_mod, "write_json_atomic", side_effect=KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            convert_mod.convert_volume(tmp_path / "v")
+    assert convert_mod.write_json_atomic is real
+    with pytest.raises(FormatError, match="local format 1"):
+        Volume.open(tmp_path / "v")
+    report = convert_mod.convert_volume(tmp_path / "v")
+    assert report.resumed
+    with Volume.open(tmp_path / "v") as vol:
+        assert vol.unavailable == frozenset({2})
+        with pytest.raises(RegionUnavailableError):
+            vol.read(2 * RS, 1)
+        assert vol.read(0, RS) == b"A" * RS and vol.num_regions == n
 
 
 # -- the objects on the secondary (format v2) ---------------------------------------------------

@@ -108,7 +108,7 @@ def zero_checksum(length: int) -> bytes:
     return bytes(core.checksum(bytes(length)))
 
 
-def _pack_header(magic: bytes, geo: Geometry, volume_id: str, layer_id: int) -> bytes:
+def pack_header(magic: bytes, geo: Geometry, volume_id: str, layer_id: int) -> bytes:
     head = _HEAD.pack(magic, FORMAT_VERSION, geo.region_size, geo.num_regions, geo.size, volume_key(volume_id),
                       layer_id)
     return head + bytes(core.checksum(head))
@@ -116,7 +116,7 @@ def _pack_header(magic: bytes, geo: Geometry, volume_id: str, layer_id: int) -> 
 
 def _check_header(raw: bytes, magic: bytes, path: str, geo: Geometry, volume_id: str, layer_id: int) -> None:
     if len(raw) >= 8 and raw[:8] in _V1_MAGICS:
-        raise FormatError(f"{path}: a volume of local format 1; convert it with `overlaycache convert`", path)
+        raise FormatError(f"{path}: a file of local format 1; convert the volume with `overlaycache convert`", path)
     if len(raw) < _HEAD.size + 16:
         raise FormatError(f"{path}: truncated header", path)
     fields = raw[: _HEAD.size]
@@ -156,7 +156,7 @@ def _map_records(fd: int, path: str, length: int, head: bytes) -> Any:
     return core.DataFile(fd, length, True, path, private=True)
 
 
-def _create_sparse(path: str, head: bytes, length: int) -> None:
+def create_sparse(path: str, head: bytes, length: int) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         os.pwrite(fd, head, 0)
@@ -246,7 +246,7 @@ class BaseLayer(Layer):
             os.fsync(fd)
         finally:
             os.close(fd)
-        _create_sparse(os.path.join(directory, "base.sums"), _pack_header(_BASE_MAGIC, geo, volume_id, 0),
+        create_sparse(os.path.join(directory, "base.sums"), pack_header(_BASE_MAGIC, geo, volume_id, 0),
                        SUMS_OFFSET + SUM_SIZE * geo.num_regions)
 
     def checksum_of(self, r: int) -> bytes:
@@ -380,9 +380,9 @@ class Overlay(Layer):
             os.fsync(fd)
         finally:
             os.close(fd)
-        _create_sparse(prefix + ".map", _pack_header(_MAP_MAGIC, geo, volume_id, layer_id).ljust(MAP_OFFSET, b"\0"),
+        create_sparse(prefix + ".map", pack_header(_MAP_MAGIC, geo, volume_id, layer_id).ljust(MAP_OFFSET, b"\0"),
                        MAP_OFFSET + REC_SIZE * geo.num_regions)
-        head = _pack_header(_TABLE_MAGIC, geo, volume_id, layer_id) + _TABLE.pack(0, 0, 0, 0)
+        head = pack_header(_TABLE_MAGIC, geo, volume_id, layer_id) + _TABLE.pack(0, 0, 0, 0)
         write_file_new(prefix + ".table", head + bytes(core.checksum(head)))
         write_file_new(prefix + ".journal", b"")
 
@@ -422,7 +422,7 @@ class Overlay(Layer):
         return set(free)
 
     def _store_table(self) -> None:
-        head = (_pack_header(_TABLE_MAGIC, self.geo, self.volume_id, self.id)
+        head = (pack_header(_TABLE_MAGIC, self.geo, self.volume_id, self.id)
                 + _TABLE.pack(self._batch, self.slots_end, len(self._free), self.present.nwords))
         free = array("Q", sorted(self._free)).tobytes()
         body = b"".join((head, free, self.present.to_bytes()))

@@ -198,7 +198,8 @@ def read_meta(directory: str) -> VolumeMeta:
     path = os.path.join(directory, META_NAME)
     if obj["version"] != META_VERSION:
         raise FormatError(f"{directory}: a volume of local format {obj['version']} (overlays of two slots per "
-                          f"region); this overlaycache reads format {META_VERSION}", path)
+                          f"region); this overlaycache reads format {META_VERSION}: convert it with "
+                          f"`overlaycache convert {directory}`", path)
     return VolumeMeta.from_json(obj, path)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from overlaycache.errors import RegionUnavailableError
+
 
 class LocalRegions(Protocol):
     """A volume's local regions, as the replicator and recovery images see them."""
@@ -62,6 +64,12 @@ class LocalRegions(Protocol):
 
     def remote_regions(self) -> set[int]:
         """The regions read from the remote PIT (R) now: not valid locally."""
+
+    def note_unreadable(self, exc: RegionUnavailableError) -> None:
+        """A read of :meth:`read_run` failed: remember the regions as unavailable."""
+
+    def is_uncommitted(self, r: int) -> bool:
+        """Whether region ``r``'s current local version was written since the last commit."""
 
     def read_if_identical(self, r: int, csum: bytes, offset: int, out: memoryview) -> bool:
         """Read ``out`` at ``offset`` (inside region ``r``) locally if the region's current version

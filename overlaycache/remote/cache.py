@@ -12,13 +12,16 @@ such an entry is dropped and fetched again, never returned. The cache survives r
 
 The volume's read kernel reads cached regions directly (``Stack.route``): :meth:`RegionCache.bind`
 keeps a *slot table* for one PIT snapshot, one int64 per region (``k > 0``: slot ``k - 1``; ``-1``:
-the version is all zeros; ``0``: not cached). The table and the slots change only while holding the
+the version is all zeros; ``0``: not cached). The table is an anonymous mapping: only its pages that
+hold an entry take memory (at most one per cached slot or all-zero region noted), so it costs what
+the cache holds, not the volume's size. The table and the slots change only while holding the
 stack's lock for writing, so a reader never sees a slot being refilled.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -71,7 +74,7 @@ class RegionCache:
         #: Per slot: the checksum of its version, and whether its bytes were checked since open.
         self.sums = bytearray(16 * capacity)
         self.verified = core.Bitmap(capacity)
-        self.slot_table: bytearray | None = None
+        self.slot_table: mmap.mmap | None = None
         self._table: memoryview | None = None
         self._bound: Any = None
         self.hits = self.misses = self.dropped = 0
@@ -127,7 +130,7 @@ class RegionCache:
     # -- the slot table of one snapshot ----------------------------------------------------------
     def bind(self, manifest: Any) -> None:
         """Keep :attr:`slot_table` for the PIT snapshot of ``manifest`` from now on."""
-        table = bytearray(8 * manifest.num_regions)
+        table = mmap.mmap(-1, 8 * manifest.num_regions)  # zero pages, allocated when written
         view = memoryview(table).cast("q")
         with self._lock, self._exclusive():
             for slot, entry in enumerate(self._entries):

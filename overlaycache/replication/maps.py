@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import struct
@@ -108,8 +109,14 @@ class RemoteMap:
         return leaf_entries(out)
 
     def reset(self) -> None:
-        """Forget every record (a new secondary); the reserved seq stays."""
-        self.data.write(_RMAP_HEADER, bytes(RECORD.size * self.n))
+        """Forget every record (a new secondary); the reserved seq stays. The records are dropped
+        by cutting the file back to its header and extending it again (sparse, whatever the
+        volume's size); nothing reads them meanwhile."""
+        self.sync()
+        length = _RMAP_HEADER + RECORD.size * self.n
+        os.ftruncate(self._fd, _RMAP_HEADER)
+        os.ftruncate(self._fd, length)
+        os.fsync(self._fd)
         self.tree.reset()
         self.sync()
 
@@ -139,7 +146,8 @@ class ChangeMap:
         if not os.path.exists(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
-                os.write(fd, _CMAP_MAGIC + bytes(self.nbytes))
+                os.write(fd, _CMAP_MAGIC)
+                os.ftruncate(fd, 8 + self.nbytes)  # sparse: an empty map costs nothing
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -151,9 +159,110 @@ class ChangeMap:
             raise FormatError(f"{path}: not a replication map of this volume (or truncated)", path)
         self.initial = raw[8:]
 
-    def store(self, words: bytes) -> None:
-        os.pwrite(self._fd, words, 8)
+    def store_words(self, first_word: int, words: bytes) -> None:
+        """Write bitmap words from ``first_word`` on (not synced: see :meth:`sync`)."""
+        os.pwrite(self._fd, words, 8 + 8 * first_word)
+
+    def sync(self) -> None:
         os.fdatasync(self._fd)
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class ChangeSet:
+    """The regions changed locally and not yet on the secondary, kept with ``replication.map``.
+
+    ``pending`` (a bitmap, with its count kept) are waiting to be shipped; ``inflight`` are being
+    shipped; ``unconfirmed`` were shipped from a version that was not committed locally yet, so a
+    crash could take the local volume back to an older version than the secondary's newest: they
+    stay in the durable map until a local commit makes what was shipped durable (then a crash
+    cannot undo it), so an unclean reopen ships them again instead of comparing every region. The
+    durable map holds the union of the three; :meth:`persist` writes only its words that changed.
+    The caller serialises access.
+    """
+
+    _WORDS = 512  # words per page of the map written at once (4 KiB)
+
+    def __init__(self, cmap: ChangeMap) -> None:
+        self.map = cmap
+        self.pending = core.Bitmap(cmap.n)
+        self.pending.load(cmap.initial)
+        self.count = self.pending.count()
+        self.inflight: set[int] = set()
+        self.unconfirmed: set[int] = set()
+        self._touched: set[int] = set()
+
+    def _touch(self, first: int, last: int) -> None:
+        span = 64 * self._WORDS
+        self._touched.update(range(first // span, last // span + 1))
+
+    @property
+    def dirty(self) -> bool:
+        """Whether the durable map is behind."""
+        return bool(self._touched)
+
+    def lag(self) -> int:
+        """Regions pending or in flight."""
+        return self.count + len(self.inflight)
+
+    def add_range(self, first: int, stop: int) -> None:
+        """Mark regions ``first..stop-1`` pending."""
+        new = (stop - first) - self.pending.count(first, stop)
+        if new:
+            self.pending.set_range(first, stop)
+            self.count += new
+            self._touch(first, stop - 1)
+
+    def add(self, r: int) -> None:
+        if not self.pending.test(r):
+            self.pending.set(r)
+            self.count += 1
+            self._touch(r, r)
+
+    def take(self, r: int) -> bool:
+        """Move ``r`` from pending to in flight (the durable map does not change); whether it was
+        pending and not in flight already."""
+        if not self.pending.test(r) or r in self.inflight:
+            return False
+        self.pending.clear(r)
+        self.count -= 1
+        self.inflight.add(r)
+        return True
+
+    def settle(self, r: int, failed: bool, uncommitted: bool = False) -> None:
+        """A shipment of ``r`` ended: back to pending if it ``failed``, else done (and kept in the
+        durable map if the version shipped was ``uncommitted`` locally)."""
+        self.inflight.discard(r)
+        if failed:
+            self.add(r)
+        elif uncommitted:
+            self.unconfirmed.add(r)
+        self._touch(r, r)
+
+    def confirm(self, regions: set[int]) -> None:
+        """A local commit made the versions shipped of ``regions`` durable."""
+        done = regions & self.unconfirmed
+        self.unconfirmed -= done
+        for r in done:
+            self._touch(r, r)
+
+    def persist(self) -> None:
+        """Write the changed words of the durable map (the union of the three sets), then sync."""
+        if not self._touched:
+            return
+        extra = sorted(self.inflight | self.unconfirmed)
+        nwords = self.pending.nwords
+        for page in sorted(self._touched):
+            w0 = page * self._WORDS
+            w1 = min(nwords, w0 + self._WORDS)
+            words = bytearray(self.pending.to_bytes(w0, w1))
+            lo, hi = 64 * w0, 64 * w1
+            i = bisect.bisect_left(extra, lo)
+            while i < len(extra) and extra[i] < hi:
+                r = extra[i] - lo
+                words[r >> 3] |= 1 << (r & 7)
+                i += 1
+            self.map.store_words(w0, bytes(words))
+        self.map.sync()
+        self._touched.clear()

@@ -48,7 +48,7 @@ from overlaycache.local.meta import SecondaryRecord
 from overlaycache.store.base import ObjectStore
 from overlaycache.local.regions import ReplicationHost
 from overlaycache.remote.catalog import Catalog
-from overlaycache.replication.maps import ChangeMap, RemoteMap
+from overlaycache.replication.maps import ChangeMap, ChangeSet, RemoteMap
 from overlaycache.replication.modes import Mode, mode_for
 from overlaycache.remote.layout import (
     PackEntry,
@@ -134,13 +134,13 @@ class Replicator:
         except BaseException:
             self.remote.close()
             raise
-        self.pending = core.Bitmap(n)
-        self.pending.load(self.changes.initial)
-        self.inflight = core.Bitmap(n)
+        self.set = ChangeSet(self.changes)
+        self.pending = self.set.pending  # read-only here: changed through self.set
+        self._committing: set[int] = set()
         self._next_seq = self.remote.reserved
         self._cv = threading.Condition(threading.Lock())
-        self._map_dirty = False
-        self._dirty_since: float | None = time.monotonic() if self.pending.any() else None
+        self._read_uncommitted: set[int] = set()  # read for shipping while not committed locally
+        self._dirty_since: float | None = time.monotonic() if self.set.count else None
         self._workers = max(1, workers)
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="oc-ship")
         self._stopping = False
@@ -207,7 +207,7 @@ class Replicator:
                 seq, csum = self.remote.get(r)
                 remote_sum = self._zero(r) if seq == 0 else csum
                 if sums[16 * r : 16 * r + 16] != remote_sum:
-                    self.pending.set(r)
+                    self.set.add(r)
                     marked += 1
             if marked and self._dirty_since is None:
                 self._dirty_since = time.monotonic()
@@ -242,9 +242,7 @@ class Replicator:
     def note_written(self, first: int, last: int) -> None:
         """Regions ``first..last`` changed (called by the writer after the data is in place)."""
         with self._cv:
-            if self.pending.count(first, last + 1) != last + 1 - first:
-                self._map_dirty = True
-                self.pending.set_range(first, last + 1)
+            self.set.add_range(first, last + 1)
             if self._dirty_since is None:
                 self._dirty_since = time.monotonic()
             self._changed_since_publish = True
@@ -254,23 +252,28 @@ class Replicator:
         """Put regions back into the pending set (durably): a step that dropped them failed."""
         with self._cv:
             for r in regions:
-                self.pending.set(r)
+                self.set.add(r)
             self._persist_map_locked()
             if self._dirty_since is None:
                 self._dirty_since = time.monotonic()
             self._cv.notify_all()
 
     def _persist_map_locked(self) -> None:
-        a = int.from_bytes(self.pending.to_bytes(), "little")
-        b = int.from_bytes(self.inflight.to_bytes(), "little")
-        self.changes.store((a | b).to_bytes(self.changes.nbytes, "little"))
-        self._map_dirty = False
+        self.set.persist()
 
     def before_commit(self) -> None:
-        """Make the write intents durable before the data they cover is committed."""
+        """Make the write intents durable before the data they cover is committed (the caller
+        holds the volume's writer lock, and calls :meth:`after_commit` once the commit is done)."""
         with self._cv:
-            if self._map_dirty:
-                self._persist_map_locked()
+            self._persist_map_locked()
+            self._committing = set(self.set.unconfirmed)
+
+    def after_commit(self) -> None:
+        """The local commit that followed :meth:`before_commit` is durable: the versions shipped
+        before it began are durable locally too (written to the durable map lazily)."""
+        with self._cv:
+            self.set.confirm(self._committing)
+            self._committing = set()
 
     def throttle(self, timeout: float = 30.0) -> None:
         """Back-pressure: wait while the lag exceeds ``max_lag_regions`` (not while degraded)."""
@@ -279,7 +282,7 @@ class Replicator:
         deadline = time.monotonic() + timeout
         with self._cv:
             while (not self.degraded and not self._stopping
-                   and self.pending.count() + self.inflight.count() > self.max_lag_regions):
+                   and self.set.lag() > self.max_lag_regions):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     _log.warning("%s: replication lag above %d regions for %.0fs; continuing",
@@ -289,7 +292,7 @@ class Replicator:
 
     def lag(self) -> Lag:
         with self._cv:
-            regions = self.pending.count() + self.inflight.count()
+            regions = self.set.lag()
             age = 0.0 if not regions or self._dirty_since is None else time.monotonic() - self._dirty_since
         return Lag(regions, regions * self.vol.region_size, age)
 
@@ -312,10 +315,11 @@ class Replicator:
                     if len(regions) >= limit:
                         break
             for r in regions:
-                if self.pending.test(r) and not self.inflight.test(r):
-                    self.pending.clear(r)
-                    self.inflight.set(r)
+                if self.set.take(r):
                     claimed.append((r, self._alloc_seq_locked()))
+            # Durable before anything of them is read or stored: a crash from now on finds them
+            # in the map (a version shipped may be one that a crash takes back locally).
+            self._persist_map_locked()
         return claimed
 
     def _read_versions(self, chunk: list[tuple[int, int]]
@@ -344,6 +348,12 @@ class Replicator:
                     except RegionUnavailableError as exc:
                         unreadable.append((r, exc))
                         datas.append(memoryview(b""))
+            # Checked after the read: a version read while uncommitted is either still so, or was
+            # committed since (durable), or was overwritten since (and is pending again).
+            dirty = [r for r, _seq in run if self.vol.is_uncommitted(r)]
+            if dirty:
+                with self._cv:
+                    self._read_uncommitted.update(dirty)
             bad = {r for r, _exc in unreadable}
             for (r, seq), data in zip(run, datas):
                 if r in bad:
@@ -416,7 +426,7 @@ class Replicator:
         self._ensure_registered()
         parallel = min(self._workers, 8)  # packs in flight: bounds memory to 8 packs (x2 while built)
         with self._cv:
-            expected = self.pending.count() if regions is None else len(regions)
+            expected = self.set.count if regions is None else len(regions)
         total = 0
         error: BaseException | None = None
         running: dict[Future[list[tuple[int, RegionUnavailableError]]], list[tuple[int, int]]] = {}
@@ -440,6 +450,7 @@ class Replicator:
             failed: list[int] = []
             shipped = 0
             settled: list[list[tuple[int, int]]] = []  # chunks no longer in flight
+            failures: list[RegionUnavailableError] = []  # local reads that failed
             steps: list[int] = []  # regions stored, per pack
             for fut in finished:
                 chunk = running.pop(fut)
@@ -451,6 +462,7 @@ class Replicator:
                     error = error or exc
                     continue
                 for r, unread in unreadable:
+                    failures.append(unread)
                     if skip_unreadable is None:
                         failed.append(r)
                         error = error or unread
@@ -463,16 +475,18 @@ class Replicator:
                 settled.extend(queued)
                 queued = []
             with self._cv:
+                bad = set(failed)
                 for chunk in settled:
                     for r, _seq in chunk:
-                        self.inflight.clear(r)
-                for r in failed:
-                    self.pending.set(r)
+                        self.set.settle(r, r in bad, r in self._read_uncommitted)
+                        self._read_uncommitted.discard(r)
                 self.remote.sync()
                 self._persist_map_locked()
-                if not self.pending.any() and not self.inflight.any():
+                if not self.set.count and not self.set.inflight:
                     self._dirty_since = None
                 self._cv.notify_all()
+            for unread_exc in failures:
+                self.vol.note_unreadable(unread_exc)
             self.shipped += shipped
             for n in steps:
                 total += n
@@ -485,7 +499,7 @@ class Replicator:
     def wait_idle(self) -> None:
         """Wait until no shipment is in flight."""
         with self._cv:
-            while self.inflight.any():
+            while self.set.inflight:
                 self._cv.wait(0.5)
 
     def _ship_until_stored(self, regions: list[int]) -> None:
@@ -494,7 +508,7 @@ class Replicator:
         while True:
             self.ship(regions)
             with self._cv:
-                while any(self.inflight.test(r) for r in regions):
+                while any(r in self.set.inflight for r in regions):
                     self._cv.wait(0.5)
                 if not any(self.pending.test(r) for r in regions):
                     return
@@ -503,7 +517,7 @@ class Replicator:
         """Sync mode: ship the regions a write touched before it is acknowledged."""
         try:
             self._ship_until_stored(list(range(first, last + 1)))
-            if self.degraded and not self.pending.any():
+            if self.degraded and not self.set.count:
                 self.degraded = False
                 _log.warning("%s: secondary %s reachable again; sync replication resumed",
                              self.vol.path, self.store.location)
@@ -557,14 +571,14 @@ class Replicator:
     def _pack_due_locked(self) -> bool:
         """Whether the background shipper should ship now: a full pack is pending, or the oldest
         pending change waited ``pack_delay``."""
-        if not self.pending.any() or not self.policy.ships_in_background(self.degraded):
+        if not self.set.count or not self.policy.ships_in_background(self.degraded):
             return False
-        if self.pending.count() >= self.pack_regions:
+        if self.set.count >= self.pack_regions:
             return True
         return self._dirty_since is None or time.monotonic() - self._dirty_since >= self.pack_delay
 
     def _pack_wait_locked(self) -> float:
-        if self.pending.any() and self._dirty_since is not None:
+        if self.set.count and self._dirty_since is not None:
             return max(0.01, min(1.0, self.pack_delay - (time.monotonic() - self._dirty_since)))
         return 1.0
 
@@ -597,7 +611,7 @@ class Replicator:
         """
         self._ensure_registered()
         with self._cv:
-            if self.pending.any() or self.inflight.any():
+            if self.set.count or self.set.inflight:
                 raise StoreError("internal: publish with regions pending")  # pragma: no cover
             seq = self._alloc_seq_locked()
             self.remote.sync()
@@ -657,6 +671,11 @@ def check_pack_options(pack_size: int, pack_delay: float) -> None:
         raise InvalidArgumentError(f"pack_delay must be seconds from 0 to 3600, got {pack_delay!r}")
 
 
+def store_location(store: ObjectStore) -> str:
+    """Where ``store`` is, as the volume's metadata records it (no credentials)."""
+    return str(getattr(store, "location", repr(store)))
+
+
 def attach(host: ReplicationHost, store: ObjectStore, known: SecondaryRecord | None, mode: str | None,
            period: float | None, sync_policy: str, max_lag_regions: int | None,
            workers: int, pack_size: int = PACK_SIZE, pack_delay: float = PACK_DELAY
@@ -666,15 +685,16 @@ def attach(host: ReplicationHost, store: ObjectStore, known: SecondaryRecord | N
 
     Without ``mode`` (and ``period``) the volume resumes what ``known``, the record of the
     secondary it was last attached to, says. The secondary's records are compared with the
-    volume's checksums (and what differs marked pending) when it is a new or another secondary,
-    when changes went untracked while detached, or when the volume was not closed cleanly (a
-    region may have been shipped from a write that was never flushed and is now lost locally).
+    volume's checksums (and what differs marked pending) when it is a new or another secondary, or
+    when changes went untracked while detached. A volume that was not closed cleanly needs no
+    comparison: the durable replication map holds every region that may differ (changed and not
+    shipped, or shipped from a version a crash may have taken back, see :class:`ChangeSet`).
     """
-    location = str(getattr(store, "location", repr(store)))
+    location = store_location(store)
     mode = mode or (known.mode if known is not None else None) or "async"
     if period is None and known is not None:
         period = known.period
-    resync = known is None or known.location != location or known.resync or not known.clean
+    resync = known is None or known.location != location or known.resync
     repl = Replicator(host, store, mode, period, sync_policy, max_lag_regions, workers, resync=False,
                       pack_size=pack_size, pack_delay=pack_delay)
     try:

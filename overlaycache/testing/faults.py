@@ -475,7 +475,7 @@ def _check_failed_state(vol: Volume, model: Model, pending: set[int]) -> None:
     repl = vol._repl
     assert repl is not None
     assert {r for r in range(model.nreg) if r not in BAD and repl.pending.test(r)} == pending
-    assert not repl.inflight.any()
+    assert not repl.set.inflight
 
 
 def forced_replication_killed(tmp_path: Path, server: Server, where: str, k: int, reopen: bool) -> None:
