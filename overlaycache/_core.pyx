@@ -11,7 +11,7 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.errno cimport errno
 from libc.string cimport memcmp, memcpy, memset
 
-import mmap
+import mmap as _mmap
 import os
 
 from overlaycache.errors import (
@@ -141,7 +141,7 @@ cdef class Bitmap:
         if buffer is None:
             nbytes = max(self.nwords, 1) * 8
             # A large one in zero pages of its own: memory only where bits were ever set.
-            buffer = mmap.mmap(-1, nbytes) if nbytes >= BITMAP_MMAP_BYTES else bytearray(nbytes)
+            buffer = _mmap.mmap(-1, nbytes) if nbytes >= BITMAP_MMAP_BYTES else bytearray(nbytes)
         self._buf = _Buffer(buffer, True)
         if self._buf.view.len < self.nwords * 8:
             raise InvalidBufferError(

@@ -145,6 +145,8 @@ class Volume:
             return False
         repl.close()  # first: its shipper may still be using the router's reference
         self._repl = None
+        if self._layers is not None:
+            self._layers.before_commit = self._layers.after_commit = _nothing
         if self._router is not None:
             self._router.repl = None
         return True
@@ -167,6 +169,9 @@ class Volume:
                                                   sync_policy, max_lag_regions, workers, pack_size, pack_delay)
         self._metered = metered
         self._route.repl = self._repl
+        assert self._layers is not None
+        self._layers.before_commit = self._repl.before_commit
+        self._layers.after_commit = self._repl.after_commit
         self._store_meta()
         self._repl.start()
 
@@ -900,6 +905,10 @@ class Volume:
         if fold:
             self._live_layers().fold()
         return todo
+
+def _nothing() -> None:
+    pass
+
 
 def _check_store(store: Any) -> None:
     if store is not None and not isinstance(store, ObjectStore):

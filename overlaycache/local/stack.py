@@ -63,6 +63,10 @@ def _identity(stack: core.Stack) -> core.Stack:
     return stack
 
 
+def _nothing() -> None:
+    pass
+
+
 class LayerStack:
     """The base and overlays of a volume, opened, with the live read stack and the metadata.
 
@@ -102,6 +106,10 @@ class LayerStack:
         self.overlays: list[Overlay] = []
         self.live: core.Stack | None = None
         self.route: Callable[[core.Stack], core.Stack] = _identity
+        #: Called around every commit of the top overlay made here (a push): the replication map's
+        #: write intents must be durable before the data they cover (see Volume.flush).
+        self.before_commit: Callable[[], None] = _nothing
+        self.after_commit: Callable[[], None] = _nothing
         self.images: set[StackedImage] = set()
         self._closed = False
         #: Regions whose current version (in the live stack) was checked against its checksum.
@@ -258,7 +266,9 @@ class LayerStack:
         if len(self.overlays) >= MAX_OVERLAYS:
             raise InvalidArgumentError(f"at most {MAX_OVERLAYS} overlays: merge_down() first")
         top = self.top
+        self.before_commit()
         top.commit()
+        self.after_commit()
         top.checkpoint()
         new_id = self.meta.next_layer
         Overlay.create(self.directory, new_id, self.geo, self.meta.id)
