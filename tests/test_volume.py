@@ -267,3 +267,15 @@ Volume.create(sys.argv[1], 1 << 20, region_size=4096)
         assert names == [".vol.creating-busy", ".vol.creating-young"]
     finally:
         os.close(fd)
+
+
+def test_messages_about_many_regions_stay_short() -> None:
+    """Region lists in messages are ranges, cut after a few dozen with the rest counted."""
+    from overlaycache.local.geometry import region_ranges
+
+    assert region_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert region_ranges([]) == "none"
+    text = region_ranges(range(0, 10_000_000, 100))
+    assert len(text) < 400 and text.endswith("... and 99,968 more regions in 99,968 ranges")
+    assert region_ranges([*range(0, 40, 2), *range(100, 200)], limit=20) == (
+        ",".join(str(r) for r in range(0, 40, 2)) + " ... and 100 more regions in 1 ranges")

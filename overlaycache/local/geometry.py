@@ -71,20 +71,34 @@ def check_geometry(size: Any, region_size: Any) -> Geometry:
     return Geometry(size, region_size)
 
 
-def region_ranges(regions: Iterable[int]) -> str:
-    """``0-3,7,9-10`` for a sorted list of regions (for messages)."""
+def region_ranges(regions: Iterable[int], limit: int = 32) -> str:
+    """``0-3,7,9-10`` for a sorted list of regions (for messages); past ``limit`` ranges, the
+    rest is counted (``... and 12,345 more regions in 9,876 ranges``), so that a message stays a
+    line whatever the number of regions."""
     out: list[str] = []
+    more = more_ranges = 0
     start = prev = None
     for r in regions:
         if prev is not None and r == prev + 1:
             prev = r
             continue
-        if start is not None:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if start is not None and prev is not None:
+            if len(out) < limit:
+                out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            else:
+                more += prev - start + 1
+                more_ranges += 1
         start = prev = r
-    if start is not None:
-        out.append(f"{start}" if start == prev else f"{start}-{prev}")
-    return ",".join(out) or "none"
+    if start is not None and prev is not None:
+        if len(out) < limit:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        else:
+            more += prev - start + 1
+            more_ranges += 1
+    text = ",".join(out) or "none"
+    if more:
+        text += f" ... and {more:,} more regions in {more_ranges:,} ranges"
+    return text
 
 
 def check_path(name: str, value: Any) -> str:

@@ -20,6 +20,9 @@ from overlaycache.local.geometry import region_ranges
 _log = logging.getLogger(__name__)
 
 _MAGIC = b"OCUNAV01"
+#: Reasons are remembered (for messages) for this many regions; beyond, they are reported as
+#: "unavailable" (memory stays bounded whatever the number of regions marked).
+_MAX_REASONS = 1 << 16
 
 
 class UnavailableMap:
@@ -58,7 +61,8 @@ class UnavailableMap:
         the volume's writer lock); returns the newly marked ones, which are logged."""
         new = []
         for r in regions:
-            self.reasons.setdefault(r, reason)
+            if len(self.reasons) < _MAX_REASONS:
+                self.reasons.setdefault(r, reason)
             if self.add(r):
                 new.append(r)
         if new:
