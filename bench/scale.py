@@ -50,7 +50,7 @@ def rss():
     return 0
 
 def bitmap_bits(vol):
-    """Bits per region held by the volume's per-region bitmaps (allocated, touched or not)."""
+    # bits per region held by the volume's per-region bitmaps (allocated, touched or not)
     maps = [vol._layers.verified, vol._unavail.bits]
     for ov in vol._layers.overlays:
         maps += [ov.present] + ([ov.dirty] if ov.dirty is not None else [])

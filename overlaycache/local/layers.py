@@ -333,7 +333,7 @@ class Overlay(Layer):
         self.journal_path = prefix + ".journal"
         n = geo.num_regions
         self.present = core.Bitmap(n)
-        self.dirty: Any = core.Bitmap(n) if writable else None  # written since the last commit
+        self.dirty: Any = core.Bitmap(n) if writable and top else None  # written since the last commit
         self._dirty_list = array("Q")  # the same regions, in the order they became dirty
         self._releasing = array("Q")  # slots of versions replaced since the last commit: free after it
         self._free: list[int] = []  # a heap of free slots (lowest reused first)
