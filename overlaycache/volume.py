@@ -50,6 +50,7 @@ from overlaycache.local.stack import LayerStack, create_volume_files, remove_vol
 from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.remote.catalog import Catalog
 from overlaycache.replication import Lag, Replicator, attach
+from overlaycache.replication.maps import DetachedChanges
 from overlaycache.replication.replicator import PACK_DELAY, PACK_SIZE, check_pack_options, store_location
 from overlaycache.store.metered import MeteredStore, StoreStats
 from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
@@ -97,6 +98,7 @@ class Volume:
         self._layers: LayerStack | None = None
         self._router: Router | None = None
         self._repl: Replicator | None = None
+        self._detached: DetachedChanges | None = None  # write intents while opened without the secondary
         self._metered: MeteredStore | None = None
         self._hydration: Hydration | None = None
         try:
@@ -159,10 +161,11 @@ class Volume:
             if mode is not None:
                 raise InvalidArgumentError("replication needs a secondary store")
             if known is not None and not known.resync:
-                # Opened without its secondary: changes made now are not tracked, so compare
-                # checksums with the secondary's records when it is attached again.
-                known.resync = True
-                self._store_meta()
+                # Opened without its secondary: the regions written go on into the replication
+                # map, so that attaching it again ships them (nothing else to compare).
+                self._detached = DetachedChanges(os.path.join(self.path, "replication.map"), self._geo.num_regions)
+                assert self._layers is not None
+                self._layers.before_commit = self._detached.before_commit
             return
         metered = MeteredStore(store)
         self._repl, self._meta.secondary = attach(self._route, metered, known, mode, period,
@@ -346,6 +349,8 @@ class Volume:
                 if not self.readonly:
                     if self._repl is not None:
                         self._repl.before_commit()
+                    elif self._detached is not None:
+                        self._detached.before_commit()
                     top = self._live_layers().top
                     top.commit()
                     if self._repl is not None:
@@ -365,6 +370,9 @@ class Volume:
                     self._teardown()
 
     def _teardown(self) -> None:
+        if self._detached is not None:
+            self._detached.close()
+            self._detached = None
         if self._layers is not None:
             self._layers.close()
         if self._router is not None:
@@ -543,6 +551,8 @@ class Volume:
                 self._rw.release_write()
                 if repl is not None and pos > offset:  # the regions written, even if a later one failed
                     repl.note_written(offset // rs, (pos - 1) // rs)
+                elif self._detached is not None and pos > offset:
+                    self._detached.note_written(offset // rs, (pos - 1) // rs)
         if repl is not None and repl.policy.ships_on_write:
             self.flush()
             repl.ship_after_write(offset // rs, (offset + len(view) - 1) // rs)
@@ -559,6 +569,8 @@ class Volume:
             self._live()
             if self._repl is not None:
                 self._repl.before_commit()
+            elif self._detached is not None:
+                self._detached.before_commit()
             self._live_layers().top.commit()
             if self._repl is not None:
                 self._repl.after_commit()

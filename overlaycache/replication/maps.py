@@ -18,6 +18,7 @@ import bisect
 import logging
 import os
 import struct
+import threading
 import time
 
 from overlaycache._fs import FILE_MODE
@@ -168,6 +169,33 @@ class ChangeMap:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class DetachedChanges:
+    """The write intents of a volume opened without its secondary: the regions written go into
+    ``replication.map`` (durably before the data is committed, as with the secondary attached), so
+    that attaching the secondary again ships them, without comparing every region."""
+
+    def __init__(self, path: str, num_regions: int) -> None:
+        self.set = ChangeSet(ChangeMap(path, num_regions, True))
+        self._lock = threading.Lock()
+
+    def note_written(self, first: int, last: int) -> None:
+        """Regions ``first..last`` changed."""
+        with self._lock:
+            self.set.add_range(first, last + 1)
+
+    def before_commit(self) -> None:
+        """Make the intents durable (before the data they cover is committed)."""
+        with self._lock:
+            self.set.persist()
+
+    def after_commit(self) -> None:
+        """Nothing was shipped: nothing to confirm."""
+
+    def close(self) -> None:
+        self.before_commit()
+        self.set.map.close()
 
 
 class ChangeSet:
