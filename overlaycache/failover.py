@@ -197,6 +197,18 @@ class Router:
             raise VolumeClosedError(f"{self.path}: volume is closed")
         return stack
 
+    def written_regions(self) -> Iterable[int]:
+        """The regions that may hold data: held by an overlay, or with a checksum in the base."""
+        with self._wlock:
+            layers = self._layers
+            ranges = [run for ov in layers.overlays for run in ov.present.runs()]
+            ranges += layers.base.written_runs()
+        last = -1
+        for a, b in sorted(ranges):
+            for r in range(max(a, last + 1), b):
+                yield r
+            last = max(last, b - 1)
+
     def is_uncommitted(self, r: int) -> bool:
         """Whether region ``r``'s current local version was written since the last commit (a
         racy read of a bit, which the caller allows for)."""

@@ -470,3 +470,26 @@ def test_a_sequential_read_of_a_pit_is_one_ranged_get_per_pack(tmp_path: Path) -
         for off in range(0, 4 << 20, 1 << 20):
             assert img.read(off, 1 << 20) == data[off : off + (1 << 20)]
         assert img.gets == 4
+
+
+def test_first_attach_compares_only_regions_with_data(tmp_path: Path, s3_store: Any) -> None:
+    """Attaching a secondary to a volume that has data compares only the regions that may hold
+    some (in an overlay, or with a checksum in the base), not every region of the volume."""
+    n = 4096
+    with Volume.create(tmp_path / "v", n * RS, region_size=RS) as vol:
+        for r in (3, 700, 701, 4000):
+            vol.write(r * RS, bytes([r % 251 + 1]) * RS)
+        vol.merge_down()  # into the base
+        vol.write(1500 * RS, b"top" * 100)  # in the overlay
+        vol.write(2000 * RS, bytes(RS))  # written, but all zeros: nothing to ship
+    from overlaycache.failover import Router
+
+    def no_full_table(self: Any) -> bytearray:
+        raise AssertionError("every region's checksum read")
+
+    with mock.patch.object(Router, "checksums", no_full_table):
+        vol = Volume.open(tmp_path / "v", secondary=s3_store)
+    with vol:
+        assert vol.replication_lag.regions == 5
+        snap = vol.snapshot()
+        assert s3_store.image(vol.id, snap).read(0, n * RS) == vol.read(0, n * RS)

@@ -259,6 +259,38 @@ class BaseLayer(Layer):
     def offset_of(self, r: int) -> int:
         return r * self.geo.region_size
 
+    def written_runs(self) -> list[tuple[int, int]]:
+        """Runs of regions with a checksum recorded in ``base.sums`` (any other one is all zeros),
+        found from the file's allocated extents: the time follows what the base holds."""
+        n = self.geo.num_regions
+        end = SUMS_OFFSET + SUM_SIZE * n
+        runs: list[tuple[int, int]] = []
+        pos = SUMS_OFFSET
+        while pos < end:
+            try:
+                start = os.lseek(self._sums_fd, pos, os.SEEK_DATA)
+                stop = min(end, os.lseek(self._sums_fd, start, os.SEEK_HOLE))
+            except OSError:  # no more data (ENXIO), or no hole support: the rest
+                if pos == SUMS_OFFSET and not runs:
+                    return [(0, n)]
+                break
+            if start >= end:
+                break
+            first = max(0, (start - SUMS_OFFSET) // SUM_SIZE)
+            last = min(n, (stop - SUMS_OFFSET + SUM_SIZE - 1) // SUM_SIZE)
+            raw = os.pread(self._sums_fd, SUM_SIZE * (last - first), SUMS_OFFSET + SUM_SIZE * first)
+            r = first
+            while r < last:
+                while r < last and not any(raw[SUM_SIZE * (r - first) : SUM_SIZE * (r - first + 1)]):
+                    r += 1
+                a = r
+                while r < last and any(raw[SUM_SIZE * (r - first) : SUM_SIZE * (r - first + 1)]):
+                    r += 1
+                if r > a:
+                    runs.append((a, r))
+            pos = stop
+        return runs
+
     def store_sums(self, sums: dict[int, bytes]) -> None:
         """Write the checksums of regions (``{region: checksum}``) to ``base.sums`` and fsync it."""
         for r in sorted(sums):

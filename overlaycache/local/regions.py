@@ -8,6 +8,7 @@ implements them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from overlaycache.errors import RegionUnavailableError
@@ -64,6 +65,14 @@ class LocalRegions(Protocol):
 
     def remote_regions(self) -> set[int]:
         """The regions read from the remote PIT (R) now: not valid locally."""
+
+    def local_checksum(self, r: int) -> bytes | None:
+        """The checksum of region ``r``'s current local version, or None when it is not known
+        valid (remote, or not committed yet)."""
+
+    def written_regions(self) -> Iterable[int]:
+        """The regions that may hold data (every other one is all zeros), in order: those held
+        by an overlay, and those of the base with a checksum recorded."""
 
     def note_unreadable(self, exc: RegionUnavailableError) -> None:
         """A read of :meth:`read_run` failed: remember the regions as unavailable."""

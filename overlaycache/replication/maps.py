@@ -101,6 +101,23 @@ class RemoteMap:
         self.data.write(_RMAP_HEADER + RECORD.size * r, RECORD.pack(seq, pack, offset, length, csum))
         self.tree.mark(r)
 
+    def has_records(self) -> bool:
+        """Whether any region has a record (the file is not all holes past its header)."""
+        end = _RMAP_HEADER + RECORD.size * self.n
+        pos = _RMAP_HEADER
+        chunk = 1 << 20
+        while pos < end:
+            try:
+                start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                stop = min(end, os.lseek(self._fd, start, os.SEEK_HOLE))
+            except OSError:
+                return False  # ENXIO: no data past ``pos``
+            for off in range(start, stop, chunk):  # allocated blocks may hold only zeros
+                if any(os.pread(self._fd, min(chunk, stop - off), off)):
+                    return True
+            pos = stop
+        return False
+
     def leaf_body(self, i: int) -> tuple[bytes, int]:
         """The map-page entries of leaf ``i``, from the records."""
         first = i * LEAF_SPAN

@@ -195,18 +195,33 @@ class Replicator:
         full, tail, last = self._zeros
         return tail if r == last else full
 
-    def resync(self) -> None:
-        """Mark every region whose current checksum differs from the secondary's record."""
-        sums = self.vol.checksums()
+    def resync(self, fresh: bool = False) -> None:
+        """Mark every region whose current checksum differs from the secondary's record.
+
+        ``fresh``: the secondary holds nothing of the volume yet (its records were reset), so
+        only the regions that may hold data are compared (:meth:`ReplicationHost.written_regions`):
+        the time follows the volume's data, not its size.
+        """
         remote_now = self.vol.remote_regions()  # not valid locally: nothing to compare or ship
         marked = 0
+        if fresh:
+            candidates: Iterable[int] = self.vol.written_regions()
+            local: Callable[[int], bytes | None] = self.vol.local_checksum
+        else:
+            sums = self.vol.checksums()
+            candidates = range(self.vol.num_regions)
+
+            def local(r: int) -> bytes | None:
+                return bytes(sums[16 * r : 16 * r + 16])
+
         with self._cv:
-            for r in range(self.vol.num_regions):
+            for r in candidates:
                 if r in remote_now:
                     continue
+                mine = local(r)
                 seq, csum = self.remote.get(r)
                 remote_sum = self._zero(r) if seq == 0 else csum
-                if sums[16 * r : 16 * r + 16] != remote_sum:
+                if mine is not None and mine != remote_sum:
                     self.set.add(r)
                     marked += 1
             if marked and self._dirty_since is None:
@@ -698,10 +713,11 @@ def attach(host: ReplicationHost, store: ObjectStore, known: SecondaryRecord | N
     repl = Replicator(host, store, mode, period, sync_policy, max_lag_regions, workers, resync=False,
                       pack_size=pack_size, pack_delay=pack_delay)
     try:
+        fresh = known is None or known.location != location or repl.remote.recreated
         if known is not None and known.location != location:
             repl.remote.reset()
         if resync or repl.remote.recreated:
-            repl.resync()
+            repl.resync(fresh=fresh and not repl.remote.has_records())
     except BaseException:
         repl.close()
         raise
