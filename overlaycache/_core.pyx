@@ -263,8 +263,9 @@ cdef class Bitmap:
             a = self._next(b, end, value)
         return out
 
-    def test_many(self, indices):
-        """Test many bits at once; returns a bytearray of 0/1, one per index."""
+    def test_many(self, indices, bint set_them=False):
+        """Test many bits at once; returns a bytearray of 0/1, one per index. With ``set_them``,
+        each bit is set after it is tested (a repeated index tests 1 the second time)."""
         cdef const uint64_t[::1] idx
         cdef Py_ssize_t k, n
         cdef uint64_t i
@@ -288,6 +289,8 @@ cdef class Bitmap:
             for k in range(n):
                 i = idx[k]
                 o[k] = (self.words[i >> 6] >> (i & 63)) & 1
+                if set_them:
+                    self.words[i >> 6] |= (<uint64_t>1) << (i & 63)
         return out
 
     def any(self):

@@ -135,7 +135,7 @@ class Bitmap:
                 i += 1
         return out
 
-    def test_many(self, indices: Any) -> bytearray:
+    def test_many(self, indices: Any, set_them: bool = False) -> bytearray:
         try:
             idx = list(memoryview(indices).cast("B").cast("Q"))
         except (TypeError, ValueError):
@@ -146,7 +146,13 @@ class Bitmap:
         for i in idx:
             if i >= self.nbits:
                 raise OutOfRangeError(f"bit {i} out of range [0, {self.nbits})")
-        return bytearray(self._get(i) for i in idx)
+        if not set_them:
+            return bytearray(self._get(i) for i in idx)
+        out = bytearray(len(idx))
+        for k, i in enumerate(idx):
+            out[k] = self._get(i)
+            self.set(i)
+        return out
 
     def any(self) -> bool:
         return any(self._get(i) for i in range(self.nbits))

@@ -48,7 +48,7 @@ from overlaycache.errors import (
 )
 from overlaycache._fs import fsync_dir
 from overlaycache.local.geometry import Geometry
-from overlaycache.local.layers import Overlay
+from overlaycache.local.layers import MAX_UNCOMMITTED, Overlay
 from overlaycache.snapshots import LocalSnapshot, Snapshot
 
 __all__ = ["Clone", "CloneHost", "CloneInfo", "CloneSource", "open_clone"]
@@ -526,6 +526,8 @@ class Clone:
                     self.image.readinto(r * rs, region)
                 filled[r] = region
             for r, intra, piece in pieces:
+                if ov.regions_dirty >= MAX_UNCOMMITTED // 2:
+                    ov.commit()  # bounds the slots held by replaced versions
                 fill = filled.get(r)
                 ov.write_region(r, intra, piece, None if fill is None else memoryview(fill))
                 self._verified.set(r)

@@ -390,7 +390,7 @@ class Router:
             _log.error("%s: distributed overlay began; unsynced regions %s could not be read and fall back "
                        "to their last replicated version", path, region_ranges(sorted(lost)))
         _log.warning("%s: distributed overlay began at layer %d over PIT %s; unavailable regions %s are "
-                     "read from %s", path, layer, snap.id, region_ranges(sorted(self._unavail.regions())),
+                     "read from %s", path, layer, snap.id, self._unavail.summary(),
                      repl.store.location)
         return snap
 

@@ -37,7 +37,7 @@ from overlaycache.failover import CODE_NAMES, READAHEAD_BYTES, Router
 from overlaycache.hydration import Hydration
 from overlaycache.images import RecoveryImage, VirtualImage
 from overlaycache.jobs import IDLE, Job
-from overlaycache.local.geometry import byte_view, check_callback, check_geometry, check_path, check_regions
+from overlaycache.local.geometry import byte_view, check_callback, check_geometry, check_path
 from overlaycache.local.meta import (
     DistributedOverlayState,
     SecondaryRecord,
@@ -46,6 +46,7 @@ from overlaycache.local.meta import (
     remove_meta_temp,
     write_meta,
 )
+from overlaycache.local.layers import MAX_UNCOMMITTED
 from overlaycache.local.stack import LayerStack, create_volume_files, remove_volume_files
 from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.remote.catalog import Catalog
@@ -58,8 +59,9 @@ from overlaycache.store.base import ObjectStore
 
 _log = logging.getLogger(__name__)
 
-#: A write that leaves this many regions written since the last commit commits them (as flush does).
-AUTO_COMMIT_REGIONS = 1 << 16
+#: Once this many regions are written since the last commit, a write commits them (as flush does)
+#: before it goes on: it bounds the slots held by replaced versions (see layers.MAX_UNCOMMITTED).
+AUTO_COMMIT_REGIONS = MAX_UNCOMMITTED // 2
 
 
 class Volume:
@@ -540,8 +542,17 @@ class Volume:
             top = layers.overlays[-1]
             self._rw.acquire_write()
             pos, end = offset, offset + len(view)
+            noted = offset  # regions up to here are in the replication map already
             try:
                 while pos < end:
+                    if top.regions_dirty >= AUTO_COMMIT_REGIONS:
+                        self._rw.release_write()
+                        try:
+                            self._note_written(noted, pos)
+                            noted = pos
+                            self.flush()
+                        finally:
+                            self._rw.acquire_write()
                     r = pos // rs
                     intra = pos - r * rs
                     take = min(rs - intra, end - pos)
@@ -549,16 +560,20 @@ class Volume:
                     pos += take
             finally:
                 self._rw.release_write()
-                if repl is not None and pos > offset:  # the regions written, even if a later one failed
-                    repl.note_written(offset // rs, (pos - 1) // rs)
-                elif self._detached is not None and pos > offset:
-                    self._detached.note_written(offset // rs, (pos - 1) // rs)
+                self._note_written(noted, pos)  # the regions written, even if a later one failed
         if repl is not None and repl.policy.ships_on_write:
             self.flush()
             repl.ship_after_write(offset // rs, (offset + len(view) - 1) // rs)
-        elif top.regions_dirty >= AUTO_COMMIT_REGIONS:
-            self.flush()  # bounds what a commit has to do, and the slots held by replaced versions
         return len(view)
+
+    def _note_written(self, start: int, stop: int) -> None:
+        """Record bytes ``[start, stop)`` as written in the replication map (or the detached one)."""
+        if stop <= start:
+            return
+        rs = self._geo.region_size
+        tracker = self._repl if self._repl is not None else self._detached
+        if tracker is not None:
+            tracker.note_written(start // rs, (stop - 1) // rs)
 
     def flush(self) -> None:
         """Make every write so far durable (data first, then the journal that points at it)."""
@@ -777,7 +792,7 @@ class Volume:
             A region number is not in the volume.
         """
         self._check_writable()
-        regs = [self._geo.check_region(r) for r in check_regions("regions", regions)]
+        regs = self._geo.check_regions("regions", regions)
         self._mark(regs, Reason.DECLARED)
         if self._repl is not None and regs:
             self.begin_distributed_overlay()

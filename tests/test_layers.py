@@ -172,3 +172,30 @@ def test_files_of_another_volume_are_refused(tmp_path: Path) -> None:
         (a / name).write_bytes(saved)
     with Volume.open(a) as vol:
         assert vol.read(0, RS) == b"x" * RS
+
+
+def test_a_huge_write_commits_on_the_way_and_frozen_overlays_shrink_their_mapping(tmp_path: Path) -> None:
+    """One write of more regions than may stay uncommitted commits part-way (the slots of replaced
+    versions stay bounded, the top's mapping is never passed); a frozen overlay is mapped at the
+    length of its slots, not with the top's room to grow."""
+    from overlaycache.local.layers import MAX_UNCOMMITTED
+    from overlaycache.volume import AUTO_COMMIT_REGIONS
+
+    n = AUTO_COMMIT_REGIONS + 8192
+    path = tmp_path / "v"
+    with Volume.create(path, n * RS, region_size=RS) as vol:
+        for version in (1, 2):
+            data = bytes([version]) * (n * RS)
+            assert vol.write(0, data) == len(data)
+        top = vol._layers.top
+        assert top.slots_end <= n + MAX_UNCOMMITTED
+        assert vol.read(0, RS) == b"\x02" * RS and vol.read((n - 1) * RS, RS) == b"\x02" * RS
+        frozen = vol._layers.top
+        big = frozen.data.length
+        vol.local_snapshot("s")
+        assert frozen.data.length == frozen.slots_end * RS < big
+        assert frozen._retired == []  # the large mapping was closed once unpinned
+        with vol.image("s") as img:
+            assert img.read((n - 1) * RS, RS) == b"\x02" * RS
+    with Volume.open(path) as vol:
+        assert vol.read(0, n * RS) == b"\x02" * (n * RS)

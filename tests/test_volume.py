@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -270,12 +271,24 @@ Volume.create(sys.argv[1], 1 << 20, region_size=4096)
 
 
 def test_messages_about_many_regions_stay_short() -> None:
-    """Region lists in messages are ranges, cut after a few dozen with the rest counted."""
+    """Region lists in messages are ranges, cut after a few dozen with the rest counted; a
+    volume's unavailable regions are summarised from the first part of its bitmap."""
     from overlaycache.local.geometry import region_ranges
 
     assert region_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert region_ranges([]) == "none"
-    text = region_ranges(range(0, 10_000_000, 100))
-    assert len(text) < 400 and text.endswith("... and 99,968 more regions in 99,968 ranges")
+    text = region_ranges(range(0, 10_000_000, 100))  # a sequence: the rest is counted, not walked
+    assert len(text) < 400 and text.endswith("... and 99,968 more regions")
+    text = region_ranges(iter(range(0, 10_000, 100)))  # an iterator: walked, its ranges counted
+    assert text.endswith("... and 68 more regions in 68 ranges")
     assert region_ranges([*range(0, 40, 2), *range(100, 200)], limit=20) == (
-        ",".join(str(r) for r in range(0, 40, 2)) + " ... and 100 more regions in 1 ranges")
+        ",".join(str(r) for r in range(0, 40, 2)) + " ... and 100 more regions")
+    from overlaycache.errors import Reason
+    from overlaycache.local.unavailable import UnavailableMap
+
+    with tempfile.TemporaryDirectory() as d:
+        um = UnavailableMap(d, 10_000_000)
+        assert um.mark(range(5, 10_000_000, 10), Reason.DECLARED)[:2] == [5, 15]
+        assert um.mark([5, 6, 7], Reason.IO) == [6, 7]  # 5 was marked already
+        summary = um.summary()
+        assert summary.startswith("5-7,15,25,") and summary.endswith("(1,000,002 regions in all)")

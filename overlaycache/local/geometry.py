@@ -8,7 +8,7 @@ is an :class:`~overlaycache.errors.OverlayCacheError` (also the matching builtin
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from typing import Any
 
 from overlaycache.errors import InvalidArgumentError, InvalidBufferError, OutOfRangeError
@@ -48,6 +48,20 @@ class Geometry:
             raise OutOfRangeError(f"regions [{first}, {first + n}) out of [0, {self.num_regions})")
         return n
 
+    def check_regions(self, name: str, value: Any) -> list[int] | range:
+        """``value`` (an iterable of region numbers) as a list or range, every one checked: a
+        range by its ends, a list of plain ints in one pass; else :class:`InvalidArgumentError`
+        or :class:`OutOfRangeError` naming the first bad one."""
+        if isinstance(value, range):
+            if value and (min(value[0], value[-1]) < 0 or max(value[0], value[-1]) >= self.num_regions):
+                bad = value[0] if not 0 <= value[0] < self.num_regions else value[-1]
+                raise OutOfRangeError(f"region {bad} out of [0, {self.num_regions})")
+            return value
+        items = check_regions(name, value) if not isinstance(value, list) else value
+        if all(type(r) is int for r in items) and (not items or (min(items) >= 0 and max(items) < self.num_regions)):
+            return items
+        return [self.check_region(check_int("region", r)) for r in items]
+
     def check_region(self, r: Any) -> int:
         """``r`` if it is a region number of the volume."""
         check_int("region", r)
@@ -78,7 +92,7 @@ def region_ranges(regions: Iterable[int], limit: int = 32) -> str:
     out: list[str] = []
     more = more_ranges = 0
     start = prev = None
-    for r in regions:
+    for i, r in enumerate(regions):
         if prev is not None and r == prev + 1:
             prev = r
             continue
@@ -88,6 +102,9 @@ def region_ranges(regions: Iterable[int], limit: int = 32) -> str:
             else:
                 more += prev - start + 1
                 more_ranges += 1
+        if len(out) == limit and isinstance(regions, Sized):  # the rest is only counted
+            rest = len(regions) - i
+            return ",".join(out) + f" ... and {more + rest:,} more regions"
         start = prev = r
     if start is not None and prev is not None:
         if len(out) < limit:

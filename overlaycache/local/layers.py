@@ -82,6 +82,9 @@ _RECORD = struct.Struct("<QQ16s")  # region, slot, checksum
 JOURNAL_CHECKPOINT_BYTES = 8 << 20
 # The data file grows by this many slots at a time (trimmed to the slots used at a checkpoint).
 _GROW_SLOTS = 16
+#: A writer commits before this many regions are written since the last commit (see
+#: Overlay.max_slots): it bounds the slots held by versions replaced since.
+MAX_UNCOMMITTED = 1 << 16
 
 
 def volume_key(volume_id: str) -> bytes:
@@ -377,6 +380,10 @@ class Overlay(Layer):
         self._map_fd = self._fd = -1
         self.records: Any = None
         self.data: Any = None
+        self._retired: list[Any] = []  # mappings replaced by a smaller one, closed once unpinned
+        #: The most slots the data file can need: every region, plus the versions replaced since
+        #: the last commit, plus the slots a growth adds and one more (see _allocate).
+        self.max_slots = n + MAX_UNCOMMITTED + _GROW_SLOTS + 1
         try:
             self._map_fd = _open_file(self.map_path, writable)
             _check_header(os.pread(self._map_fd, _HEAD.size + 16, 0), _MAP_MAGIC, self.map_path, geo, volume_id,
@@ -396,7 +403,9 @@ class Overlay(Layer):
             elif actual > need + _PAGE and writable:
                 os.ftruncate(self._fd, need + _PAGE)  # slots of versions never committed
             self._file_slots = self.slots_end
-            mapped = 2 * n * geo.region_size if (writable and top) else need
+            # The top overlay's slots never pass the regions it holds plus those written since the
+            # last commit (a writer commits before MAX_UNCOMMITTED): its mapping has room for that.
+            mapped = self.max_slots * geo.region_size if (writable and top) else need
             self.data = core.DataFile(self._fd, mapped, writable, self.data_path)
         except BaseException:
             self._close_files()
@@ -605,6 +614,9 @@ class Overlay(Layer):
         if self._free:
             return heapq.heappop(self._free)
         slot = self.slots_end
+        if slot + _GROW_SLOTS + 1 >= self.max_slots:
+            raise OverlayCacheError(f"{self.data_path}: {len(self._dirty_list)} regions written since the last "
+                                    f"commit; commit at least every {MAX_UNCOMMITTED}")  # internal misuse
         self.slots_end += 1
         if self.slots_end >= self._file_slots:
             # One slot more at least: the core's read of a slot probes the page after it.
@@ -752,10 +764,27 @@ class Overlay(Layer):
             self._file_slots = self.slots_end
 
     def freeze(self) -> None:
-        """Stop taking writes (a newer overlay takes them): the dirty bitmap is dropped."""
+        """Stop taking writes (a newer overlay takes them): the dirty bitmap is dropped, and the
+        data file is mapped again at the length its slots need (read stacks built from now on use
+        that; the large mapping is closed once no stack uses it, see :meth:`release_retired`).
+        Call it with the stack lock held for writing, before the stacks are built again."""
         if self._dirty_list:
             raise OverlayCacheError("freeze with uncommitted regions")  # internal misuse
         self.dirty = None
+        need = self.slots_end * self.geo.region_size
+        if self.data is not None and self.data.length > need and self.truncated_at is None:
+            self._retired.append(self.data)
+            self.data = core.DataFile(self._fd, need, self.writable, self.data_path)
+
+    def release_retired(self) -> None:
+        """Close the mappings :meth:`freeze` replaced that no read stack uses any more."""
+        keep = []
+        for old in self._retired:
+            try:
+                old.close()
+            except OverlayCacheError:
+                keep.append(old)  # still pinned by a stack
+        self._retired = keep
 
     def stack_entry(self, verified: Any) -> tuple[Any, ...]:
         return (self.data, self.present, verified, self.records, MAP_OFFSET, self.salt)
@@ -766,6 +795,7 @@ class Overlay(Layer):
             yield from range(a, b)
 
     def _close_files(self) -> None:
+        self.release_retired()
         for obj in (self.data, self.records):
             if obj is not None:
                 obj.close()

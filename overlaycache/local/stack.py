@@ -284,12 +284,13 @@ class LayerStack:
                 self.overlays.pop()
                 overlay.close()
                 raise
+            top.freeze()  # mapped at its own length from now on
             old, self.live = self.live, self.build_live()
             if old is not None:
                 old.release()
         finally:
             self.rw.release_write()
-        top.freeze()
+        top.release_retired()
 
     def merge_oldest(self) -> int:
         """Fold the oldest overlay into the base; the caller holds the writer lock throughout.

@@ -8,8 +8,10 @@ such regions are read from.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from array import array
 from collections.abc import Iterable
 
 from overlaycache._fs import write_file_atomic
@@ -59,12 +61,16 @@ class UnavailableMap:
     def mark(self, regions: Iterable[int], reason: Reason) -> list[int]:
         """Mark ``regions`` for ``reason`` and store the map if that changed it (the caller holds
         the volume's writer lock); returns the newly marked ones, which are logged."""
-        new = []
-        for r in regions:
-            if len(self.reasons) < _MAX_REASONS:
-                self.reasons.setdefault(r, reason)
-            if self.add(r):
-                new.append(r)
+        regs = regions if isinstance(regions, (list, range)) else list(regions)
+        for r in regs[: max(0, _MAX_REASONS - len(self.reasons))]:
+            self.reasons.setdefault(r, reason)
+        if not regs:
+            return []
+        was = self.bits.test_many(array("Q", regs), True)  # tested and set in one pass
+        new = list(itertools.compress(regs, (not b for b in was)))
+        self._count += len(new)
+        if new:
+            self.dirty = True
         if new:
             self.store()
             _log.error("%s: regions %s are unavailable locally (%s)", os.path.dirname(self.path),
@@ -92,6 +98,21 @@ class UnavailableMap:
 
     def regions(self) -> frozenset[int]:
         return frozenset(r for a, b in self.bits.runs() for r in range(a, b))
+
+    def summary(self, limit: int = 32) -> str:
+        """The unavailable regions for a message: the first ``limit`` ranges, and how many there
+        are in all (the bitmap is scanned only as far as those ranges go)."""
+        runs: list[tuple[int, int]] = []
+        n = self.bits.nbits
+        pos, step = 0, 1 << 16
+        while pos < n and len(runs) <= limit:
+            runs += self.bits.runs(pos, min(n, pos + step))
+            pos += step
+        if runs and pos < n and runs[-1][1] == pos:  # a run cut at the scan's end: leave it out
+            runs.pop()
+        text = ",".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in runs[:limit]) or "none"
+        shown = sum(b - a for a, b in runs[:limit])
+        return text + (f" ... ({self._count:,} regions in all)" if self._count > shown else "")
 
     def store(self) -> None:
         """Write the map durably (temp file, fsync, rename, fsync of the directory)."""
