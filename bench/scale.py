@@ -162,14 +162,14 @@ def _child(op: str, path: str, size: int, store: str, timeout: float) -> dict[st
 
 def _crash(path: str, size: int, store: str, timeout: float) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, "crash_child", path, str(size), store], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if line.strip() != "READY":
-        return {"reopen_error": (proc.stderr.read() if proc.stderr else "").strip().splitlines()[-1:]}
+    with subprocess.Popen([sys.executable, "-c", _CHILD, "crash_child", path, str(size), store], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if line.strip() != "READY":
+            return {"reopen_error": proc.stderr.read().strip().splitlines()[-1:]}
     return _child("reopen", path, size, store, timeout)
 
 
