@@ -53,7 +53,7 @@ def bitmap_bits(vol):
     # bits per region held by the volume's per-region bitmaps (allocated, touched or not)
     maps = [vol._layers.verified, vol._unavail.bits]
     for ov in vol._layers.overlays:
-        maps += [ov.present] + ([ov.dirty] if ov.dirty is not None else [])
+        maps.append(ov.present)
     if vol._repl is not None:
         maps.append(vol._repl.set.pending)
     return sum(64 * m.nwords for m in maps) / vol.num_regions

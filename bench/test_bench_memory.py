@@ -29,8 +29,6 @@ def tracking_memory(vol: Volume) -> dict[str, Any]:
     layers: list[dict[str, Any]] = [{"layer": "live", "bitmaps": {"verified": _bitmap_bytes(stack.verified)}}]
     for ov in stack.overlays:
         bitmaps = {"present": _bitmap_bytes(ov.present)}
-        if ov.dirty is not None:
-            bitmaps["dirty"] = _bitmap_bytes(ov.dirty)
         layers.append({"layer": ov.name, "regions_held": ov.present.count(), "bitmaps": bitmaps})
     total = 0
     for layer in layers:

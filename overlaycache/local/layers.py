@@ -39,8 +39,9 @@ committed version, whole. A checkpoint writes the table, then the map's changed 
 empties the journal: the table's free list already counts the batches it covers, whose records are
 applied again on replay, so a crash between any two steps loses nothing.
 
-Memory: per region, a present bit for each overlay and a dirty bit for the writable top one; the
-checksums and slots stay in the files, read through the page cache.
+Memory: per region, a present bit for each overlay; the regions written since the last commit
+(at most :data:`MAX_UNCOMMITTED`) and their slots in a dict; the checksums and slots stay in the
+files, read through the page cache.
 """
 
 from __future__ import annotations
@@ -368,8 +369,9 @@ class Overlay(Layer):
         self.journal_path = prefix + ".journal"
         n = geo.num_regions
         self.present = core.Bitmap(n)
-        self.dirty: Any = core.Bitmap(n) if writable and top else None  # written since the last commit
-        self._dirty_list = array("Q")  # the same regions, in the order they became dirty
+        # Regions written since the last commit, and their slots: at most MAX_UNCOMMITTED (a
+        # writer commits before), so a dict, not a bit per region of the volume.
+        self._dirty: dict[int, int] = {}
         self._releasing = array("Q")  # slots of versions replaced since the last commit: free after it
         self._free: list[int] = []  # a heap of free slots (lowest reused first)
         self.slots_end = 0  # slots in use or free below this
@@ -495,12 +497,12 @@ class Overlay(Layer):
 
     def is_dirty(self, r: int) -> bool:
         """Whether region ``r`` was written since the last commit."""
-        return self.dirty is not None and bool(self.dirty.test(r))
+        return r in self._dirty
 
     @property
     def regions_dirty(self) -> int:
         """How many regions were written since the last commit."""
-        return len(self._dirty_list)
+        return len(self._dirty)
 
     # -- journal replay -------------------------------------------------------------------------------
     def _batch_end(self, raw: bytes, pos: int) -> int | None:
@@ -615,7 +617,7 @@ class Overlay(Layer):
             return heapq.heappop(self._free)
         slot = self.slots_end
         if slot + _GROW_SLOTS + 1 >= self.max_slots:
-            raise OverlayCacheError(f"{self.data_path}: {len(self._dirty_list)} regions written since the last "
+            raise OverlayCacheError(f"{self.data_path}: {len(self._dirty)} regions written since the last "
                                     f"commit; commit at least every {MAX_UNCOMMITTED}")  # internal misuse
         self.slots_end += 1
         if self.slots_end >= self._file_slots:
@@ -629,7 +631,7 @@ class Overlay(Layer):
         """Whether a write of ``length`` bytes at ``intra`` in region ``r`` needs the region's current
         bytes (see :meth:`write_region`): it covers the region in part, and the region has no
         version written since the last commit to patch in place."""
-        return not (intra == 0 and length == self.geo.region_length(r)) and not self.dirty.test(r)
+        return not (intra == 0 and length == self.geo.region_length(r)) and r not in self._dirty
 
     def write_region(self, r: int, intra: int, piece: memoryview, current: memoryview | None = None) -> None:
         """Write ``piece`` at ``intra`` in region ``r`` (shadow paging: the one place that does).
@@ -643,9 +645,10 @@ class Overlay(Layer):
         it is patched with ``piece`` and written whole.
         """
         geo = self.geo
-        in_place = self.dirty.test(r)
-        if in_place:
-            slot = self._record(r)[0]
+        dirty_slot = self._dirty.get(r)
+        in_place = dirty_slot is not None
+        if dirty_slot is not None:
+            slot = dirty_slot
         elif current is None and not (intra == 0 and len(piece) == geo.region_length(r)):
             raise OverlayCacheError(f"internal: a partial write of region {r} without its current bytes")
         else:
@@ -661,8 +664,7 @@ class Overlay(Layer):
                 self._releasing.append(self._record(r)[0])
             self._put(r, slot, bytes(16))  # its checksum comes at commit
             self.present.set(r)
-            self.dirty.set(r)
-            self._dirty_list.append(r)
+            self._dirty[r] = slot
 
     def lost_regions(self) -> list[int]:
         """The regions whose current version lies (in part) past the end of a truncated data file."""
@@ -687,16 +689,16 @@ class Overlay(Layer):
     def hash_dirty(self) -> list[int]:
         """Compute the checksums of the regions written since the last commit (into their
         records); returns them, sorted."""
-        regions = sorted(set(self._dirty_list))
+        regions = sorted(self._dirty)
         rs = self.geo.region_size
         for r in regions:
-            slot = self._record(r)[0]
+            slot = self._dirty[r]
             self._put(r, slot, bytes(self.data.checksum(slot * rs, self.geo.region_length(r))))
         return regions
 
     def commit(self) -> int:
         """Make every region written since the last commit durable; returns how many."""
-        if not self._dirty_list:
+        if not self._dirty:
             return 0
         regions = self.hash_dirty()
         self.data.sync()
@@ -720,9 +722,8 @@ class Overlay(Layer):
             heapq.heappush(self._free, slot)
         self._releasing = array("Q")
         for r in regions:
-            self.dirty.clear(r)
             self._pages.add(r * REC_SIZE // _PAGE)
-        self._dirty_list = array("Q")
+        self._dirty = {}
         if self._journal_bytes >= JOURNAL_CHECKPOINT_BYTES:
             self.checkpoint()
         return len(regions)
@@ -730,7 +731,7 @@ class Overlay(Layer):
     def checkpoint(self) -> None:
         """Fold the journal into the table and the map (committed entries only), then empty the
         journal."""
-        if self._dirty_list:
+        if self._dirty:
             raise OverlayCacheError("checkpoint with uncommitted regions")  # internal misuse
         if not self._journal_bytes and not self._pages:
             return
@@ -764,13 +765,11 @@ class Overlay(Layer):
             self._file_slots = self.slots_end
 
     def freeze(self) -> None:
-        """Stop taking writes (a newer overlay takes them): the dirty bitmap is dropped, and the
-        data file is mapped again at the length its slots need (read stacks built from now on use
+        """Stop taking writes (a newer overlay takes them): the data file is mapped again at the length its slots need (read stacks built from now on use
         that; the large mapping is closed once no stack uses it, see :meth:`release_retired`).
         Call it with the stack lock held for writing, before the stacks are built again."""
-        if self._dirty_list:
+        if self._dirty:
             raise OverlayCacheError("freeze with uncommitted regions")  # internal misuse
-        self.dirty = None
         need = self.slots_end * self.geo.region_size
         if self.data is not None and self.data.length > need and self.truncated_at is None:
             self._retired.append(self.data)
