@@ -112,10 +112,12 @@ class Volume:
             layers.route = self._router.route
             layers.apply_verify_policy(verify)
             layers.live = layers.build()
-            # A damaged journal: the versions it may have committed cannot be trusted where their
-            # overlay is the one serving them (read from the secondary, or an error naming them).
-            for ov in layers.overlays:
-                lost = [r for r in ov.untrusted if layers.layer_map(r, 1)[0] == ov.id]
+            # A damaged journal: the versions it may have committed cannot be trusted unless a newer
+            # overlay holds the region (whatever layer serves it now may hold an older version):
+            # read from the secondary, or an error naming them.
+            for i, ov in enumerate(layers.overlays):
+                newer = layers.overlays[i + 1 :]
+                lost = [r for r in ov.untrusted if not any(o.present.test(r) for o in newer)]
                 if readonly:
                     for r in lost:
                         self._unavail.add(r)

@@ -497,15 +497,17 @@ def _flip(raw: bytes, at: int) -> bytes:
     return raw[:at] + bytes([raw[at] ^ 0x40]) + raw[at + 1 :]
 
 
-# A damaged committed batch followed by a valid one: corruption, not a torn tail.
+# A damaged committed batch followed by a valid one: corruption, not a torn tail. No byte of the
+# damaged batch can be trusted (a damaged region number would name another region), so every region
+# may have a lost version in overlay 2, except 5 and 6, which batch 1 names again: the others are
+# unavailable, those served by the base included (their newest version may be the lost one).
+EVERY_BUT_5_6 = {0, 1, 2, 3, 4, 7}
 CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], set[int]]] = {
-    # region 4's record checksum in batch 0: its regions are 4 and 5; batch 1 names 5 again
-    "first-batch-record": (lambda j: _flip(j, BATCH_HEADER + 20), {4}),
-    "first-batch-count": (lambda j: _flip(j, 4), {4}),
-    "first-batch-checksum": (lambda j: _flip(j, BATCH_BYTES - 1), {4}),
-    # bytes that are no batch between two valid ones: any region may be concerned, except those
-    # batch 1 names again; of those, the ones overlay 2 serves (4-7) are marked
-    "garbage-between": (lambda j: j[:BATCH_BYTES] + b"\xffgarbage" + j[BATCH_BYTES:], {4, 7}),
+    "first-batch-record": (lambda j: _flip(j, BATCH_HEADER + 20), EVERY_BUT_5_6),
+    "first-batch-region": (lambda j: _flip(j, BATCH_HEADER), EVERY_BUT_5_6),
+    "first-batch-count": (lambda j: _flip(j, 4), EVERY_BUT_5_6),
+    "first-batch-checksum": (lambda j: _flip(j, BATCH_BYTES - 1), EVERY_BUT_5_6),
+    "garbage-between": (lambda j: j[:BATCH_BYTES] + b"\xffgarbage" + j[BATCH_BYTES:], EVERY_BUT_5_6),
 }
 
 

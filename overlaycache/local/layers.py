@@ -526,9 +526,9 @@ class Overlay(Layer):
 
     def _replay_journal(self, free: set[int]) -> set[int]:
         """Apply the committed batches. A bad batch at the end is a torn tail (never committed: cut
-        off). A bad batch followed by valid ones is corruption: the valid ones are applied, the
-        regions the damaged span may have named (all, when it cannot be parsed) are left in
-        :attr:`untrusted` unless a later batch names them again, the journal is kept as it is and
+        off). A bad batch followed by valid ones is corruption: the valid ones are applied, every
+        region is left in :attr:`untrusted` unless a later batch names it again (the damaged span
+        may have named any), the journal is kept as it is and
         a copy of it saved beside it, and it is logged as an error. A valid batch of another
         overlay or volume is refused (:class:`FormatError`). Batches the table already counts
         (copied before a checkpoint finished) set their records again but free nothing."""
@@ -594,20 +594,9 @@ class Overlay(Layer):
         return free
 
     def _suspect_span(self, raw: bytes, start: int, stop: int, suspect: Any) -> None:
-        """Mark the regions a damaged span of the journal may name: those of its records when it
-        is laid out as one batch whose records are all plausible, else every region."""
-        nrec, rest = divmod(stop - start - _BATCH.size - 16, _RECORD.size)
-        records = []
-        if nrec >= 0 and rest == 0:
-            for k in range(nrec):
-                r, _slot, _csum = _RECORD.unpack_from(raw, start + _BATCH.size + k * _RECORD.size)
-                if r >= self.geo.num_regions:
-                    break
-                records.append(r)
-            else:
-                for r in records:
-                    suspect.set(r)
-                return
+        """Mark the regions a damaged span of the journal may name: every one. No byte of a batch
+        that fails its checksum can be trusted, its region numbers included (a damaged number
+        names another region, and the one it named would be missed)."""
         suspect.set_range(0, self.geo.num_regions)
 
     # -- slots ----------------------------------------------------------------------------------------
