@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from overlaycache._impl import core
@@ -45,6 +46,22 @@ def write_file_new(path: str, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_chunks_atomic(path: str, chunks: Iterable[bytes]) -> None:
+    """As :func:`write_file_atomic`, for data produced a chunk at a time (never all in memory)."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def write_file_atomic(path: str, data: bytes) -> None:

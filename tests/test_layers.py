@@ -57,12 +57,12 @@ def test_files_follow_the_data_not_the_volume(tmp_path: Path) -> None:
 def _crash_points(monkeypatch: pytest.MonkeyPatch, grab: Callable[[str], None]) -> None:
     """Call ``grab(step)`` at each step of a checkpoint: after the table is replaced, after the map's
     pages are written (not yet synced), and before the journal is emptied."""
-    real_atomic = layers_mod.write_file_atomic
+    real_atomic = layers_mod.write_chunks_atomic
     real_pwrite = os.pwrite
     real_truncate = os.truncate
 
-    def atomic(path: str, data: bytes) -> None:
-        real_atomic(path, data)
+    def atomic(path: str, chunks: Any) -> None:
+        real_atomic(path, chunks)
         if path.endswith(".table"):
             grab("table")
 
@@ -76,7 +76,7 @@ def _crash_points(monkeypatch: pytest.MonkeyPatch, grab: Callable[[str], None]) 
             grab("journal")
         real_truncate(path, length)
 
-    monkeypatch.setattr(layers_mod, "write_file_atomic", atomic)
+    monkeypatch.setattr(layers_mod, "write_chunks_atomic", atomic)
     monkeypatch.setattr(layers_mod.os, "pwrite", pwrite)
     monkeypatch.setattr(layers_mod.os, "truncate", truncate)
 

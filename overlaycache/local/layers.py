@@ -52,10 +52,12 @@ import os
 import struct
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from overlaycache._fs import FILE_MODE, write_file_atomic, write_file_new
+import mmh3
+
+from overlaycache._fs import FILE_MODE, write_chunks_atomic, write_file_new
 from overlaycache._impl import core
 from overlaycache.errors import FormatError, MediaError, OverlayCacheError
 from overlaycache.local.geometry import Geometry, region_ranges
@@ -81,6 +83,8 @@ _BATCH_MAGIC = b"OCJ2"
 _RECORD = struct.Struct("<QQ16s")  # region, slot, checksum
 # Checkpoint the journal into the map and table once it is this large.
 JOURNAL_CHECKPOINT_BYTES = 8 << 20
+# A checkpoint writes the table's bitmap this many words at a time (1 MiB).
+_TABLE_CHUNK_WORDS = 1 << 17
 # The data file grows by this many slots at a time (trimmed to the slots used at a checkpoint).
 _GROW_SLOTS = 16
 #: A writer commits before this many regions are written since the last commit (see
@@ -465,11 +469,25 @@ class Overlay(Layer):
         return set(free)
 
     def _store_table(self) -> None:
+        """Replace the table; the bitmap is written (and hashed) a chunk at a time, so that a
+        checkpoint of a huge volume holds no copy of it in memory."""
         head = (pack_header(_TABLE_MAGIC, self.geo, self.volume_id, self.id)
                 + _TABLE.pack(self._batch, self.slots_end, len(self._free), self.present.nwords))
         free = array("Q", sorted(self._free)).tobytes()
-        body = b"".join((head, free, self.present.to_bytes()))
-        write_file_atomic(self.table_path, body + bytes(core.checksum(body)))
+
+        def chunks() -> Iterator[bytes]:
+            hasher = mmh3.mmh3_x64_128()  # the same digest as core.checksum of the whole
+            for part in (head, free):
+                hasher.update(part)
+                yield part
+            nwords = self.present.nwords
+            for w in range(0, nwords, _TABLE_CHUNK_WORDS):
+                part = self.present.to_bytes(w, min(nwords, w + _TABLE_CHUNK_WORDS))
+                hasher.update(part)
+                yield part
+            yield hasher.digest()
+
+        write_chunks_atomic(self.table_path, chunks())
 
     # -- records ------------------------------------------------------------------------------------
     def _record(self, r: int) -> tuple[int, bytes]:
