@@ -346,12 +346,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"created {vol.path}: {vol.size} bytes, {vol.num_regions} regions of {vol.region_size}")
         elif args.command == "info":
             with Volume.open(args.path, readonly=True) as vol:
-                layers = vol.layer_map()
+                counts = vol.layer_counts()
                 print(f"volume {vol.id}\n  path         {vol.path}\n  size         {vol.size}")
                 print(f"  region_size  {vol.region_size}\n  regions      {vol.num_regions}")
-                for layer_id in sorted(set(layers)):
+                for layer_id in sorted(counts):
                     name = "base" if layer_id == 0 else f"overlay-{layer_id}"
-                    print(f"  {name:<12} serves {layers.count(layer_id)} regions")
+                    if counts[layer_id]:
+                        print(f"  {name:<12} serves {counts[layer_id]} regions")
                 for snap in vol.local_snapshots():
                     print(f"  snapshot {snap.id} label={snap.label} layer={snap.layer}")
         elif args.command == "snapshot":

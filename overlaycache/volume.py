@@ -425,6 +425,11 @@ class Volume:
         assert router is not None
         return router
 
+    def layer_counts(self) -> dict[int, int]:
+        """How many regions each layer serves: overlay id (0: the base) -> count, in bounded
+        memory whatever the volume's size (``layer_map`` of the whole volume lists every region)."""
+        return self._live_layers().layer_counts()
+
     def layer_map(self, first: int = 0, count: int | None = None) -> list[int]:
         """Which layer serves each region of ``[first, first + count)``: an overlay id, or 0 for the base.
 

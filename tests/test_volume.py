@@ -292,3 +292,15 @@ def test_messages_about_many_regions_stay_short() -> None:
         assert um.mark([5, 6, 7], Reason.IO) == [6, 7]  # 5 was marked already
         summary = um.summary()
         assert summary.startswith("5-7,15,25,") and summary.endswith("(1,000,002 regions in all)")
+
+
+def test_layer_counts_match_the_layer_map(tmp_path: Path) -> None:
+    """layer_counts() says how many regions each layer serves, as the full layer_map would."""
+    with Volume.create(tmp_path / "v", 40 * RS, region_size=RS) as vol:
+        for r in (1, 2, 30):
+            vol.write(r * RS, b"x")
+        vol.local_snapshot()
+        for r in (2, 3):
+            vol.write(r * RS, b"y")
+        full = vol.layer_map()
+        assert vol.layer_counts() == {layer: full.count(layer) for layer in (0, 1, 2)}

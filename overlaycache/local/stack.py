@@ -182,6 +182,20 @@ class LayerStack:
         found = core.resolve([ov.present for ov in newest_first], first, count)
         return [ids[i] for i in found]
 
+    def layer_counts(self) -> dict[int, int]:
+        """How many regions each layer serves (overlay id, 0 for the base), resolved a million
+        regions at a time: bounded memory whatever the volume's size."""
+        newest_first = list(reversed(self.overlays))
+        ids = [ov.id for ov in newest_first] + [0]
+        maps = [ov.present for ov in newest_first]
+        counts = dict.fromkeys(ids, 0)
+        n, step = self.geo.num_regions, 1 << 20
+        for first in range(0, n, step):
+            found = core.resolve(maps, first, min(step, n - first))
+            for i, layer_id in enumerate(ids):
+                counts[layer_id] += found.count(i)
+        return counts
+
     # -- checksums ---------------------------------------------------------------------------------
     def checksums(self) -> bytearray:
         """The checksum of every region's current version, from the layers' tables (no data read);
