@@ -38,20 +38,11 @@ def fsync_dir(path: str) -> None:
 
 def write_file_new(path: str, data: bytes) -> None:
     """Create (or truncate) ``path`` with ``data`` and fsync it; the caller fsyncs the directory."""
+    _write_chunks(path, (data,))
+
+
+def _write_chunks(path: str, chunks: Iterable[bytes]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_chunks_atomic(path: str, chunks: Iterable[bytes]) -> None:
-    """As :func:`write_file_atomic`, for data produced a chunk at a time (never all in memory)."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         for chunk in chunks:
             view = memoryview(chunk)
@@ -60,6 +51,12 @@ def write_chunks_atomic(path: str, chunks: Iterable[bytes]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_chunks_atomic(path: str, chunks: Iterable[bytes]) -> None:
+    """As :func:`write_file_atomic`, for data produced a chunk at a time (never all in memory)."""
+    tmp = path + ".tmp"
+    _write_chunks(tmp, chunks)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
 

@@ -91,27 +91,28 @@ def region_ranges(regions: Iterable[int], limit: int = 32) -> str:
     line whatever the number of regions."""
     out: list[str] = []
     more = more_ranges = 0
+
+    def close(start: int, prev: int) -> None:
+        nonlocal more, more_ranges
+        if len(out) < limit:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        else:
+            more += prev - start + 1
+            more_ranges += 1
+
     start = prev = None
     for i, r in enumerate(regions):
         if prev is not None and r == prev + 1:
             prev = r
             continue
         if start is not None and prev is not None:
-            if len(out) < limit:
-                out.append(f"{start}" if start == prev else f"{start}-{prev}")
-            else:
-                more += prev - start + 1
-                more_ranges += 1
+            close(start, prev)
         if len(out) == limit and isinstance(regions, Sized):  # the rest is only counted
             rest = len(regions) - i
             return ",".join(out) + f" ... and {more + rest:,} more regions"
         start = prev = r
     if start is not None and prev is not None:
-        if len(out) < limit:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-        else:
-            more += prev - start + 1
-            more_ranges += 1
+        close(start, prev)
     text = ",".join(out) or "none"
     if more:
         text += f" ... and {more:,} more regions in {more_ranges:,} ranges"
