@@ -157,7 +157,7 @@ def _read_exact(fd: int, n: int, offset: int, path: str) -> bytes:
     return data
 
 
-def _map_records(fd: int, path: str, length: int, head: bytes) -> Any:
+def _map_records(fd: int, path: str, length: int) -> Any:
     """Map a record file copy-on-write, after checking its length."""
     if os.fstat(fd).st_size < length:
         raise FormatError(f"{path}: truncated ({os.fstat(fd).st_size} bytes, expected {length})", path)
@@ -394,7 +394,7 @@ class Overlay(Layer):
             self._map_fd = _open_file(self.map_path, writable)
             _check_header(os.pread(self._map_fd, _HEAD.size + 16, 0), _MAP_MAGIC, self.map_path, geo, volume_id,
                           layer_id)
-            self.records = _map_records(self._map_fd, self.map_path, MAP_OFFSET + REC_SIZE * n, b"")
+            self.records = _map_records(self._map_fd, self.map_path, MAP_OFFSET + REC_SIZE * n)
             free = self._load_table()
             free = self._replay_journal(free)
             self._free = sorted(free)
