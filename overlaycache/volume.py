@@ -152,7 +152,7 @@ class Volume:
         repl.close()  # first: its shipper may still be using the router's reference
         self._repl = None
         if self._layers is not None:
-            self._layers.before_commit = self._layers.after_commit = _nothing
+            self._layers.hook_commits()
         if self._router is not None:
             self._router.repl = None
         return True
@@ -169,7 +169,7 @@ class Volume:
                 # map, so that attaching it again ships them (nothing else to compare).
                 self._detached = DetachedChanges(os.path.join(self.path, "replication.map"), self._geo.num_regions)
                 assert self._layers is not None
-                self._layers.before_commit = self._detached.before_commit
+                self._layers.hook_commits(self._detached.before_commit)
             return
         metered = MeteredStore(store)
         self._repl, self._meta.secondary = attach(self._route, metered, known, mode, period,
@@ -177,8 +177,7 @@ class Volume:
         self._metered = metered
         self._route.repl = self._repl
         assert self._layers is not None
-        self._layers.before_commit = self._repl.before_commit
-        self._layers.after_commit = self._repl.after_commit
+        self._layers.hook_commits(self._repl.before_commit, self._repl.after_commit)
         self._store_meta()
         self._repl.start()
 
@@ -939,9 +938,6 @@ class Volume:
         if fold:
             self._live_layers().fold()
         return todo
-
-def _nothing() -> None:
-    pass
 
 
 def _check_store(store: Any) -> None:

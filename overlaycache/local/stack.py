@@ -123,6 +123,10 @@ class LayerStack:
             self.close()
             raise
 
+    def hook_commits(self, before: Callable[[], None] = _nothing, after: Callable[[], None] = _nothing) -> None:
+        """Set what runs around the commits made here (none given: nothing)."""
+        self.before_commit, self.after_commit = before, after
+
     def persist(self) -> None:
         """Write the metadata (with the current layer list) durably."""
         if self.overlays:

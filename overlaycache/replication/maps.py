@@ -242,11 +242,6 @@ class ChangeSet:
         span = 64 * self._WORDS
         self._touched.update(range(first // span, last // span + 1))
 
-    @property
-    def dirty(self) -> bool:
-        """Whether the durable map is behind."""
-        return bool(self._touched)
-
     def lag(self) -> int:
         """Regions pending or in flight."""
         return self.count + len(self.inflight)
