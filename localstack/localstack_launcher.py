@@ -1,7 +1,7 @@
 """Run LocalStack's runtime (``python -m localstack.runtime.main``) with every bind kept on loopback.
 
-Run with the LocalStack venv's interpreter, by path, never imported by the project. localstack-core
-2026.3.0's default ("twisted") gateway ignores the host part of ``GATEWAY_LISTEN`` for IPv4
+Run with the LocalStack venv's interpreter, by path, never imported by the project. LocalStack's
+default ("twisted") gateway (4.x and 2026.x) ignores the host part of ``GATEWAY_LISTEN`` for IPv4
 (``TCP4ServerEndpoint(reactor, port)``, a TODO upstream) and so listens on 0.0.0.0. This wrapper
 guards ``socket.bind`` before LocalStack is imported: a wildcard address becomes the loopback one of
 the same family, and any other non-loopback address is refused, so no listener of this process can
