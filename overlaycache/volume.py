@@ -51,7 +51,7 @@ from overlaycache.local.stack import LayerStack, create_volume_files, remove_vol
 from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.remote.catalog import Catalog
 from overlaycache.replication import Lag, Replicator, attach
-from overlaycache.replication.maps import DetachedChanges
+from overlaycache.replication.maps import CHANGE_MAP, ChangeMap, DetachedChanges, map_salt
 from overlaycache.replication.replicator import PACK_DELAY, PACK_SIZE, check_pack_options, store_location
 from overlaycache.store.metered import MeteredStore, StoreStats
 from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
@@ -166,8 +166,22 @@ class Volume:
                 raise InvalidArgumentError("replication needs a secondary store")
             if known is not None and not known.resync:
                 # Opened without its secondary: the regions written go on into the replication
-                # map, so that attaching it again ships them (nothing else to compare).
-                self._detached = DetachedChanges(os.path.join(self.path, "replication.map"), self._geo.num_regions)
+                # map, so that attaching it again ships them (nothing else to compare). Without a
+                # map (missing, or its header damaged) the next attach compares every region.
+                cpath = os.path.join(self.path, CHANGE_MAP)
+                detached = None
+                if os.path.exists(cpath):
+                    detached = DetachedChanges(cpath, self._geo.num_regions, map_salt(self.id))
+                else:
+                    _log.error("%s: %s is missing: every region is compared with the secondary when it "
+                               "is attached again", self.path, CHANGE_MAP)
+                if detached is None or detached.lost:
+                    if detached is not None:
+                        detached.close()
+                    known.resync = True
+                    self._store_meta()
+                    return
+                self._detached = detached
                 assert self._layers is not None
                 self._layers.hook_commits(self._detached.before_commit)
             return
@@ -263,6 +277,7 @@ class Volume:
                 meta = read_meta(path)
                 meta.secondary = SecondaryRecord(store_location(secondary), replication or "async", period,
                                                  clean=True)
+                ChangeMap(os.path.join(path, CHANGE_MAP), geo.num_regions, True, map_salt(meta.id)).close()
                 write_meta(path, meta)
             return cls.open(path, secondary=secondary, replication=replication, period=period,
                             sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers,

@@ -15,13 +15,14 @@
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import os
 import struct
 import threading
 import time
 
-from overlaycache._fs import FILE_MODE
+from overlaycache._fs import FILE_MODE, fsync_dir
 from overlaycache._impl import core
 from overlaycache.errors import FormatError
 from overlaycache.remote.layout import LEAF_SPAN, RECORD
@@ -33,7 +34,35 @@ _RMAP_MAGIC = b"OCRMAP01"
 _RMAP_VERSION = 2
 _RMAP_HEAD = struct.Struct("<8sIIQQ")  # magic, version, region_size, num_regions, reserved seq
 _RMAP_HEADER = 64
-_CMAP_MAGIC = b"OCCMAP01"
+#: The write-intent map's file name in the volume's directory.
+CHANGE_MAP = "replication.map"
+_CMAP_MAGIC_V1 = b"OCCMAP01"
+_CMAP_MAGIC = b"OCCMAP02"
+_CMAP_VERSION = 2
+_CMAP_PAGE = 4096
+#: Bitmap words in a page of ``replication.map`` (the page's last 16 bytes are its check).
+_CMAP_WORDS = (_CMAP_PAGE - 16) // 8
+#: magic, version, words per page, flags (1: dense), number of regions, salt.
+_CMAP_HEAD = struct.Struct("<8sIIIQ16s")
+
+
+def map_salt(volume_id: str) -> bytes:
+    """The salt of a volume's ``replication.map`` pages: a page of another volume fails its check."""
+    return bytes(core.checksum(b"overlaycache replication.map\0" + volume_id.encode()))
+
+
+def open_change_map(path: str, num_regions: int, salt: bytes) -> tuple[ChangeMap, bool]:
+    """``replication.map`` opened for writing; and whether what it held is lost (its header was
+    damaged, or it was missing: :func:`os.path.exists` is the caller's to check before). A damaged
+    one is kept beside it as evidence (``replication.map.damaged-<time>``) and a new one made; the
+    caller then compares the volume with its secondary."""
+    try:
+        return ChangeMap(path, num_regions, True, salt), False
+    except FormatError as exc:
+        aside = f"{path}.damaged-{int(time.time())}"
+        os.replace(path, aside)
+        _log.error("%s; set aside as %s: every region is compared with the secondary", exc, aside)
+        return ChangeMap(path, num_regions, True, salt), True
 
 
 class RemoteMap:
@@ -155,37 +184,186 @@ class RemoteMap:
 
 
 class ChangeMap:
-    """``replication.map``: the durable write-intent bitmap of regions not yet on the secondary."""
+    """``replication.map``: the durable write-intent bitmap of regions not yet on the secondary.
 
-    def __init__(self, path: str, num_regions: int, writable: bool) -> None:
+    Format 2, in pages of 4 KiB so that every write is one page:
+
+    * page 0, the header: :data:`_CMAP_HEAD` (magic ``OCCMAP02``, version, words per page, flags,
+      number of regions, the volume's salt), then 16 bytes: mmh3 x64-128 of those; zeros after;
+    * page ``k >= 1``: :data:`_CMAP_WORDS` bitmap words (regions ``64 * _CMAP_WORDS * (k - 1)``
+      on, bit ``r % 8`` of byte ``r // 8``), then 16 bytes: mmh3 x64-128 of the salt, ``k`` (8
+      bytes, little-endian) and the words.
+
+    A page never written is a hole in the file: no region of it is pending. The map is created
+    sparse where the file system reports holes (``SEEK_HOLE``); elsewhere every page is written
+    (flag 1, *dense*). A page that fails its check (a bit flipped, a range zeroed, a page of another
+    volume) makes every region it covers pending: they are shipped again, which is harmless (a
+    write intent may make a region ship twice, never skip it). :attr:`damaged_pages` counts them.
+    A header that fails its check is a :class:`FormatError` naming the file (the caller sets the
+    file aside and compares the volume with its secondary). A map of format 1 (a bare bitmap after
+    the magic ``OCCMAP01``) is read as it is and rewritten in format 2 when opened for writing.
+    """
+
+    def __init__(self, path: str, num_regions: int, writable: bool, salt: bytes) -> None:
         self.path = path
         self.n = num_regions
-        self.nbytes = 8 * ((num_regions + 63) // 64)
-        if not os.path.exists(path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            try:
-                os.write(fd, _CMAP_MAGIC)
-                os.ftruncate(fd, 8 + self.nbytes)  # sparse: an empty map costs nothing
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        self.salt = salt
+        self.nwords = (num_regions + 63) // 64
+        self.npages = (self.nwords + _CMAP_WORDS - 1) // _CMAP_WORDS
+        self.length = _CMAP_PAGE * (1 + self.npages)
         self.writable = writable
+        self.damaged_pages = 0
+        if not os.path.exists(path):
+            self._create(path)
         self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
-        raw = os.pread(self._fd, 8 + self.nbytes, 0)
-        if len(raw) != 8 + self.nbytes or raw[:8] != _CMAP_MAGIC:
+        try:
+            head = os.pread(self._fd, _CMAP_PAGE, 0)
+            if head[:8] == _CMAP_MAGIC_V1:
+                self.dense = False
+                self.initial = self._load_v1(head)
+            else:
+                self.dense = self._check_header(head)
+                self.initial = self._load()
+        except BaseException:
             os.close(self._fd)
-            raise FormatError(f"{path}: not a replication map of this volume (or truncated)", path)
-        self.initial = raw[8:]
+            raise
 
-    def store_words(self, first_word: int, words: bytes) -> None:
-        """Write bitmap words from ``first_word`` on (not synced: see :meth:`sync`)."""
-        os.pwrite(self._fd, words, 8 + 8 * first_word)
+    def _create(self, path: str) -> None:
+        """A new, empty map: sparse where holes are reported, else every page written."""
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            os.ftruncate(fd, self.length)
+            dense = self.npages > 0 and not _reports_holes(fd, self.length)
+            os.pwrite(fd, self._header(dense), 0)
+            if dense:
+                for k in range(1, self.npages + 1):
+                    os.pwrite(fd, self._page(k, bytes(8 * _CMAP_WORDS)), _CMAP_PAGE * k)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path) or ".")
+
+    def _header(self, dense: bool) -> bytes:
+        body = _CMAP_HEAD.pack(_CMAP_MAGIC, _CMAP_VERSION, _CMAP_WORDS, int(dense), self.n, self.salt)
+        return body + bytes(core.checksum(body))
+
+    def _page(self, k: int, words: bytes) -> bytes:
+        return words + bytes(core.checksum(self.salt + k.to_bytes(8, "little") + words))
+
+    def _check_header(self, head: bytes) -> bool:
+        """Whether the map is dense; a header that is not this volume's is a FormatError."""
+        size = _CMAP_HEAD.size
+        if len(head) < size + 16 or bytes(core.checksum(head[:size])) != head[size : size + 16]:
+            raise FormatError(f"{self.path}: damaged header (not a replication map, or truncated)", self.path)
+        _magic, version, words, flags, n, salt = _CMAP_HEAD.unpack_from(head)
+        if (version, words, n, salt) != (_CMAP_VERSION, _CMAP_WORDS, self.n, self.salt):
+            raise FormatError(f"{self.path}: a replication map of another volume or format", self.path)
+        if os.fstat(self._fd).st_size < self.length:
+            raise FormatError(f"{self.path}: truncated", self.path)
+        return bool(flags & 1)
+
+    def _load(self) -> bytes:
+        """The bitmap, from the pages written (holes are empty pages); a damaged page is full."""
+        out = bytearray(8 * self.npages * _CMAP_WORDS)
+        full = b"\xff" * (8 * _CMAP_WORDS)
+        for start, stop in _data_extents(self._fd, _CMAP_PAGE, self.length, self.dense):
+            for k in range(start // _CMAP_PAGE, (stop + _CMAP_PAGE - 1) // _CMAP_PAGE):
+                raw = os.pread(self._fd, _CMAP_PAGE, _CMAP_PAGE * k)
+                words = raw[: 8 * _CMAP_WORDS]
+                pos = 8 * _CMAP_WORDS * (k - 1)
+                if len(raw) == _CMAP_PAGE and self._page(k, words) == raw:
+                    out[pos : pos + len(words)] = words
+                else:  # a page written holds its check: zeros where data was written are damage
+                    self.damaged_pages += 1
+                    out[pos : pos + len(full)] = full
+        if self.damaged_pages:
+            _log.error("%s: %d damaged page(s): every region they cover is shipped again", self.path,
+                       self.damaged_pages)
+        return self._trim(out)
+
+    def _trim(self, words: bytes | bytearray) -> bytes:
+        """``words`` cut to the map's words, without bits past the last region."""
+        out = bytearray(words[: 8 * self.nwords])
+        extra = 64 * self.nwords - self.n
+        if extra:
+            last = int.from_bytes(out[-8:], "little") & ((1 << (64 - extra)) - 1)
+            out[-8:] = last.to_bytes(8, "little")
+        return bytes(out)
+
+    def _load_v1(self, head: bytes) -> bytes:
+        raw = os.pread(self._fd, 8 + 8 * self.nwords, 0)
+        if len(raw) != 8 + 8 * self.nwords:
+            raise FormatError(f"{self.path}: not a replication map of this volume (or truncated)", self.path)
+        bits = raw[8:]
+        if self.writable:  # rewrite in format 2: a new file with the same bits, then replace
+            os.close(self._fd)
+            self._fd = -1
+            tmp = self.path + ".v2"
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            fresh = ChangeMap(tmp, self.n, True, self.salt)
+            for k in range(1, self.npages + 1):
+                words = bits[8 * _CMAP_WORDS * (k - 1) : 8 * _CMAP_WORDS * k]
+                if any(words):
+                    fresh.store_page(k, words)
+            fresh.sync()
+            fresh.close()
+            os.replace(tmp, self.path)
+            fsync_dir(os.path.dirname(self.path) or ".")
+            self._fd = os.open(self.path, os.O_RDWR)
+            self.dense = fresh.dense
+            _log.info("%s: replication map rewritten in format 2", self.path)
+        return bits
+
+    def store_page(self, k: int, words: bytes) -> None:
+        """Write page ``k`` (from 1) with ``words`` (at most a page's worth; not synced, see
+        :meth:`sync`)."""
+        words = words + bytes(8 * _CMAP_WORDS - len(words))
+        os.pwrite(self._fd, self._page(k, words), _CMAP_PAGE * k)
 
     def sync(self) -> None:
         os.fdatasync(self._fd)
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _reports_holes(fd: int, length: int) -> bool:
+    """Whether the file system of ``fd`` (a sparse file of ``length`` bytes with nothing written)
+    reports holes of one page: the generic ``SEEK_HOLE`` of file systems without holes says the
+    whole file is data, and blocks larger than a page would make the pages beside a written one
+    read as zeros in data."""
+    if os.fstat(fd).st_blksize > _CMAP_PAGE:
+        return False
+    try:
+        return os.lseek(fd, 0, os.SEEK_DATA) >= _CMAP_PAGE and os.lseek(fd, 0, os.SEEK_HOLE) == 0
+    except OSError as exc:
+        return exc.errno == errno.ENXIO  # no data at all: holes are reported
+
+
+def _data_extents(fd: int, start: int, end: int, dense: bool) -> list[tuple[int, int]]:
+    """The ranges of ``[start, end)`` of ``fd`` that hold data (all of it for a dense file)."""
+    if dense:
+        return [(start, end)]
+    out: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        try:
+            a = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break  # ENXIO: no data past ``pos``
+        if a >= end:
+            break
+        b = min(end, os.lseek(fd, a, os.SEEK_HOLE))
+        out.append((a, b))
+        pos = b
+    return out
 
 
 class DetachedChanges:
@@ -193,8 +371,9 @@ class DetachedChanges:
     ``replication.map`` (durably before the data is committed, as with the secondary attached), so
     that attaching the secondary again ships them, without comparing every region."""
 
-    def __init__(self, path: str, num_regions: int) -> None:
-        self.set = ChangeSet(ChangeMap(path, num_regions, True))
+    def __init__(self, path: str, num_regions: int, salt: bytes) -> None:
+        cmap, self.lost = open_change_map(path, num_regions, salt)
+        self.set = ChangeSet(cmap)
         self._lock = threading.Lock()
 
     def note_written(self, first: int, last: int) -> None:
@@ -227,7 +406,7 @@ class ChangeSet:
     The caller serialises access.
     """
 
-    _WORDS = 512  # words per page of the map written at once (4 KiB)
+    _WORDS = _CMAP_WORDS  # words per page of the map, written at once
 
     def __init__(self, cmap: ChangeMap) -> None:
         self.map = cmap
@@ -303,6 +482,6 @@ class ChangeSet:
                 r = extra[i] - lo
                 words[r >> 3] |= 1 << (r & 7)
                 i += 1
-            self.map.store_words(w0, bytes(words))
+            self.map.store_page(page + 1, bytes(words))
         self.map.sync()
         self._touched.clear()

@@ -48,7 +48,7 @@ from overlaycache.local.meta import SecondaryRecord
 from overlaycache.store.base import ObjectStore
 from overlaycache.local.regions import ReplicationHost
 from overlaycache.remote.catalog import Catalog
-from overlaycache.replication.maps import ChangeMap, ChangeSet, RemoteMap
+from overlaycache.replication.maps import CHANGE_MAP, ChangeMap, ChangeSet, RemoteMap, map_salt, open_change_map
 from overlaycache.replication.modes import Mode, mode_for
 from overlaycache.remote.layout import (
     PackEntry,
@@ -130,7 +130,8 @@ class Replicator:
         self._zeros = (zero_checksum(rs), zero_checksum(vol.size - (n - 1) * rs), n - 1)
         self.remote = RemoteMap(os.path.join(vol.path, "remote.map"), rs, n, True)
         try:
-            self.changes = ChangeMap(os.path.join(vol.path, "replication.map"), n, True)
+            self.changes, self.changes_lost = open_change_map(os.path.join(vol.path, CHANGE_MAP), n,
+                                                              map_salt(vol.volume_id))
         except BaseException:
             self.remote.close()
             raise
@@ -710,13 +711,16 @@ def attach(host: ReplicationHost, store: ObjectStore, known: SecondaryRecord | N
     if period is None and known is not None:
         period = known.period
     resync = known is None or known.location != location or known.resync
+    if not resync and not os.path.exists(os.path.join(host.path, CHANGE_MAP)):
+        _log.error("%s: %s is missing: every region is compared with the secondary", host.path, CHANGE_MAP)
+        resync = True
     repl = Replicator(host, store, mode, period, sync_policy, max_lag_regions, workers, resync=False,
                       pack_size=pack_size, pack_delay=pack_delay)
     try:
         fresh = known is None or known.location != location or repl.remote.recreated
         if known is not None and known.location != location:
             repl.remote.reset()
-        if resync or repl.remote.recreated:
+        if resync or repl.remote.recreated or repl.changes_lost:
             repl.resync(fresh=fresh and not repl.remote.has_records())
     except BaseException:
         repl.close()
