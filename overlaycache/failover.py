@@ -369,7 +369,13 @@ class Router:
             repl.ship(skip_unreadable=lost)
             repl.wait_idle()
             repl.ship(skip_unreadable=lost)
-            snap = repl.publish(f"distributed-overlay-{int(time.time())}")
+
+            def drain() -> None:
+                repl.ship(skip_unreadable=lost)
+                repl.wait_idle()
+                repl.ship(skip_unreadable=lost)
+
+            snap = repl.publish_checked(f"distributed-overlay-{int(time.time())}", drain)
             self.save_root(repl.last_root)
             # Pin the PIT: a collapse elsewhere must keep it while this overlay reads from it.
             self._lease_until = take_lease(repl.store, self.volume_id, snap.id, holder_name(self.volume_id))
@@ -452,9 +458,16 @@ class Router:
             self.ship_pending()
             repl.wait_idle()
             self.ship_pending()
-            snap = repl.publish(label)
+            snap = repl.publish_checked(label, self._drain)
         self.renew_lease()
         return snap
+
+    def _drain(self) -> None:
+        """Ship everything pending, in flight ones included (the caller holds writers off)."""
+        repl = self._replicator()
+        self.ship_pending()
+        repl.wait_idle()
+        self.ship_pending()
 
     def lease_for_image(self, snapshot_id: str) -> None:
         """Pin the PIT of a recovery image (or of a clone over one) for :data:`IMAGE_LEASE_TTL`, so

@@ -51,7 +51,7 @@ from overlaycache.local.stack import LayerStack, create_volume_files, remove_vol
 from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.remote.catalog import Catalog
 from overlaycache.replication import Lag, Replicator, attach
-from overlaycache.replication.maps import CHANGE_MAP, ChangeMap, DetachedChanges, map_salt
+from overlaycache.replication.maps import CHANGE_MAP, ChangeMap, DetachedChanges, RemoteMap, map_salt
 from overlaycache.replication.replicator import PACK_DELAY, PACK_SIZE, check_pack_options, store_location
 from overlaycache.store.metered import MeteredStore, StoreStats
 from overlaycache.snapshots import LocalSnapshot, Snapshot, find_snapshot
@@ -104,7 +104,8 @@ class Volume:
         self._metered: MeteredStore | None = None
         self._hydration: Hydration | None = None
         try:
-            self._unavail = UnavailableMap(path, self._geo.num_regions)
+            self._unavail = UnavailableMap(path, self._geo.num_regions, meta.id, meta.unavailable,
+                                           None if readonly else self._unavailable_changed)
             self._layers = layers = LayerStack(path, meta, not readonly, self._rw, self._wlock, self._merge_lock)
             self._router = Router(layers, self._unavail, readonly=readonly, flush=self.flush,
                                   cache_regions=cache_regions, workers=workers, readahead=readahead,
@@ -278,6 +279,7 @@ class Volume:
                 meta.secondary = SecondaryRecord(store_location(secondary), replication or "async", period,
                                                  clean=True)
                 ChangeMap(os.path.join(path, CHANGE_MAP), geo.num_regions, True, map_salt(meta.id)).close()
+                RemoteMap(os.path.join(path, "remote.map"), geo.region_size, geo.num_regions, True, meta.id).close()
                 write_meta(path, meta)
             return cls.open(path, secondary=secondary, replication=replication, period=period,
                             sync_policy=sync_policy, max_lag_regions=max_lag_regions, workers=workers,
@@ -461,6 +463,11 @@ class Volume:
         if self.readonly:
             raise InvalidArgumentError(f"{self.path}: volume is open read-only")
         return layers
+
+    def _unavailable_changed(self, marked: bool) -> None:
+        """``unavailable.map`` goes from no region marked to some, or back: say so in the metadata."""
+        self._meta.unavailable = marked
+        self._store_meta()
 
     def _store_meta(self) -> None:
         if self._layers is not None:

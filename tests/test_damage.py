@@ -1,7 +1,8 @@
 """The damage matrix of a volume's files (local format 2): every file, every kind of damage.
 
-A closed volume has a base holding some regions, a frozen overlay behind a local snapshot, and a top
-overlay whose last journal batches are not checkpointed. Each case damages one file, in one way:
+A closed volume has a base holding some regions, a frozen overlay behind a local snapshot, a top
+overlay whose last journal batches are not checkpointed, and two regions declared lost (in
+``unavailable.map``: reading them must fail, whatever their local bytes). Each case damages one file, in one way:
 a bit flipped, a range zeroed, the file truncated, swapped with the same file of another volume of
 the same geometry, or deleted. Opening it (read-only, then for writing) must either fail with a
 package error naming that file, or give a volume whose every region reads as it was or raises
@@ -36,9 +37,13 @@ def _content(r: int, version: int) -> bytes:
     return (bytes([r, version]) * (RS // 2))[: min(RS, SIZE - r * RS)]
 
 
-def _build(path: Path, salt: int) -> dict[int, bytes]:
-    """The volume described in the module docstring; returns what each region holds."""
-    model = {r: bytes(min(RS, SIZE - r * RS)) for r in range(NREG)}
+LOST = [22, 23]
+
+
+def _build(path: Path, salt: int) -> dict[int, bytes | None]:
+    """The volume described in the module docstring; returns what each region holds (None:
+    declared lost, reads must fail)."""
+    model: dict[int, bytes | None] = {r: bytes(min(RS, SIZE - r * RS)) for r in range(NREG)}
     with Volume.create(path, SIZE, region_size=RS) as vol:
         for r in range(0, 8):
             model[r] = _content(r, 1 + salt)
@@ -53,6 +58,9 @@ def _build(path: Path, salt: int) -> dict[int, bytes]:
                 model[r] = _content(r, 3 + batch + salt)
                 vol.write(r * RS, model[r])
             vol.flush()  # three journal batches
+        vol.mark_unavailable(LOST)  # declared lost: must never read again
+        for r in LOST:
+            model[r] = None
         vol._wlock.acquire()
         try:
             vol._teardown()  # not closed: the journal stays as it is (no checkpoint)
@@ -62,7 +70,7 @@ def _build(path: Path, salt: int) -> dict[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[int, bytes]]:
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[int, bytes | None]]:
     root = tmp_path_factory.mktemp("damage")
     model = _build(root / "a", 0)
     _build(root / "b", 50)  # another volume of the same geometry
@@ -71,7 +79,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict
     return root / "a", root / "b", model
 
 
-FILES = ["volume.json", "base.data", "base.sums", "overlay-2.data", "overlay-2.map", "overlay-2.table",
+FILES = ["volume.json", "unavailable.map", "base.data", "base.sums", "overlay-2.data", "overlay-2.map", "overlay-2.table",
          "overlay-2.journal", "overlay-3.data", "overlay-3.map", "overlay-3.table", "overlay-3.journal"]
 KINDS = ["flip", "zero", "truncate", "swap", "delete"]
 
@@ -86,7 +94,7 @@ def _last_batch_start(journal: bytes) -> int:
     return last
 
 
-def _check(path: Path, name: str, model: dict[int, bytes]) -> str:
+def _check(path: Path, name: str, model: dict[int, bytes | None]) -> str:
     """Open ``path`` read-only, then for writing; every outcome must be allowed. Returns what
     happened (for the statistics)."""
     outcome = "intact"
@@ -98,13 +106,15 @@ def _check(path: Path, name: str, model: dict[int, bytes]) -> str:
             return "refused"
         with vol:
             for r in range(NREG):
+                want = model[r]
                 try:
-                    got = vol.read(r * RS, len(model[r]))
+                    got = vol.read(r * RS, min(RS, SIZE - r * RS))
                 except RegionUnavailableError as exc:
                     assert r in exc.regions
                     outcome = "unavailable"
                     continue
-                assert got == model[r], f"region {r} of {name} reads other bytes"
+                assert want is not None, f"region {r}, declared lost, reads again after damage to {name}"
+                assert got == want, f"region {r} of {name} reads other bytes"
     return outcome
 
 
@@ -112,7 +122,7 @@ def _check(path: Path, name: str, model: dict[int, bytes]) -> str:
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_damaged_file_never_reads_as_other_bytes(pristine: tuple[Path, Path, dict[int, bytes]], name: str, kind: str,
+def test_damaged_file_never_reads_as_other_bytes(pristine: tuple[Path, Path, dict[int, bytes | None]], name: str, kind: str,
                                                  data: st.DataObject, tmp_path_factory: pytest.TempPathFactory) -> None:
     src, other, model = pristine
     work = tmp_path_factory.mktemp("case") / "v"
@@ -152,7 +162,7 @@ def test_damaged_file_never_reads_as_other_bytes(pristine: tuple[Path, Path, dic
 
 @pytest.mark.xfail(strict=True, reason="a damaged last journal batch cannot be told from a torn write (issue 10)")
 @pytest.mark.parametrize("damage", ["flip", "zero-tail", "cut"])
-def test_a_damaged_last_journal_batch_is_found(pristine: tuple[Path, Path, dict[int, bytes]], damage: str,
+def test_a_damaged_last_journal_batch_is_found(pristine: tuple[Path, Path, dict[int, bytes | None]], damage: str,
                                                tmp_path: Path) -> None:
     """The known gap of the matrix: damage confined to the journal's last committed batch makes its
     regions read their previous versions (it is dropped as a torn tail)."""
@@ -170,3 +180,41 @@ def test_a_damaged_last_journal_batch_is_found(pristine: tuple[Path, Path, dict[
         raw = raw[: len(raw) - 20]
     journal.write_bytes(raw)
     _check(work, "overlay-3.journal", model)
+
+
+def test_volume_json_says_whether_regions_are_marked(tmp_path: Path) -> None:
+    """The marker that makes a deleted ``unavailable.map`` an error follows the marks both ways."""
+    from overlaycache import LocalStore
+
+    store = LocalStore(tmp_path / "secondary")
+    with Volume.create(tmp_path / "v", 4 * RS, region_size=RS, secondary=store) as vol:
+        vol.write(0, b"x" * 4 * RS)
+        snap = vol.snapshot()
+        assert "unavailable" not in (tmp_path / "v" / "volume.json").read_text()
+        vol.mark_unavailable([1])
+        assert '"unavailable": true' in (tmp_path / "v" / "volume.json").read_text()
+        vol.restore(snap)  # clears the marks
+        assert vol.unavailable == frozenset()
+        assert "unavailable" not in (tmp_path / "v" / "volume.json").read_text()
+    (tmp_path / "v" / "unavailable.map").unlink()
+    with Volume.open(tmp_path / "v") as vol:  # no region marked: nothing lost with the file
+        assert vol.read(RS, 1) == b"x"
+
+
+def test_an_unavailable_map_of_format_1_is_read_and_rewritten(tmp_path: Path) -> None:
+    with Volume.create(tmp_path / "v", 70 * RS, region_size=RS) as vol:
+        vol.write(0, b"y" * 70 * RS)
+    bits = bytearray(16)
+    bits[65 // 8] |= 1 << (65 % 8)
+    (tmp_path / "v" / "unavailable.map").write_bytes(b"OCUNAV01" + bytes(bits))
+    with Volume.open(tmp_path / "v") as vol:
+        assert vol.unavailable == frozenset({65})
+        with pytest.raises(RegionUnavailableError):
+            vol.read(65 * RS, 1)
+        vol.write(0, b"z")
+        vol.flush()
+    raw = (tmp_path / "v" / "unavailable.map").read_bytes()
+    assert raw[:8] == b"OCUNAV02" and '"unavailable": true' in (tmp_path / "v" / "volume.json").read_text()
+    (tmp_path / "v" / "unavailable.map").unlink()
+    with pytest.raises(OverlayCacheError, match="unavailable.map: missing"):
+        Volume.open(tmp_path / "v", readonly=True)

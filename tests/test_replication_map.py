@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 
 from overlaycache import Volume
+from overlaycache.errors import FormatError
 from overlaycache.replication import maps
 from overlaycache.replication.maps import CHANGE_MAP, ChangeMap, map_salt
 from overlaycache.store import LocalStore
@@ -161,3 +162,84 @@ def test_an_empty_map_is_sparse_and_a_dense_one_is_checked_too(tmp_path: Path, m
     third = ChangeMap(str(tmp_path / "dense.map"), NREG, False, map_salt("x"))
     assert third.damaged_pages == 1
     third.close()
+
+
+# -- remote.map: the records a PIT is built from ----------------------------------------------------
+
+def _remote_volume(tmp_path: Path) -> tuple[Path, LocalStore, str]:
+    """Regions 0-3 shipped and in a PIT; then region 2 written again (its leaf is dirty)."""
+    store = LocalStore(tmp_path / "secondary")
+    path = tmp_path / "r"
+    with Volume.create(path, 8 * RS, region_size=RS, secondary=store) as vol:
+        for r in range(4):
+            vol.write(r * RS, f"first {r}".encode())
+        vol.snapshot()
+        vol.write(2 * RS, b"second 2")
+        vid = vol.id
+    return path, store, vid
+
+
+def _record_at(r: int) -> int:
+    return maps._RMAP_HEADER + maps.RECORD.size * r
+
+
+@pytest.mark.parametrize("damage", ["flip", "other-region"])
+def test_a_damaged_remote_record_is_shipped_again_not_published(tmp_path: Path, damage: str) -> None:
+    path, store, vid = _remote_volume(tmp_path)
+    rmap = path / "remote.map"
+    raw = bytearray(rmap.read_bytes())
+    if damage == "flip":
+        raw[_record_at(1) + 17] ^= 0x04  # the offset in the pack: another region's bytes
+    else:  # region 3's record over region 1's: its bytes and checksum, consistent but not region 1's
+        raw[_record_at(1) : _record_at(2)] = raw[_record_at(3) : _record_at(4)]
+    rmap.write_bytes(bytes(raw))
+    with Volume.open(path, secondary=store) as vol:
+        snap = vol.snapshot()
+        with store.image(vid, snap) as img:
+            for r in range(4):
+                assert img.read(r * RS, RS) == vol.read(r * RS, RS), f"region {r} differs in the PIT"
+
+
+def test_a_damaged_remote_map_header_is_an_error_naming_it(tmp_path: Path) -> None:
+    path, store, _vid = _remote_volume(tmp_path)
+    raw = bytearray((path / "remote.map").read_bytes())
+    raw[24] ^= 1  # the reserved seq: it must never go back
+    (path / "remote.map").write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="remote.map: damaged header"):
+        Volume.open(path, secondary=store)
+
+
+def test_a_remote_map_of_format_2_gets_its_checks(tmp_path: Path) -> None:
+    path, store, vid = _remote_volume(tmp_path)
+    rmap = path / "remote.map"
+    raw = bytearray(rmap.read_bytes())
+    magic, _version, rs, n, reserved = maps._RMAP_HEAD.unpack_from(raw)
+    raw[: maps._RMAP_HEADER] = maps._RMAP_HEAD.pack(magic, 2, rs, n, reserved).ljust(maps._RMAP_HEADER, b"\0")
+    for r in range(n):
+        raw[_record_at(r) + 28 : _record_at(r) + 32] = bytes(4)  # format 2: no checks
+    rmap.write_bytes(bytes(raw))
+    with Volume.open(path, secondary=store) as vol:
+        snap = vol.snapshot()
+        assert vol.replication_lag.regions == 0
+        with store.image(vid, snap) as img:
+            for r in range(4):
+                assert img.read(r * RS, RS) == vol.read(r * RS, RS)
+    assert maps._RMAP_HEAD.unpack_from(rmap.read_bytes())[1] == 3
+
+
+def test_a_missing_remote_map_is_made_anew_above_every_seq_on_the_store(tmp_path: Path) -> None:
+    """The reserved seq orders every version and PIT: a new map must start above the store's."""
+    path, store, vid = _remote_volume(tmp_path)
+    with Volume.open(path, secondary=store) as vol:
+        first = vol.snapshot()
+        want = [vol.read(r * RS, RS) for r in range(8)]
+    (path / "remote.map").unlink()
+    with Volume.open(path, secondary=store) as vol:
+        vol.write(5 * RS, b"after")
+        want[5] = vol.read(5 * RS, RS)
+        second = vol.snapshot()
+        assert second.seq > first.seq
+        with store.image(vid, second) as img:
+            assert [img.read(r * RS, RS) for r in range(8)] == want
+    with store.image(vid, first) as img:  # the older PIT is as it was
+        assert img.read(5 * RS, RS) == bytes(RS)

@@ -287,7 +287,7 @@ def test_messages_about_many_regions_stay_short() -> None:
     from overlaycache.local.unavailable import UnavailableMap
 
     with tempfile.TemporaryDirectory() as d:
-        um = UnavailableMap(d, 10_000_000)
+        um = UnavailableMap(d, 10_000_000, "v")
         assert um.mark(range(5, 10_000_000, 10), Reason.DECLARED)[:2] == [5, 15]
         assert um.mark([5, 6, 7], Reason.IO) == [6, 7]  # 5 was marked already
         summary = um.summary()

@@ -29,7 +29,7 @@ from overlaycache.errors import FormatError, OverlayCacheError
 from overlaycache.local.geometry import Geometry
 from overlaycache.local.layers import SUM_SIZE, SUMS_OFFSET, Overlay, create_sparse, pack_header
 from overlaycache.local.meta import META_KIND, META_NAME, META_VERSION, VolumeMeta
-from overlaycache.local.unavailable import UnavailableMap
+from overlaycache.local.unavailable import UNAVAILABLE_MAP, UnavailableMap
 
 _log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def convert_volume(path: str | os.PathLike[str]) -> ConvertReport:
             shutil.rmtree(work, ignore_errors=True)
             os.makedirs(work, mode=DIR_MODE)
             carried, damaged = _build(path, meta, work)
-            unavail = UnavailableMap(path, meta.geometry.num_regions)
+            unavail = UnavailableMap(path, meta.geometry.num_regions, meta.id)
             for r in damaged:
                 unavail.add(r)
             if damaged:
@@ -206,6 +206,8 @@ def convert_volume(path: str | os.PathLike[str]) -> ConvertReport:
             if name != _READY:
                 os.replace(os.path.join(work, name), os.path.join(path, name))
         fsync_dir(path)
+        if damaged or os.path.exists(os.path.join(path, UNAVAILABLE_MAP)):
+            v2 = {**v2, "unavailable": True}  # unavailable.map must be there from now on
         write_json_atomic(path, META_NAME, {k: v for k, v in v2.items() if k != "checksum"})
         shutil.rmtree(work)
         fsync_dir(path)

@@ -21,7 +21,7 @@ META_NAME = "volume.json"
 META_KIND = "overlaycache-volume"
 META_VERSION = 2  # 2: overlays of slots and slot maps (local/layers.py); 1 is refused with a message
 _KNOWN = {"kind", "version", "checksum", "id", "size", "region_size", "created_at", "layers", "next_layer",
-          "snapshots", "next_snapshot", "merging", "secondary", "distributed_overlay"}
+          "snapshots", "next_snapshot", "merging", "secondary", "distributed_overlay", "unavailable"}
 
 
 @dataclass
@@ -121,6 +121,8 @@ class VolumeMeta:
         The secondary last attached.
     distributed_overlay : DistributedOverlayState or None
         The distributed overlay in progress.
+    unavailable : bool
+        ``unavailable.map`` marks regions (so it must be there).
     """
 
     id: str
@@ -134,6 +136,7 @@ class VolumeMeta:
     merging: int | None = None
     secondary: SecondaryRecord | None = None
     distributed_overlay: DistributedOverlayState | None = None
+    unavailable: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer writer, kept as they are
 
     @property
@@ -152,6 +155,8 @@ class VolumeMeta:
             out["secondary"] = self.secondary.to_json()
         if self.distributed_overlay is not None:
             out["distributed_overlay"] = self.distributed_overlay.to_json()
+        if self.unavailable:
+            out["unavailable"] = True
         return out
 
     @classmethod
@@ -180,6 +185,7 @@ class VolumeMeta:
                 merging=None if merging is None else int(merging),
                 secondary=None if secondary is None else SecondaryRecord.from_json(secondary),
                 distributed_overlay=None if do is None else DistributedOverlayState.from_json(do),
+                unavailable=obj.get("unavailable", False) is True,
                 extra={k: v for k, v in obj.items() if k not in _KNOWN},
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverlayCacheError) as exc:

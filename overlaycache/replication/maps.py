@@ -2,8 +2,9 @@
 
 ``remote.map``
     Per region the newest version stored on the secondary (seq, pack, offset, length, checksum: the
-    record format of :data:`overlaycache.remote.layout.RECORD`), and the highest seq reserved.
-    Records only move to a higher seq. Beside it, ``remote.tree`` (:class:`TreeState`) has the
+    record format of :data:`overlaycache.remote.layout.RECORD`, whose 4 bytes of padding hold a
+    check here, see :class:`RemoteMap`), and the highest seq reserved. Records only move to a
+    higher seq. Beside it, ``remote.tree`` (:class:`TreeState`) has the
     newest PIT tree's page addresses and the leaves whose records changed since; it is synced
     before the records are, so a changed record is never missed by the next PIT.
 ``replication.map``
@@ -21,19 +22,26 @@ import os
 import struct
 import threading
 import time
+import zlib
 
 from overlaycache._fs import FILE_MODE, fsync_dir
 from overlaycache._impl import core
 from overlaycache.errors import FormatError
+from overlaycache.local.geometry import region_ranges
 from overlaycache.remote.layout import LEAF_SPAN, RECORD
 from overlaycache.remote.tree import TreeState, leaf_entries
 
 _log = logging.getLogger(__name__)
 
 _RMAP_MAGIC = b"OCRMAP01"
-_RMAP_VERSION = 2
+_RMAP_VERSION = 3
 _RMAP_HEAD = struct.Struct("<8sIIQQ")  # magic, version, region_size, num_regions, reserved seq
 _RMAP_HEADER = 64
+#: A record of ``remote.map``: :data:`RECORD` with its padding holding a check.
+_RREC = struct.Struct("<QQQI4s16s")
+_NO_RECORD = bytes(RECORD.size)
+#: A record's seq and check, for checking a leaf's records in one pass.
+_SEQ_CHECK = struct.Struct("<Q20xI16x")
 #: The write-intent map's file name in the volume's directory.
 CHANGE_MAP = "replication.map"
 _CMAP_MAGIC_V1 = b"OCCMAP01"
@@ -69,15 +77,30 @@ class RemoteMap:
     """``remote.map``: per region the newest version on the secondary, and the reserved seq; with
     ``remote.tree`` beside it.
 
+    Format 3: a header of 64 bytes (:data:`_RMAP_HEAD`: magic ``OCRMAP01``, version, region_size,
+    number of regions, the reserved seq; then the volume's salt (16 bytes) and 16 bytes of mmh3
+    x64-128 of the 48 before), then one :data:`_RREC` per region: a :data:`RECORD` whose 4 bytes of
+    padding hold a CRC-32 of the salt, the region (8 bytes) and the record's other 44 bytes (a
+    check against damage, fast enough for every record of a leaf at each PIT). A record of all zeros is a region never replicated (the file is
+    sparse). A header that fails its check is a :class:`FormatError` naming the file (the reserved
+    seq must never go back: it orders every version and PIT on the store). A record that fails its
+    check is reported by :meth:`get` as absent and by :meth:`leaf_body` as damaged: either way the
+    region is in :attr:`damaged`, and the replicator ships it again (which rewrites the record)
+    before it publishes a PIT.
+
     A ``remote.map`` of format 1 (from an overlaycache that wrote one object per region) is set
     aside as ``remote.map.v1-<time>`` and a fresh one made; :attr:`recreated` says so, and the
-    caller compares the volume with its secondary again.
+    caller compares the volume with its secondary again. One of format 2 (no checks) gets its
+    checks when opened for writing.
     """
 
-    def __init__(self, path: str, region_size: int, num_regions: int, writable: bool) -> None:
+    def __init__(self, path: str, region_size: int, num_regions: int, writable: bool, volume_id: str = "") -> None:
         self.path = path
         self.n = num_regions
         self.recreated = False
+        self.salt = bytes(core.checksum(b"overlaycache remote.map\0" + volume_id.encode()))
+        self._salt_crc = zlib.crc32(self.salt)
+        self.damaged: set[int] = set()
         length = _RMAP_HEADER + RECORD.size * num_regions
         if os.path.exists(path) and writable:
             with open(path, "rb") as f:
@@ -92,7 +115,7 @@ class RemoteMap:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
                 os.ftruncate(fd, length)
-                os.pwrite(fd, _RMAP_HEAD.pack(_RMAP_MAGIC, _RMAP_VERSION, region_size, num_regions, 1), 0)
+                os.pwrite(fd, self._header(region_size, num_regions, 1), 0)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -103,15 +126,23 @@ class RemoteMap:
                 pass
         self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         try:
-            head = os.pread(self._fd, _RMAP_HEAD.size, 0)
-            if len(head) != _RMAP_HEAD.size or os.fstat(self._fd).st_size < length:
+            head = os.pread(self._fd, _RMAP_HEADER, 0)
+            if len(head) != _RMAP_HEADER or os.fstat(self._fd).st_size < length:
                 raise FormatError(f"{path}: truncated", path)
-            magic, version, rs, n, reserved = _RMAP_HEAD.unpack(head)
-            if magic != _RMAP_MAGIC or version != _RMAP_VERSION or (rs, n) != (region_size, num_regions):
+            magic, version, rs, n, reserved = _RMAP_HEAD.unpack_from(head)
+            if magic != _RMAP_MAGIC or version not in (2, _RMAP_VERSION) or (rs, n) != (region_size, num_regions):
                 raise FormatError(f"{path}: not a remote map of this volume (format {version})", path)
+            if version == _RMAP_VERSION and head != self._header(rs, n, reserved):
+                raise FormatError(f"{path}: damaged header (its checksum does not match, or of another volume)",
+                                  path)
             self.region_size = rs
             self.reserved = reserved
             self.data = core.DataFile(self._fd, length, writable, path)
+            if version == 2:
+                if not writable:
+                    raise FormatError(f"{path}: a remote map of format 2: open the volume for writing once "
+                                      "to convert it", path)
+                self._add_checks()
             tree_path = path[: -len(".map")] + ".tree" if path.endswith(".map") else path + ".tree"
             self.tree = TreeState(tree_path, rs, num_regions)
         except BaseException:
@@ -119,16 +150,81 @@ class RemoteMap:
             raise
         self._rec = bytearray(RECORD.size)
 
+    def _header(self, region_size: int, num_regions: int, reserved: int) -> bytes:
+        body = _RMAP_HEAD.pack(_RMAP_MAGIC, _RMAP_VERSION, region_size, num_regions, reserved) + self.salt
+        return body + bytes(core.checksum(body))
+
+    def _record(self, r: int, seq: int, pack: int, offset: int, length: int, csum: bytes) -> bytes:
+        rec = _RREC.pack(seq, pack, offset, length, b"\0\0\0\0", csum)
+        return rec[:28] + self._check(r, rec) + rec[32:]
+
+    def _check(self, r: int, rec: bytes | bytearray | memoryview) -> bytes:
+        mv = memoryview(rec)
+        c = zlib.crc32(mv[32:48], zlib.crc32(mv[:28], zlib.crc32(r.to_bytes(8, "little"), self._salt_crc)))
+        return c.to_bytes(4, "little")
+
+    def _valid(self, r: int, rec: bytes | bytearray | memoryview) -> bool:
+        return bytes(rec[28:32]) == self._check(r, rec) or bytes(rec) == _NO_RECORD
+
+    def _invalid(self, first: int, raw: bytes | bytearray) -> list[int]:
+        """The regions from ``first`` on whose records in ``raw`` fail their checks."""
+        mv = memoryview(raw)
+        salt, crc32 = self._salt_crc, zlib.crc32
+        bad = []
+        for j, (seq, check) in enumerate(_SEQ_CHECK.iter_unpack(raw)):
+            pos = RECORD.size * j
+            if seq == 0 and check == 0:
+                if mv[pos : pos + RECORD.size] != _NO_RECORD:
+                    bad.append(first + j)
+            elif check != crc32(mv[pos + 32 : pos + 48], crc32(mv[pos : pos + 28],
+                                                              crc32((first + j).to_bytes(8, "little"), salt))):
+                bad.append(first + j)
+        return bad
+
+    def _add_checks(self) -> None:
+        """Format 2 to 3: every record written gets its check, then the header (idempotent)."""
+        end = _RMAP_HEADER + RECORD.size * self.n
+        done = 0
+        for start, stop in _data_extents(self._fd, _RMAP_HEADER, end, False):
+            first = (start - _RMAP_HEADER) // RECORD.size
+            last = min(self.n, (stop - _RMAP_HEADER + RECORD.size - 1) // RECORD.size)
+            for r0 in range(first, last, 4096):
+                r1 = min(last, r0 + 4096)
+                raw = bytearray(RECORD.size * (r1 - r0))
+                self.data.readinto(_RMAP_HEADER + RECORD.size * r0, raw)
+                for i in range(r1 - r0):
+                    rec = raw[RECORD.size * i : RECORD.size * (i + 1)]
+                    if bytes(rec) != _NO_RECORD:
+                        raw[RECORD.size * i + 28 : RECORD.size * i + 32] = self._check(r0 + i, rec)
+                        done += 1
+                self.data.write(_RMAP_HEADER + RECORD.size * r0, bytes(raw))
+        self.data.sync()
+        self.data.write(0, self._header(self.region_size, self.n, self.reserved))
+        self.data.sync()
+        _log.info("%s: remote map converted to format 3 (%d records checked)", self.path, done)
+
     def get(self, r: int) -> tuple[int, bytes]:
-        """``(seq, checksum)`` of region ``r``'s newest version on the secondary (seq 0: none)."""
+        """``(seq, checksum)`` of region ``r``'s newest version on the secondary (seq 0: none, or
+        a record that fails its check: the region is then compared and shipped again)."""
         self.data.readinto(_RMAP_HEADER + RECORD.size * r, self._rec)
+        if not self._valid(r, self._rec):
+            self._note_damaged([r])
+            return 0, bytes(16)
         seq, _pack, _off, _len, csum = RECORD.unpack(self._rec)
         return int(seq), bytes(csum)
 
     def set(self, r: int, seq: int, pack: int, offset: int, length: int, csum: bytes) -> None:
         """Record region ``r``'s newest version (``pack`` 0: all zeros, not stored)."""
-        self.data.write(_RMAP_HEADER + RECORD.size * r, RECORD.pack(seq, pack, offset, length, csum))
+        self.data.write(_RMAP_HEADER + RECORD.size * r, self._record(r, seq, pack, offset, length, csum))
+        self.damaged.discard(r)
         self.tree.mark(r)
+
+    def _note_damaged(self, regions: list[int]) -> None:
+        new = [r for r in regions if r not in self.damaged]
+        if new:
+            self.damaged.update(new)
+            _log.error("%s: records of regions %s fail their checks: shipped again", self.path,
+                       region_ranges(new))
 
     def has_records(self) -> bool:
         """Whether any region has a record (the file is not all holes past its header)."""
@@ -148,11 +244,19 @@ class RemoteMap:
         return False
 
     def leaf_body(self, i: int) -> tuple[bytes, int]:
-        """The map-page entries of leaf ``i``, from the records."""
+        """The map-page entries of leaf ``i``, from the records; the regions whose records fail
+        their checks are left out and added to :attr:`damaged` (the caller must not publish a PIT
+        while it is not empty)."""
         first = i * LEAF_SPAN
         count = min(LEAF_SPAN, self.n - first)
         out = bytearray(RECORD.size * count)
         self.data.readinto(_RMAP_HEADER + RECORD.size * first, out)
+        bad = self._invalid(first, out)
+        if bad:
+            self._note_damaged(bad)
+            for r in bad:
+                j = RECORD.size * (r - first)
+                out[j : j + RECORD.size] = _NO_RECORD
         return leaf_entries(out)
 
     def reset(self) -> None:
@@ -168,7 +272,7 @@ class RemoteMap:
         self.sync()
 
     def reserve(self, upto: int) -> None:
-        self.data.write(0, _RMAP_HEAD.pack(_RMAP_MAGIC, _RMAP_VERSION, self.region_size, self.n, upto))
+        self.data.write(0, self._header(self.region_size, self.n, upto))
         self.sync()
         self.reserved = upto
 

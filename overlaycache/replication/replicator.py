@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from overlaycache._impl import core
 from overlaycache.errors import (
+    CorruptionError,
     FormatError,
     InvalidArgumentError,
     ObjectExistsError,
@@ -43,6 +44,7 @@ from overlaycache.errors import (
     SecondaryUnavailableError,
     StoreError,
 )
+from overlaycache.local.geometry import region_ranges
 from overlaycache.local.layers import zero_checksum
 from overlaycache.local.meta import SecondaryRecord
 from overlaycache.store.base import ObjectStore
@@ -51,14 +53,20 @@ from overlaycache.remote.catalog import Catalog
 from overlaycache.replication.maps import CHANGE_MAP, ChangeMap, ChangeSet, RemoteMap, map_salt, open_change_map
 from overlaycache.replication.modes import Mode, mode_for
 from overlaycache.remote.layout import (
+    ROOT_SUFFIX,
     PackEntry,
     check_volume_format,
     encode_pack,
     encode_root,
     encode_volume_record,
+    is_pack_key,
+    is_root_key,
     pack_key,
+    packs_prefix,
+    parse_pack_key,
     page_key,
     root_key,
+    roots_prefix,
     snapshot_id,
     volume_key,
 )
@@ -101,6 +109,15 @@ class Lag:
     oldest_age: float
 
 
+class RecordsDamagedError(CorruptionError):
+    """Records of ``remote.map`` failed their checks while a PIT was prepared; their regions are
+    pending again (see :meth:`Replicator.publish_checked`)."""
+
+    def __init__(self, message: str, regions: list[int]) -> None:
+        super().__init__(message)
+        self.regions = regions
+
+
 class Replicator:
     """Ships a volume's changed regions to a store and publishes PIT snapshots.
 
@@ -109,7 +126,7 @@ class Replicator:
 
     def __init__(self, vol: ReplicationHost, store: ObjectStore, mode: str, period: float | None, sync_policy: str,
                  max_lag_regions: int | None, workers: int, resync: bool, pack_size: int = PACK_SIZE,
-                 pack_delay: float = PACK_DELAY) -> None:
+                 pack_delay: float = PACK_DELAY, recover_seq: bool = False) -> None:
         self.policy: Mode = mode_for(mode, period)
         if sync_policy not in SYNC_POLICIES:
             raise InvalidArgumentError(f"sync_policy must be one of {SYNC_POLICIES}, got {sync_policy!r}")
@@ -128,7 +145,13 @@ class Replicator:
         self.volume_id = vol.volume_id
         n, rs = vol.num_regions, vol.region_size
         self._zeros = (zero_checksum(rs), zero_checksum(vol.size - (n - 1) * rs), n - 1)
-        self.remote = RemoteMap(os.path.join(vol.path, "remote.map"), rs, n, True)
+        self.remote = RemoteMap(os.path.join(vol.path, "remote.map"), rs, n, True, vol.volume_id)
+        if recover_seq:
+            try:
+                self._recover_seq()
+            except BaseException:
+                self.remote.close()
+                raise
         try:
             self.changes, self.changes_lost = open_change_map(os.path.join(vol.path, CHANGE_MAP), n,
                                                               map_salt(vol.volume_id))
@@ -169,6 +192,30 @@ class Replicator:
             raise
 
     # -- setup ------------------------------------------------------------------------------------
+    def _recover_seq(self) -> None:
+        """``remote.map`` was missing (made anew): its reserved seq must not go back below a seq
+        the store has, which orders every version and PIT. The highest pack and PIT numbers on the
+        store are listed (one LIST per 1,000 objects), and the regions written are compared again
+        (:attr:`RemoteMap.recreated`)."""
+        try:
+            top = 0
+            for key in self.store.list(packs_prefix(self.volume_id)):
+                if is_pack_key(key):
+                    top = max(top, parse_pack_key(key)[1])
+            for key in self.store.list(roots_prefix(self.volume_id)):
+                name = key.rsplit("/", 1)[-1]
+                if is_root_key(name) and len(name) == 16 + len(ROOT_SUFFIX):
+                    top = max(top, int(name[:16], 16))
+        except SecondaryUnavailableError as exc:
+            raise SecondaryUnavailableError(
+                f"{self.vol.path}: remote.map is missing and the secondary cannot be reached to find the "
+                f"highest sequence number it holds ({exc}); open the volume without it, or when it is back"
+            ) from exc
+        self.remote.reserve(max(self.remote.reserved, top + 1))
+        self.remote.recreated = True
+        _log.error("%s: remote.map was missing: made anew from seq %d; the regions written are compared with "
+                   "the secondary", self.vol.path, self.remote.reserved)
+
     def _register_volume(self) -> None:
         """Record the volume's geometry on the store; refuse a store that has this volume id with
         another geometry."""
@@ -629,9 +676,18 @@ class Replicator:
         with self._cv:
             if self.set.count or self.set.inflight:
                 raise StoreError("internal: publish with regions pending")  # pragma: no cover
-            seq = self._alloc_seq_locked()
             self.remote.sync()
             pages, top, leaves = self.remote.tree.prepare(self.remote.leaf_body)
+            if self.remote.damaged:
+                # Records that fail their checks: never a PIT built from them. Their regions go
+                # back to pending; the caller ships them (rewriting the records) and publishes.
+                damaged = sorted(self.remote.damaged)
+                for r in damaged:
+                    self.set.add(r)
+                self._persist_map_locked()
+                raise RecordsDamagedError(f"{self.remote.path}: records of regions {region_ranges(damaged)} "
+                                          "failed their checks; shipping them again", damaged)
+            seq = self._alloc_seq_locked()
             self._changed_since_publish = False
         try:
             futures = [self._pool.submit(self._put_page, addr, raw) for _l, _i, addr, raw in pages]
@@ -654,6 +710,15 @@ class Replicator:
         _log.info("%s: snapshot %s (%s) published to %s: %d map pages", self.vol.path, snap.id, label,
                   self.store.location, len(pages))
         return snap
+
+    def publish_checked(self, label: str | None, ship: Callable[[], object]) -> Snapshot:
+        """:meth:`publish`; if records of ``remote.map`` fail their checks, ``ship()`` the regions
+        (pending again, which rewrites their records) and publish once more."""
+        try:
+            return self.publish(label)
+        except RecordsDamagedError:
+            ship()
+            return self.publish(label)
 
     def _put_page(self, address: bytes, raw: bytes) -> None:
         try:
@@ -711,11 +776,13 @@ def attach(host: ReplicationHost, store: ObjectStore, known: SecondaryRecord | N
     if period is None and known is not None:
         period = known.period
     resync = known is None or known.location != location or known.resync
+    recover_seq = (known is not None and known.location == location
+                   and not os.path.exists(os.path.join(host.path, "remote.map")))
     if not resync and not os.path.exists(os.path.join(host.path, CHANGE_MAP)):
         _log.error("%s: %s is missing: every region is compared with the secondary", host.path, CHANGE_MAP)
         resync = True
     repl = Replicator(host, store, mode, period, sync_policy, max_lag_regions, workers, resync=False,
-                      pack_size=pack_size, pack_delay=pack_delay)
+                      pack_size=pack_size, pack_delay=pack_delay, recover_seq=recover_seq)
     try:
         fresh = known is None or known.location != location or repl.remote.recreated
         if known is not None and known.location != location:

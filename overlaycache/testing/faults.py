@@ -466,7 +466,7 @@ def _check_failed_state(vol: Volume, model: Model, pending: set[int]) -> None:
     """No distributed overlay, the marks on disk, local data intact, the rest still to ship."""
     assert vol.distributed_overlay is None
     assert vol.unavailable == frozenset(BAD)
-    assert UnavailableMap(vol.path, vol.num_regions).regions() == frozenset(BAD)
+    assert UnavailableMap(vol.path, vol.num_regions, vol.id, True).regions() == frozenset(BAD)
     check_regions(vol, model, [r for r in range(model.nreg) if r not in BAD])
     for r in BAD:  # not valid locally, and no PIT to read them from
         with pytest.raises(RegionUnavailableError) as info:
