@@ -21,7 +21,7 @@ import pytest
 
 from overlaycache import Volume
 from overlaycache._impl import core
-from overlaycache.errors import FormatError
+from overlaycache.errors import CorruptionError, FormatError
 from overlaycache.remote.layout import (
     PAGE_HEAD,
     ROOT_HEAD,
@@ -142,11 +142,20 @@ def test_v2_keys() -> None:
 
 
 def test_v2_volume_record() -> None:
-    raw = b'{"format": 2, "id": "vol-1", "region_size": 4096, "size": 8292}'
-    assert encode_volume_record("vol-1", 8292, 4096) == raw
+    raw = (b'{"checksum": "40371c607dc79f6651496460cc1e062c", "format": 2, "id": "vol-1", "region_size": 4096, '
+           b'"size": 8292}')
+    got = encode_volume_record("vol-1", 8292, 4096)
+    assert got == raw, got
     info = decode_volume_record(raw, volume_key("vol-1"))
     assert info == {"format": 2, "id": "vol-1", "region_size": 4096, "size": 8292}
     check_volume_format(info, "here")  # accepted: no exception
+    # A record written before the checksum was added reads as it is.
+    old = b'{"format": 2, "id": "vol-1", "region_size": 4096, "size": 8292}'
+    assert decode_volume_record(old, volume_key("vol-1")) == info
+    with pytest.raises(CorruptionError, match="checksum"):
+        decode_volume_record(raw.replace(b"8292", b"8293"), volume_key("vol-1"))
+    with pytest.raises(CorruptionError, match="not of this key"):
+        decode_volume_record(old, volume_key("vol-2"))
 
 
 @pytest.mark.parametrize("raw", [b'{"format": 1, "id": "vol-1", "region_size": 4096, "size": 8292}',

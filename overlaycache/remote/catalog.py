@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from overlaycache.errors import CorruptionError, ObjectNotFoundError, SnapshotNotFoundError
+from overlaycache.errors import CorruptionError, ObjectNotFoundError
 from overlaycache.images import RemoteImage
 from overlaycache.remote.layout import (
     VOLUMES_PREFIX,
@@ -23,7 +23,7 @@ from overlaycache.remote.layout import (
     volume_key,
 )
 from overlaycache.remote.leases import holder_name, take_lease
-from overlaycache.remote.listing import check_format, list_snapshots
+from overlaycache.remote.listing import check_format, list_snapshots, no_volume_error
 from overlaycache.remote.tree import PageSource, PitMap
 from overlaycache.retention import parse_duration
 from overlaycache.snapshots import Snapshot, find_snapshot
@@ -83,7 +83,7 @@ class Catalog:
         try:
             raw = self.store.get(key)
         except ObjectNotFoundError as exc:
-            raise SnapshotNotFoundError(f"{self.store.location}: no volume {volume_id!r}", volume_id) from exc
+            raise no_volume_error(self.store, volume_id) from exc
         return decode_volume_record(raw, key, self.store.location)
 
     def check_format(self, volume_id: str) -> None:

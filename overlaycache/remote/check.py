@@ -7,11 +7,14 @@ be checked against its packs, and rebuilt from them alone, as restic's ``check``
 
 :func:`check_volume` reads the volume record, every pack's index (and with ``read_data`` every
 pack's bytes, verified against its checksums), every PIT root and every map page those roots
-reach, and reports what does not hold together: a damaged or missing object, a map record naming
-a version its pack does not hold. With ``repair``, a PIT whose root, pages or records are damaged
-is rebuilt from the undamaged packs (per region, the newest version with ``seq <= cutoff``) and its
-root replaced; the replaced root is the only object ever overwritten, and only by this explicit
-repair.
+reach, and reports what does not hold together: a damaged or missing object, a pack that is not
+the one its key names, a map record naming a version its pack does not hold, a volume record
+that disagrees with the (checksummed) PIT roots. With ``repair``, a PIT whose root, pages or
+records are damaged is rebuilt from the packs (per region, the newest version with
+``seq <= cutoff``) and its root replaced, but only when no pack is damaged or missing: a version
+in a lost pack cannot be told from an older one, and a rebuild must never serve older bytes as the
+PIT's. The replaced root, and a page found damaged under its own address, are the only objects
+ever overwritten, and only by this explicit repair.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ from overlaycache.errors import (
 from overlaycache.remote.layout import (
     LEAF_SPAN,
     RECORD,
-    PackEntry,
+    PackIndex,
+    Root,
     check_volume_format,
+    decode_page,
     decode_root,
     decode_root_header,
     decode_volume_record,
     encode_root,
     is_root_key,
+    pack_key,
     packs_prefix,
     page_key,
     parse_pack_key,
@@ -87,8 +93,10 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        """Whether nothing is wrong (or everything found was repaired)."""
-        return not self.problems or set(self.damaged_snapshots) <= set(self.repaired) and not self.damaged_packs
+        """Whether nothing is wrong, or every problem found was in a PIT that was repaired."""
+        fixed = tuple(f"PIT {sid}:" for sid in self.repaired)
+        return not self.damaged_packs and all(p.startswith(fixed) for p in self.problems) if fixed else \
+            not self.problems
 
     def __str__(self) -> str:
         head = (f"volume {self.volume_id}: {self.packs} packs, {self.region_versions} region versions, "
@@ -101,12 +109,6 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _read_index(store: ObjectStore, key: str, read_data: bool) -> list[PackEntry]:
-    if read_data:
-        return list(verify_pack(store.get(key), f"{store.location}/{key}").entries)
-    return list(read_pack_index(store, key).entries)
-
-
 def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_data: bool = False) -> CheckReport:
     """Check a volume's packs, PIT roots and map pages against each other.
 
@@ -117,7 +119,11 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
     volume_id : str
         The volume.
     repair : bool
-        Rebuild the damaged PITs from the packs.
+        Rebuild the PITs whose maps (root, pages, records) are damaged, from the packs. A PIT is
+        rebuilt only when nothing it may need is missing: no pack is damaged or missing (a missing
+        version cannot be told from an older one). The geometry comes from the intact PIT roots
+        (checksummed), or from the volume record when none is intact, checked against the packs. Damaged packs are reported, never "repaired" by falling back to older
+        versions: the regions they held stay unreadable, naming the pack.
     read_data : bool
         Read and verify every pack's bytes too, not only its index (reads all the volume's data).
 
@@ -129,22 +135,57 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
     Raises
     ------
     SnapshotNotFoundError
-        The store has no record of this volume.
+        The store has nothing of this volume.
     FormatError
         The store holds the volume in another format.
     SecondaryUnavailableError
         The store cannot be reached.
     """
-    key = volume_key(volume_id)
-    try:
-        raw = store.get(key)
-    except ObjectNotFoundError as exc:
-        raise SnapshotNotFoundError(f"{store.location}: no volume {volume_id!r}", volume_id) from exc
-    info = decode_volume_record(raw, key, store.location)
-    check_volume_format(info, f"{store.location}/{key}")
-    size, rs = int(info["size"]), int(info["region_size"])
-    n = (size + rs - 1) // rs
     report = CheckReport(volume_id)
+    vkey = volume_key(volume_id)
+    vwhere = f"{store.location}/{vkey}"
+    roots = [k for k in store.list(roots_prefix(volume_id)) if is_root_key(k) or k.endswith(".manifest")]
+    info: dict[str, object] | None = None
+    try:
+        info = decode_volume_record(store.get(vkey), vkey, store.location)
+        check_volume_format(info, vwhere)
+    except ObjectNotFoundError as exc:
+        if not roots and not any(True for _ in store.list(packs_prefix(volume_id))):
+            raise SnapshotNotFoundError(f"{store.location}: no volume {volume_id!r}", volume_id) from exc
+        report.problems.append(f"{vwhere}: missing (the volume's PITs and packs are there)")
+    except CorruptionError as exc:
+        report.problems.append(str(exc))
+    # The PIT roots first: they carry the geometry too, checksummed.
+    decoded: dict[str, Root | OverlayCacheError] = {}
+    for key in roots:
+        where = f"{store.location}/{key}"
+        if key.endswith(".manifest"):
+            raise FormatError(f"{where}: a PIT manifest of format 1; this overlaycache reads format 2 only", where)
+        sid = key.rsplit("/", 1)[1][: -len(".root")]
+        try:
+            root = decode_root(store.get(key), where)
+            if root.volume_id != volume_id or snapshot_id(root.seq) != sid:
+                raise CorruptionError(f"{where}: root of volume {root.volume_id!r} seq {root.seq:016x}, not of this key")
+            decoded[key] = root
+        except ObjectNotFoundError as exc:  # listed, then gone (a collapse): not damage
+            decoded[key] = exc
+        except (CorruptionError, FormatError) as exc:
+            decoded[key] = exc
+    shapes = {(r.size, r.region_size) for r in decoded.values() if isinstance(r, Root)}
+    geometry: tuple[int, int] | None = None
+    if len(shapes) == 1:
+        geometry = next(iter(shapes))
+        if info is not None and (int(str(info["size"])), int(str(info["region_size"]))) != geometry:
+            report.problems.append(f"{vwhere}: size {info['size']} and region size {info['region_size']} differ "
+                                   f"from the PITs' {geometry[0]} and {geometry[1]} (damaged record)")
+    elif len(shapes) > 1:
+        report.problems.append(f"volume {volume_id}: PIT roots of different geometries {sorted(shapes)}")
+    elif info is not None:
+        geometry = (int(str(info["size"])), int(str(info["region_size"])))
+    if geometry is None:
+        return report  # nothing to check the packs against
+    size, rs = geometry
+    n = (size + rs - 1) // rs
     # Every version the packs hold: region -> {seq: (pack, offset, length, checksum)}.
     versions: dict[int, dict[int, tuple[int, int, int, bytes]]] = {}
     good_packs: set[int] = set()
@@ -155,67 +196,100 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
             report.problems.append(f"{key}: not a pack's key")
             continue
         report.packs += 1
+        where = f"{store.location}/{key}"
         try:
-            entries = _read_index(store, key, read_data)
+            index = _read_index(store, key, read_data)
+            if index.volume_id != volume_id or index.pack != pack:
+                raise CorruptionError(f"{where}: pack {index.pack:016x} of volume {index.volume_id!r}, not of this key")
+            if index.region_size != rs:
+                raise CorruptionError(f"{where}: regions of {index.region_size} bytes, not the volume's {rs}")
         except (CorruptionError, FormatError) as exc:
-            report.problems.append(f"{key}: {exc}")
+            report.problems.append(str(exc) if where in str(exc) else f"{where}: {exc}")
             report.damaged_packs.append(key)
             continue
         good_packs.add(pack)
-        for e in entries:
+        for e in index.entries:
             if e.region >= n:
-                report.problems.append(f"{key}: lists region {e.region}, beyond the volume's {n}")
+                report.problems.append(f"{where}: lists region {e.region}, beyond the volume's {n}")
                 continue
             report.region_versions += 1
             versions.setdefault(e.region, {})[e.seq] = (pack, e.offset, e.length, e.checksum)
-    roots = [k for k in store.list(roots_prefix(volume_id)) if is_root_key(k) or k.endswith(".manifest")]
+    missing_packs: set[int] = set()
+    to_rebuild: list[tuple[str, str]] = []
     for key in roots:
         where = f"{store.location}/{key}"
-        if key.endswith(".manifest"):
-            raise FormatError(f"{where}: a PIT manifest of format 1; this overlaycache reads format 2 only", where)
         report.snapshots += 1
         sid = key.rsplit("/", 1)[1][: -len(".root")]
-        bad: list[str] = []
+        map_bad: list[str] = []
+        data_bad: list[str] = []
+        got = decoded[key]
+        if isinstance(got, ObjectNotFoundError):
+            report.snapshots -= 1
+            continue
         try:
-            root = decode_root(store.get(key), where)
-            if root.volume_id != volume_id or snapshot_id(root.seq) != sid:
-                raise CorruptionError(f"{where}: root of volume {root.volume_id!r} seq {root.seq:016x}")
-            pit = PitMap(root, PageSource(store, volume_id), cache_leaves=4)
+            if not isinstance(got, Root):
+                raise got
+            pit = PitMap(got, PageSource(store, volume_id), cache_leaves=4)
             report.pages += sum(1 for _ in pit.page_addresses())
             for r, seq, pack, off, length, csum in pit.stored():
                 held = versions.get(r, {}).get(seq)
-                if held is None:
-                    bad.append(f"region {r} version {seq:016x} is in no pack")
+                pname = pack_key(volume_id, pack) if pack else "no pack (all zeros)"
+                if pack and pack not in good_packs:
+                    if not any(k.endswith(pack_key(volume_id, pack)) for k in report.damaged_packs):
+                        missing_packs.add(pack)
+                    data_bad.append(f"region {r} version {seq:016x}: {pname} is damaged or missing")
+                elif held is None:
+                    data_bad.append(f"region {r} version {seq:016x} is not in {pname}")
                 elif held != (pack, off, length, csum) and not (pack == 0 and held[2] == 0 and held[3] == csum):
                     # (pack 0: an all-zero version recorded without its pack, as it may be)
-                    bad.append(f"region {r} version {seq:016x} differs from its pack's index")
-                elif pack and pack not in good_packs:
-                    bad.append(f"region {r} version {seq:016x} is in a damaged pack")
+                    map_bad.append(f"region {r} version {seq:016x} differs from the index of {pname}")
         except ObjectNotFoundError as exc:
-            bad.append(f"missing object: {exc}")
+            map_bad.append(f"missing object: {exc}")
         except (CorruptionError, FormatError) as exc:
-            bad.append(str(exc))
+            map_bad.append(str(exc))
+        bad = map_bad + data_bad
         if bad:
             report.damaged_snapshots.append(sid)
             report.problems.extend(f"PIT {sid}: {b}" for b in bad[:10])
             if len(bad) > 10:
                 report.problems.append(f"PIT {sid}: ... and {len(bad) - 10} more")
-            if repair:
+            if map_bad:
+                to_rebuild.append((key, sid))
+    for pack in sorted(missing_packs):
+        report.problems.append(f"{store.location}/{pack_key(volume_id, pack)}: missing (a PIT names it)")
+    if repair and to_rebuild:
+        refuse = []
+        if report.damaged_packs or missing_packs:
+            refuse.append("packs are damaged or missing (a rebuild could not tell their versions from older ones)")
+        if len(shapes) > 1:
+            refuse.append("the PIT roots disagree on the volume's geometry")
+        if refuse:
+            report.problems.append(f"repair refused: {'; '.join(refuse)}")
+        else:
+            for key, sid in to_rebuild:
                 _rebuild(store, volume_id, key, sid, size, rs, versions, good_packs)
                 report.repaired.append(sid)
     return report
+
+
+def _read_index(store: ObjectStore, key: str, read_data: bool) -> PackIndex:
+    if read_data:
+        return verify_pack(store.get(key), f"{store.location}/{key}")
+    return read_pack_index(store, key)
 
 
 def _rebuild(store: ObjectStore, volume_id: str, key: str, sid: str, size: int, rs: int,
              versions: dict[int, dict[int, tuple[int, int, int, bytes]]], good_packs: set[int]) -> None:
     """Rebuild the PIT ``sid`` from the packs and replace its root."""
     cutoff = int(sid, 16)
-    label: str | None = None
+    label: str | None = f"rebuilt-{sid}"
     created = time.time()
     try:
-        _seq, created, label, _vid = decode_root_header(store.get(key, 0, 4096), key)
+        seq, when, old_label, vid = decode_root_header(store.get(key, 0, 4096), key)
+        if vid == volume_id and seq == cutoff:  # the header is this PIT's: keep its time and label
+            created, label = when, old_label
     except (OverlayCacheError, ValueError):
-        label = f"rebuilt-{sid}"
+        pass
     n = (size + rs - 1) // rs
     leaves: dict[int, bytearray] = {}
     for r, by_seq in versions.items():
@@ -227,11 +301,17 @@ def _rebuild(store: ObjectStore, volume_id: str, key: str, sid: str, size: int, 
         leaf = leaves.setdefault(r // LEAF_SPAN, bytearray(RECORD.size * LEAF_SPAN))
         RECORD.pack_into(leaf, (r % LEAF_SPAN) * RECORD.size, seq, pack, off, length, csum)
     pages, top = build_tree(n, {i: bytes(b) for i, b in leaves.items()})
-    for _level, _index, addr, raw in pages:
+    for level, index, addr, raw in pages:
+        pkey = page_key(volume_id, addr)
         try:
-            store.put(page_key(volume_id, addr), raw, if_absent=True)
+            store.put(pkey, raw, if_absent=True)
         except ObjectExistsError:
-            pass  # content-addressed: the same page
+            # Content-addressed: the same page, unless the object there is damaged: replace it.
+            try:
+                decode_page(store.get(pkey), addr, level, index, pkey)
+            except (CorruptionError, FormatError):
+                store.delete([pkey])
+                store.put(pkey, raw, if_absent=True)
     store.delete([key])
     store.put(key, encode_root(volume_id, size, rs, cutoff, created, label, top), if_absent=True)
     _log.warning("%s/%s: PIT %s rebuilt from the packs", store.location, key, sid)

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlaycache.errors import InvalidArgumentError, ObjectExistsError, ObjectNotFoundError, SnapshotNotFoundError
+from overlaycache.errors import InvalidArgumentError, ObjectExistsError, ObjectNotFoundError
 from overlaycache.remote.layout import (
     decode_root,
     gc_prefix,
@@ -54,7 +54,7 @@ from overlaycache.remote.layout import (
     volume_key,
 )
 from overlaycache.remote.leases import active_leases, expired_leases
-from overlaycache.remote.listing import check_format, list_snapshots
+from overlaycache.remote.listing import check_format, list_snapshots, no_volume_error
 from overlaycache.remote.tree import PageSource, reachable
 from overlaycache.retention import RetentionPolicy
 from overlaycache.snapshots import Snapshot
@@ -224,7 +224,7 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     counted = _Counted(store)
     report = CollapseReport(volume_id, dry_run=dry_run)
     if counted.head(volume_key(volume_id)) is None:
-        raise SnapshotNotFoundError(f"{store.location}: no volume {volume_id!r}", volume_id)
+        raise no_volume_error(store, volume_id)
     check_format(counted, volume_id)
     # 1. Candidates first, then the PITs: what is stored after this listing is never a candidate.
     pages_listed = {key.rsplit("/", 1)[1]: key for key in counted.list(pages_prefix(volume_id))}

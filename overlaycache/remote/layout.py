@@ -51,8 +51,10 @@ digits (:func:`snapshot_id`). A PIT holds, per region, the newest version with `
 
 The volume record
 -----------------
-``volume.json``: UTF-8 JSON with sorted keys, ``{"format": 2, "id": <id>, "region_size": <int>,
-"size": <int>}`` (:func:`encode_volume_record`). Written once, with a conditional PUT, when the
+``volume.json``: UTF-8 JSON with sorted keys, ``{"checksum": <hex>, "format": 2, "id": <id>,
+"region_size": <int>, "size": <int>}`` (:func:`encode_volume_record`); the checksum is the mmh3
+x64-128 of the JSON of the other keys (a record without one, written before it was added, is
+read as it is), and the id must be the one in the key. Written once, with a conditional PUT, when the
 volume is first attached; a volume of another geometry with the same id is refused, and so is a
 record of another format.
 
@@ -332,10 +334,17 @@ def snapshot_id(seq: int) -> str:
 # -- the volume record -------------------------------------------------------------------------------
 
 def encode_volume_record(volume_id: str, size: int, region_size: int) -> bytes:
-    """The volume record's bytes: UTF-8 JSON with sorted keys ``format``, ``id``, ``region_size``,
-    ``size``."""
-    info = {"format": VOLUME_FORMAT, "id": volume_id, "size": size, "region_size": region_size}
+    """The volume record's bytes: UTF-8 JSON with sorted keys ``checksum``, ``format``, ``id``,
+    ``region_size``, ``size``; ``checksum`` is the mmh3 x64-128 (hex) of the record's JSON without
+    it (see :func:`_record_checksum`)."""
+    info: dict[str, Any] = {"format": VOLUME_FORMAT, "id": volume_id, "size": size, "region_size": region_size}
+    info["checksum"] = _record_checksum(info)
     return json.dumps(info, sort_keys=True).encode()
+
+
+def _record_checksum(info: dict[str, Any]) -> str:
+    body = {k: v for k, v in info.items() if k != "checksum"}
+    return _sum(json.dumps(body, sort_keys=True).encode()).hex()
 
 
 def decode_volume_record(raw: bytes, key: str, location: str | None = None) -> dict[str, Any]:
@@ -350,6 +359,8 @@ def decode_volume_record(raw: bytes, key: str, location: str | None = None) -> d
     ------
     FormatError
         The record is not valid JSON or lacks the geometry.
+    CorruptionError
+        The record fails its checksum, or names another volume than its key.
     """
     where = key if location is None else f"{location}/{key}"
     try:
@@ -357,7 +368,16 @@ def decode_volume_record(raw: bytes, key: str, location: str | None = None) -> d
         int(info["size"]), int(info["region_size"]), int(info.get("format", 1))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FormatError(f"{where}: invalid volume record", key) from exc
+    if "checksum" in info:
+        if info["checksum"] != _record_checksum(info):
+            raise CorruptionError(f"{where}: damaged volume record (its checksum does not match)")
+    elif not set(info) <= {"format", "id", "region_size", "size"}:  # a record from before checksums
+        raise CorruptionError(f"{where}: damaged volume record (no checksum, and keys {sorted(info)})")
+    parts = key.split("/")
+    if len(parts) == 3 and parts[2] == "volume.json" and "id" in info and info["id"] != parts[1]:
+        raise CorruptionError(f"{where}: the record of volume {info['id']!r}, not of this key")
     info = dict(info)
+    info.pop("checksum", None)
     info["format"] = int(info.get("format", 1))
     return info
 

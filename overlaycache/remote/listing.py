@@ -6,7 +6,7 @@ The lowest layer of reading a store: the catalog, the checker and the collapse b
 
 from __future__ import annotations
 
-from overlaycache.errors import CorruptionError, FormatError, ObjectNotFoundError
+from overlaycache.errors import CorruptionError, FormatError, ObjectNotFoundError, OverlayCacheError, SnapshotNotFoundError
 from overlaycache.remote.layout import (
     PackIndex,
     check_volume_format,
@@ -42,9 +42,12 @@ def check_format(store: ObjectStore, volume_id: str) -> None:
     key = volume_key(volume_id)
     try:
         raw = store.get(key)
-    except ObjectNotFoundError:
-        return  # nothing stored yet (or only PITs without a record: their roots say)
-    check_volume_format(decode_volume_record(raw, key, store.location), f"{store.location}/{key}")
+        info = decode_volume_record(raw, key, store.location)
+    except (ObjectNotFoundError, CorruptionError):
+        # Nothing stored yet, or a record missing or damaged (check() reports it): the PIT roots
+        # carry their own format and geometry, checksummed, and say the rest.
+        return
+    check_volume_format(info, f"{store.location}/{key}")
 
 
 def list_snapshots(store: ObjectStore, volume_id: str) -> list[Snapshot]:
@@ -100,3 +103,14 @@ def read_pack_index(store: ObjectStore, key: str) -> PackIndex:
         if got <= need:  # the object is shorter than its index says
             raise CorruptionError(f"{where}: truncated pack index")
         need = got
+
+
+def no_volume_error(store: ObjectStore, volume_id: str) -> OverlayCacheError:
+    """The error for a volume whose record is missing: no such volume, or, when PIT roots of it are
+    there, a missing record (damage), named."""
+    key = volume_key(volume_id)
+    if any(True for _ in store.list(roots_prefix(volume_id))):
+        where = f"{store.location}/{key}"
+        return CorruptionError(f"{where}: missing (the volume's PITs are there): restore the record, or "
+                               "run overlaycache check")
+    return SnapshotNotFoundError(f"{store.location}: no volume {volume_id!r}", volume_id)
