@@ -134,8 +134,26 @@ def lock_directory(directory: str, shared: bool, busy: str) -> int:
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
+        holder = lock_holder(fd)  # the last exclusive holder's PID, if that process still runs
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise VolumeLockedError(f"{directory}: {busy}") from exc
+            who = f" (PID {holder})" if holder is not None else ""
+            raise VolumeLockedError(f"{directory}: {busy}{who}") from exc
         raise
+    if not shared:  # the holder's PID, for the message of whoever finds the lock taken
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # only for messages
     return fd
+
+
+def lock_holder(fd: int) -> int | None:
+    """The PID written in a lock file by its exclusive holder, if it is a running process."""
+    try:
+        pid = int(os.pread(fd, 32, 0).decode("ascii").strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return pid

@@ -644,6 +644,22 @@ class Volume:
         _log.info("%s: local snapshot %s (%s) at layer %d", self.path, snap.id, label, snap.layer)
         return snap
 
+    def delete_local_snapshot(self, snapshot: LocalSnapshot | str) -> LocalSnapshot:
+        """Forget a local snapshot (by object, id or label); returns it. Its open images are
+        closed. The overlay it froze stays in the stack (newer levels read through it) until
+        :meth:`merge_down` folds it into the base.
+
+        Raises
+        ------
+        SnapshotNotFoundError
+            No such local snapshot.
+        """
+        self._check_writable()
+        with self._wlock:
+            snap = self._live_layers().delete_snapshot(snapshot)
+        _log.info("%s: local snapshot %s (%s) deleted", self.path, snap.id, snap.label)
+        return snap
+
     def image(self, snapshot: LocalSnapshot | Snapshot | str) -> Any:
         """A read-only virtual image of a snapshot: local (a :class:`VirtualImage`) or a PIT on the
         secondary (a :class:`RecoveryImage`, reading still-valid identical regions locally).

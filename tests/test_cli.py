@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from overlaycache.cli import demo, demo_replication, main
+from overlaycache.cli import main
+from overlaycache.cli.demo import demo, demo_replication
 
 
 def rows(text: str) -> dict[str, str]:
@@ -47,7 +48,7 @@ def test_cli_commands_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["snapshot", vol, "--label", "first"]) == 0
     assert main(["info", vol]) == 0
     out = capsys.readouterr().out
-    assert "regions      16" in out and "label=first" in out
+    assert "16 regions of 4096" in out and "snapshot     1 first at layer 1" in out
     assert main(["merge-down", vol]) == 0
     assert main(["info", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
@@ -60,7 +61,7 @@ def test_cli_commands_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_demo_failover_tells_the_story(tmp_path: Path, moto_endpoint: str) -> None:
-    from overlaycache.cli import demo_failover
+    from overlaycache.cli.demo import demo_failover
 
     buf = io.StringIO()
     demo_failover(moto_endpoint, "testing", "testing-secret", "demo-failover", str(tmp_path), buf)

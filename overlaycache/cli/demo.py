@@ -1,34 +1,21 @@
-"""The ``overlaycache`` command line.
-
-Errors from the package become one line on stderr and exit status 1; usage errors exit 2.
-"""
+"""``overlaycache demo``: the seed's story on real volumes, narrated as tables."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from overlaycache.errors import InvalidArgumentError, OverlayCacheError
+from overlaycache.errors import InvalidArgumentError
 from overlaycache.volume import Volume
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Parse ``"64K"``, ``"1g"``, ``"4096"`` into bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 64K, 10G)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+#: The seed, as the demo cites its figures.
+SEED = '"Remote Data Access for Local Operations" (patent application)'
 
 
 class _Narrator:
@@ -62,7 +49,8 @@ def demo(directory: str | None = None, out: TextIO | None = None) -> None:
 
     try:
         with Volume.create(path, 8 * rs, region_size=rs) as vol:
-            print(f"overlaycache demo: an overlay snapshot (Fig. 2), 8 regions of {rs} bytes in {path}", file=stream)
+            print(f"overlaycache demo: the figures of {SEED}, on real volumes\n\n"
+                  f"An overlay snapshot (Fig. 2): 8 regions of {rs} bytes in {path}", file=stream)
             show("region", [str(r) for r in range(8)])
             for r, ch in enumerate("abcdefgh"):
                 vol.write(r * rs, ch.encode() * rs)
@@ -105,7 +93,7 @@ def _start_moto() -> tuple[Any, str]:
 
 def demo_replication(endpoint: str | None = None, bucket: str = "overlaycache-demo",
                      directory: str | None = None, out: TextIO | None = None, key_id: str | None = None,
-                     secret: str | None = None) -> None:
+                     secret: str | None = None, builtin: bool = False) -> None:
     """Replicate a volume over real HTTP to an S3 server and read its PITs back from the store alone."""
     from overlaycache.remote.layout import packs_prefix
     from overlaycache.remote.listing import read_pack_index
@@ -129,7 +117,8 @@ def demo_replication(endpoint: str | None = None, bucket: str = "overlaycache-de
         store = S3Store(bucket, prefix="demo", endpoint_url=endpoint, aws_access_key_id=key_id,
                           aws_secret_access_key=secret)
         store.create_bucket()
-        where = "moto's S3 server, in this process" if server is not None else "the given endpoint"
+        builtin = builtin or server is not None
+        where = "the demo's own built-in S3 server (moto, in this process)" if builtin else "the given endpoint"
         print(f"\nReplication to {endpoint} ({where}), bucket {bucket}, async mode", file=stream)
         with Volume.create(path, 8 * rs, region_size=rs, secondary=store, replication="async") as vol:
             show("region", [str(r) for r in range(8)])
@@ -187,7 +176,7 @@ def demo_failover(endpoint: str, key_id: str | None, secret: str | None, bucket:
         store = S3Store(bucket, prefix="demo-failover", endpoint_url=endpoint, aws_access_key_id=key_id,
                         aws_secret_access_key=secret)
         store.create_bucket()
-        print("\nDistributed overlay snapshot (Figs. 3C-3F) and recovery (Fig. 3B)", file=stream)
+        print("\nDistributed overlay snapshot (Figs. 3C-3F) and recovery (Fig. 3B), same server", file=stream)
         with Volume.create(path, 8 * rs, region_size=rs, secondary=store, replication="periodic",
                            period=3600) as vol:
             show("region", [str(r) for r in range(8)])
@@ -232,155 +221,29 @@ def demo_failover(endpoint: str, key_id: str | None, secret: str | None, bucket:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="overlaycache", description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="walk through the overlay snapshot of Fig. 2 on a real volume")
-    d.add_argument("--dir", help="keep the demo volume in this directory (default: a temporary one)")
-    d.add_argument("--endpoint", help="replicate to this S3 endpoint instead of a built-in moto server")
+def register(sub: Any) -> None:
+    d = sub.add_parser("demo", help="walk through the overlay snapshot, replication and failover on real volumes",
+                       description="The seed's story (the patent application \"Remote Data Access for Local "
+                                   "Operations\", Figs. 2 and 3) on real volumes in a temporary directory: an "
+                                   "overlay snapshot, replication to S3, the distributed overlay and recovery.")
+    d.add_argument("--dir", help="keep the demo volumes in this directory (default: a temporary one)")
+    d.add_argument("--endpoint", help="replicate to this S3 endpoint instead of the demo's own built-in "
+                   "moto server (credentials from the environment)")
     d.add_argument("--bucket", default="overlaycache-demo", help="bucket for the replication part")
-    c = sub.add_parser("create", help="create an empty volume")
-    c.add_argument("path")
-    c.add_argument("size", type=parse_size)
-    c.add_argument("--region-size", type=parse_size, default=65536)
-    i = sub.add_parser("info", help="show a volume's geometry, layers and snapshots")
-    i.add_argument("path")
-    s = sub.add_parser("snapshot", help="take a local snapshot")
-    s.add_argument("path")
-    s.add_argument("--label")
-    m = sub.add_parser("merge-down", help="fold the oldest overlay into the base")
-    m.add_argument("path")
-    v = sub.add_parser("convert", help="convert a closed volume of local format 1 to format 2, in place")
-    v.add_argument("path")
-    store_help = ("the secondary: s3://BUCKET/PREFIX?endpoint_url=... (credentials from boto3's standard chain: "
-                  "environment, profile, ...), file:///DIR or a directory")
-    k = sub.add_parser("check", help="check a volume's packs, PITs and map pages on its secondary")
-    k.add_argument("store", help=store_help)
-    k.add_argument("volume_id")
-    k.add_argument("--repair", action="store_true", help="rebuild damaged PITs from the packs")
-    k.add_argument("--read-data", action="store_true", help="read and verify every pack's bytes too")
-    k.add_argument("--json", action="store_true", help="print the report as JSON")
-    o = sub.add_parser("collapse", help="drop the PITs a retention policy does not keep, and collect the garbage")
-    o.add_argument("store", help=store_help)
-    o.add_argument("volume_id")
-    o.add_argument("--policy", required=True, help='tiers EVERY@WITHIN, e.g. "all@3h,15m@1d,1h@7d,1d@90d" '
-                   "(durations in s, m, h, d, w)")
-    o.add_argument("--keep-last", type=int, default=0, help="always keep the N newest PITs")
-    o.add_argument("--pin", action="append", default=[], metavar="LABEL", help="always keep PITs with this label")
-    o.add_argument("--now", type=float, help="measure ages from this time (seconds since the epoch)")
-    o.add_argument("--page-grace", type=float, default=3600.0, metavar="SECONDS",
-                   help="delete a map page only once it has been unreferenced this long (default: an hour)")
-    o.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
-    o.add_argument("--json", action="store_true", help="print the report as JSON")
-    return p
+    d.set_defaults(run=run)
 
 
-def _collapse(args: argparse.Namespace) -> None:
-    from overlaycache.retention import RetentionPolicy
-    from overlaycache.store import open_store
-
-    policy = RetentionPolicy.parse(args.policy, keep_last=args.keep_last, pinned=args.pin)
-    store = open_store(args.store)
+def run(args: argparse.Namespace) -> int:
+    demo(args.dir)
+    server = None
+    endpoint, key_id, secret = args.endpoint, None, None
+    if endpoint is None:
+        server, endpoint = _start_moto()
+        key_id, secret = "demo", "demo-secret"
     try:
-        report = store.collapse(args.volume_id, policy, now=args.now, dry_run=args.dry_run,  # type: ignore[attr-defined]
-                                page_grace=args.page_grace)
+        demo_replication(endpoint, args.bucket, args.dir, key_id=key_id, secret=secret, builtin=server is not None)
+        demo_failover(endpoint, key_id, secret, args.bucket, args.dir)
     finally:
-        store.close()
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
-        return
-    verb = "would remove" if report.dry_run else "removed"
-    for snap in report.kept:
-        print(f"keep   {snap.id}  {_when(snap.created_at)}  {snap.label or '':<20} {', '.join(report.reasons[snap.id])}")
-    for snap in report.removed:
-        print(f"remove {snap.id}  {_when(snap.created_at)}  {snap.label or ''}")
-    print(f"{len(report.kept)} PITs kept, {len(report.removed)} {verb}; {report.objects_deleted} objects "
-          f"({report.bytes_freed} bytes) {'would be ' if report.dry_run else ''}deleted, "
-          f"{report.pages_condemned} map pages condemned (deleted by the next run if still unreferenced); "
-          f"{report.duration:.2f}s")
-
-
-def _check(args: argparse.Namespace) -> int:
-    from overlaycache.store import open_store
-
-    store = open_store(args.store)
-    try:
-        report = store.check(args.volume_id, repair=args.repair, read_data=args.read_data)  # type: ignore[attr-defined]
-    finally:
-        store.close()
-    if args.json:
-        print(json.dumps({"ok": report.ok, "packs": report.packs, "region_versions": report.region_versions,
-                          "snapshots": report.snapshots, "pages": report.pages, "problems": report.problems,
-                          "repaired": report.repaired}, indent=2, sort_keys=True))
-    else:
-        print(report)
-    return 0 if report.ok else 2
-
-
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``overlaycache`` console script."""
-    args = _build_parser().parse_args(argv)
-    quiet = logging.CRITICAL if args.command == "demo" else logging.WARNING  # the demo narrates itself
-    logging.basicConfig(level=logging.INFO if args.verbose else quiet, format="%(message)s")
-    try:
-        if args.command == "demo":
-            demo(args.dir)
-            server = None
-            endpoint, key_id, secret = args.endpoint, None, None
-            if endpoint is None:
-                server, endpoint = _start_moto()
-                key_id, secret = "demo", "demo-secret"
-            try:
-                demo_replication(endpoint, args.bucket, args.dir, key_id=key_id, secret=secret)
-                demo_failover(endpoint, key_id, secret, args.bucket, args.dir)
-            finally:
-                if server is not None:
-                    server.stop()
-        elif args.command == "create":
-            with Volume.create(args.path, args.size, region_size=args.region_size) as vol:
-                print(f"created {vol.path}: {vol.size} bytes, {vol.num_regions} regions of {vol.region_size}")
-        elif args.command == "info":
-            with Volume.open(args.path, readonly=True) as vol:
-                counts = vol.layer_counts()
-                print(f"volume {vol.id}\n  path         {vol.path}\n  size         {vol.size}")
-                print(f"  region_size  {vol.region_size}\n  regions      {vol.num_regions}")
-                for layer_id in sorted(counts):
-                    name = "base" if layer_id == 0 else f"overlay-{layer_id}"
-                    if counts[layer_id]:
-                        print(f"  {name:<12} serves {counts[layer_id]} regions")
-                for snap in vol.local_snapshots():
-                    print(f"  snapshot {snap.id} label={snap.label} layer={snap.layer}")
-        elif args.command == "snapshot":
-            with Volume.open(args.path) as vol:
-                snap = vol.local_snapshot(args.label)
-                print(f"snapshot {snap.id} ({snap.label})")
-        elif args.command == "merge-down":
-            with Volume.open(args.path) as vol:
-                print(f"merged {vol.merge_down()} regions into the base")
-        elif args.command == "convert":
-            from overlaycache.local.convert import convert_volume
-
-            rep = convert_volume(args.path)
-            print(f"converted {rep.path} to local format 2: {rep.overlays} overlays, {rep.regions} region versions"
-                  + (f"; regions {rep.unavailable} failed their checksums and are unavailable" if rep.unavailable
-                     else "") + (" (an interrupted conversion finished)" if rep.resumed else ""))
-        elif args.command == "collapse":
-            _collapse(args)
-        elif args.command == "check":
-            return _check(args)
-    except OverlayCacheError as exc:
-        print(f"overlaycache: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"overlaycache: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 1
+        if server is not None:
+            server.stop()
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

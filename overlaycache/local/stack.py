@@ -265,6 +265,21 @@ class LayerStack:
             raise
         return snap
 
+    def delete_snapshot(self, key: Any) -> LocalSnapshot:
+        """Forget a local snapshot (its open images are closed); the caller holds the writer lock.
+        Its layer stays: newer levels read through it until a merge folds it into the base."""
+        snap = self.find_snapshot(key)
+        meta = self.meta
+        meta.snapshots = [s for s in meta.snapshots if s.id != snap.id]
+        try:
+            self.persist()
+        except BaseException:
+            meta.snapshots = sorted([*meta.snapshots, snap], key=lambda s: int(s.id))
+            raise
+        for img in [i for i in self.images if i.snapshot.id == snap.id]:
+            self.close_image(img)
+        return snap
+
     def close_image(self, img: StackedImage) -> None:
         """Detach an image and release its stack."""
         with self.wlock:

@@ -19,6 +19,7 @@ import botocore.exceptions
 from botocore.config import Config
 
 from overlaycache.errors import (
+    InvalidArgumentError,
     ObjectExistsError,
     ObjectNotFoundError,
     SecondaryUnavailableError,
@@ -94,6 +95,8 @@ class S3Store(CatalogMixin):
         Seconds. A hung server is only noticed through ``read_timeout``.
     max_pool_connections : int
         Parallel connections (replication ships regions in parallel).
+    profile_name : str, optional
+        A profile of the AWS shared config and credentials files (as ``AWS_PROFILE``).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class S3Store(CatalogMixin):
         connect_timeout: float = 5.0,
         read_timeout: float = 20.0,
         max_pool_connections: int = 32,
+        profile_name: str | None = None,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -125,11 +129,15 @@ class S3Store(CatalogMixin):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session(
-            aws_access_key_id=aws_access_key_id,
-            aws_secret_access_key=aws_secret_access_key,
-            region_name=region_name,
-        )
+        try:
+            session = boto3.session.Session(
+                aws_access_key_id=aws_access_key_id,
+                aws_secret_access_key=aws_secret_access_key,
+                region_name=region_name,
+                profile_name=profile_name,
+            )
+        except botocore.exceptions.ProfileNotFound as exc:
+            raise InvalidArgumentError(f"AWS profile {profile_name!r} not found in the shared config files") from exc
         self.client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
 
     def __repr__(self) -> str:
