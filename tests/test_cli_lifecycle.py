@@ -143,7 +143,7 @@ def test_read_only_commands_work_while_another_process_writes(tmp_path: Path,
     vol = str(tmp_path / "v")
     assert main(["create", vol, "64K", "--region-size", "4K"]) == 0
     capsys.readouterr()
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, vol], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-P", "-c", _HOLDER, vol], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
@@ -250,7 +250,7 @@ def test_serve_nbd_until_sigterm(tmp_path: Path) -> None:
 
     vol = str(tmp_path / "v")
     assert main(["create", vol, "1M", "--region-size", "64K"]) == 0
-    with subprocess.Popen([sys.executable, "-m", "overlaycache", "serve-nbd", vol, "--port", "0"],
+    with subprocess.Popen([sys.executable, "-P", "-m", "overlaycache", "serve-nbd", vol, "--port", "0"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as server:
         try:
             assert server.stdout is not None and server.stderr is not None

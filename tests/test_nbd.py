@@ -274,7 +274,7 @@ def test_write_is_durable(tmp_path: Path, how: str) -> None:
     before = random.Random(1).randbytes(SIZE)
     with Volume.create(path, SIZE, region_size=REGION) as vol:
         vol.write(0, before)
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-P", "-c", CHILD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True)
     try:
         assert child.stdout is not None and child.stdin is not None
