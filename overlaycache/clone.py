@@ -324,7 +324,23 @@ class Clone:
 
     @staticmethod
     def describe(path: str | os.PathLike[str]) -> CloneInfo:
-        """The descriptor of the clone in ``path`` (see :func:`read_descriptor`)."""
+        """The descriptor of the clone in ``path`` (see :func:`read_descriptor`): which volume,
+        snapshot and geometry it was made of, read without opening the clone.
+
+        Parameters
+        ----------
+        path : str or PathLike
+            The clone's directory.
+
+        Returns
+        -------
+        CloneInfo
+
+        Raises
+        ------
+        FormatError
+            ``path`` is not a clone, or its descriptor is damaged or of a newer format.
+        """
         return read_descriptor(path)
 
     @property
@@ -448,6 +464,17 @@ class Clone:
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset``: written regions from the clone, the rest from the image.
 
+        Parameters
+        ----------
+        offset : int
+            The first byte.
+        length : int
+            Bytes to read; the range must be inside the clone.
+
+        Returns
+        -------
+        bytes
+
         Raises
         ------
         OutOfRangeError
@@ -465,6 +492,18 @@ class Clone:
 
     def readinto(self, offset: int, buffer: Any) -> int:
         """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer; returns the count.
+
+        Parameters
+        ----------
+        offset : int
+            The first byte.
+        buffer : writable bytes-like
+            Filled entirely; ``offset + len(buffer)`` must be inside the clone.
+
+        Returns
+        -------
+        int
+            ``len(buffer)``.
 
         Raises
         ------
@@ -486,6 +525,18 @@ class Clone:
 
         The write is durable once :meth:`flush` returns. The parts of regions not written yet are
         read from the image first; if that fails, nothing is written.
+
+        Parameters
+        ----------
+        offset : int
+            The first byte.
+        data : bytes-like
+            What to write; ``offset + len(data)`` must be inside the clone.
+
+        Returns
+        -------
+        int
+            ``len(data)`` in bytes.
 
         Raises
         ------

@@ -72,6 +72,13 @@ class OutOfRangeError(InvalidArgumentError):
 class CloneMismatchError(InvalidArgumentError):
     """A clone directory holds a clone of another volume, snapshot or geometry than the one given.
 
+    Parameters
+    ----------
+    message : str
+        What differs, for people.
+    path, field, expected, found
+        Kept as the attributes of the same names.
+
     Attributes
     ----------
     path : str
@@ -95,6 +102,13 @@ class CloneMismatchError(InvalidArgumentError):
 class FormatError(OverlayCacheError):
     """A file is not an overlaycache file, is truncated or corrupted, or has a newer format.
 
+    Parameters
+    ----------
+    message : str
+        What is wrong, naming the file.
+    path : str, optional
+        Kept as :attr:`path`.
+
     Attributes
     ----------
     path : str or None
@@ -117,6 +131,13 @@ class VolumeClosedError(OverlayCacheError, ValueError):
 class SnapshotNotFoundError(OverlayCacheError, KeyError):
     """No snapshot with this id or label.
 
+    Parameters
+    ----------
+    message : str
+        Where it was looked for, and what.
+    snapshot : object, optional
+        Kept as :attr:`snapshot`.
+
     Attributes
     ----------
     snapshot : object
@@ -133,6 +154,20 @@ class SnapshotNotFoundError(OverlayCacheError, KeyError):
 
 class RegionUnavailableError(OverlayCacheError, OSError):
     """Regions that cannot be read locally: I/O error, truncated file, or checksum mismatch.
+
+    Parameters
+    ----------
+    message : str
+        What failed, naming the regions or the file.
+    regions : iterable of int
+        The regions concerned (kept sorted as :attr:`regions`).
+    reason : Reason or str
+        Why, as a :class:`Reason` or its value (default ``Reason.IO``).
+
+    Raises
+    ------
+    ValueError
+        ``reason`` is not a :class:`Reason` value.
 
     Attributes
     ----------
@@ -154,6 +189,18 @@ class RegionUnavailableError(OverlayCacheError, OSError):
 class MediaError(RegionUnavailableError):
     """Bytes of a file cannot be accessed (SIGBUS on a truncated file, EIO from a failed device).
 
+    Its :attr:`reason` is ``Reason.IO`` and its :attr:`regions` are empty: where a read knows which
+    regions the bytes belong to, it raises a :class:`RegionUnavailableError` naming them instead.
+
+    Parameters
+    ----------
+    message : str
+        What failed.
+    path : str, optional
+        Kept as :attr:`path`.
+    offset : int, optional
+        Kept as :attr:`offset`.
+
     Attributes
     ----------
     path : str or None
@@ -174,6 +221,16 @@ class CorruptionError(OverlayCacheError):
 
 class StoreError(OverlayCacheError):
     """A request to the secondary object store failed.
+
+    Its subclasses say how; they are built alike, by the stores
+    (:func:`~overlaycache.store.translate_boto_error` for S3).
+
+    Parameters
+    ----------
+    message : str
+        What failed, naming the store (never a credential).
+    endpoint, bucket, key : str, optional
+        Kept as the attributes of the same names.
 
     Attributes
     ----------

@@ -63,10 +63,23 @@ class VirtualImage:
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset``.
 
+        Parameters
+        ----------
+        offset : int
+            The first byte.
+        length : int
+            Bytes to read; the range must be inside the image.
+
+        Returns
+        -------
+        bytes
+
         Raises
         ------
         OutOfRangeError
             The range is not inside the image.
+        VolumeClosedError
+            The image is closed (by :meth:`close`, its volume closing, or its snapshot going away).
         RegionUnavailableError
             A region cannot be read or does not match its checksum.
         """
@@ -77,7 +90,27 @@ class VirtualImage:
                 continue
 
     def readinto(self, offset: int, buffer: Any) -> int:
-        """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer; returns the count."""
+        """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer; returns the count.
+
+        Parameters
+        ----------
+        offset : int
+            The first byte.
+        buffer : writable bytes-like
+            Filled entirely; ``offset + len(buffer)`` must be inside the image.
+
+        Returns
+        -------
+        int
+            ``len(buffer)`` in bytes.
+
+        Raises
+        ------
+        InvalidBufferError
+            ``buffer`` is not a writable, C-contiguous bytes-like object.
+        OutOfRangeError, VolumeClosedError, RegionUnavailableError
+            As :meth:`read`.
+        """
         while True:
             try:
                 return int(self._current().readinto(offset, buffer))
@@ -100,6 +133,23 @@ class VirtualImage:
         The clone reads through this image: it raises :class:`VolumeClosedError` once the image is
         closed (also when the volume closes or a merge drops the snapshot). Reopen it with
         :meth:`Volume.open_clone`.
+
+        Parameters
+        ----------
+        path : str or PathLike
+            A directory that does not exist yet, or is empty.
+
+        Returns
+        -------
+        Clone
+            Open; a context manager.
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``path`` exists and is not an empty directory.
+        VolumeClosedError
+            The image is closed.
         """
         return Clone.create(path, self)
 
@@ -107,6 +157,16 @@ class VirtualImage:
         """Close the image for ``reason``; returns its read stack, for the caller to release.
 
         Called by the volume, with its stack lock held for writing.
+
+        Parameters
+        ----------
+        reason : str
+            Why, for the :class:`VolumeClosedError` that later reads raise.
+
+        Returns
+        -------
+        object
+            The core read stack the image held.
         """
         self._closed_reason = reason
         stack, self._stack = self._stack, None
@@ -114,7 +174,18 @@ class VirtualImage:
 
     def replace_stack(self, stack: Any) -> Any:
         """Read through ``stack`` from now on (the volume's layers changed); returns the old one,
-        for the caller to release. Called by the volume, with its stack lock held for writing."""
+        for the caller to release. Called by the volume, with its stack lock held for writing.
+
+        Parameters
+        ----------
+        stack : object
+            A core read stack of the same snapshot's layers.
+
+        Returns
+        -------
+        object
+            The read stack it replaces.
+        """
         old, self._stack = self._stack, stack
         return old
 
@@ -202,15 +273,46 @@ class RemoteImage:
         return self.source.region_cache
 
     def region_checksum(self, r: int) -> bytes:
-        """The checksum of region ``r`` in this snapshot, from its map."""
+        """The checksum of region ``r`` in this snapshot, from its map (no data read).
+
+        Parameters
+        ----------
+        r : int
+            The region.
+
+        Returns
+        -------
+        bytes
+            16 bytes, mmh3 x64-128 of the region's bytes (of zeros for a region never replicated).
+        """
         return self.source.region_checksum(r)
 
     def version(self, r: int) -> int:
-        """The seq of region ``r``'s version in this snapshot (0: never replicated)."""
+        """The seq of region ``r``'s version in this snapshot (0: never replicated).
+
+        Parameters
+        ----------
+        r : int
+            The region.
+
+        Returns
+        -------
+        int
+        """
         return self.source.version(r)
 
     def is_zero(self, r: int) -> bool:
-        """Whether region ``r``'s version is all zeros (served without a request)."""
+        """Whether region ``r``'s version is all zeros (served without a request).
+
+        Parameters
+        ----------
+        r : int
+            The region.
+
+        Returns
+        -------
+        bool
+        """
         return self.source.is_zero(r)
 
     def fetch_many(self, regions: Sequence[int]) -> tuple[dict[int, bytes | memoryview], dict[int, BaseException]]:
@@ -218,16 +320,59 @@ class RemoteImage:
         region that failed, the error.
 
         See :meth:`RegionSource.fetch_many`.
+
+        Parameters
+        ----------
+        regions : sequence of int
+            The regions.
+
+        Returns
+        -------
+        got : dict of int to bytes or memoryview
+            The bytes of each region fetched (views are read-only: copy what is kept long).
+        errors : dict of int to BaseException
+            Per region that could not be fetched, why (:class:`CorruptionError`,
+            :class:`SecondaryUnavailableError`, ...).
+
+        Raises
+        ------
+        VolumeClosedError
+            The image is closed.
         """
         return self.source.fetch_many(regions)
 
     def prefetch(self, regions: Iterable[int], limit: int | None = None) -> int:
         """Start fetching ``regions`` into the region cache in the background, keeping at most
-        ``limit`` fetches (default: twice the workers) in flight; returns how many were started."""
+        ``limit`` fetches in flight; returns how many were started.
+
+        Parameters
+        ----------
+        regions : iterable of int
+            The regions, in the order to start them.
+        limit : int, optional
+            Regions in flight at most (default: 64 per worker).
+
+        Returns
+        -------
+        int
+            How many of the first of ``regions`` were started or are under way already (0 once
+            the image is closed).
+        """
         return self.source.prefetch(regions, limit)
 
     def cached(self, r: int) -> bool:
-        """Whether region ``r`` can be served without the secondary."""
+        """Whether region ``r`` can be served without the secondary.
+
+        Parameters
+        ----------
+        r : int
+            The region.
+
+        Returns
+        -------
+        bool
+            True for a region kept in memory, in the region cache, or all zeros.
+        """
         with self._lock:
             if r in self._cache:
                 return True
@@ -236,7 +381,27 @@ class RemoteImage:
     def regions(self, first: int, count: int) -> list[bytes | memoryview]:
         """The bytes of regions ``[first, first + count)`` (or read-only views of them), fetched in
         parallel where needed. Regions read sequentially are not kept in the in-memory cache: the
-        readahead serves them, and a sequential reader does not come back."""
+        readahead serves them, and a sequential reader does not come back.
+
+        Parameters
+        ----------
+        first : int
+            The first region.
+        count : int
+            How many.
+
+        Returns
+        -------
+        list of bytes or memoryview
+            One per region, in order (shorter than ``region_size`` for a partial last region).
+
+        Raises
+        ------
+        VolumeClosedError
+            The image is closed.
+        CorruptionError, SecondaryUnavailableError, StoreError
+            The first error met fetching a region (see :meth:`fetch_many`).
+        """
         if self.source.closed:
             raise VolumeClosedError(f"image of snapshot {self.snapshot.id} is closed")
         out: dict[int, bytes | memoryview] = {}
@@ -289,7 +454,35 @@ class RemoteImage:
         return [out[r] for r in range(first, first + count)]
 
     def readinto(self, offset: int, buffer: Any) -> int:
-        """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer; returns the count."""
+        """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer; returns the count.
+
+        Parameters
+        ----------
+        offset : int
+            The first byte.
+        buffer : writable bytes-like
+            Filled entirely; ``offset + len(buffer)`` must be inside the image.
+
+        Returns
+        -------
+        int
+            ``len(buffer)``.
+
+        Raises
+        ------
+        OutOfRangeError
+            The range is not inside the image.
+        VolumeClosedError
+            The image is closed.
+        CorruptionError
+            A region's bytes on the store do not match the PIT map's checksum.
+        SecondaryUnavailableError
+            The store cannot be reached (or none is attached) for a region not cached.
+        StoreError
+            The store failed otherwise.
+        InvalidBufferError
+            ``buffer`` is not a writable bytes-like object.
+        """
         view = writable_range(buffer, offset, self.size, "image")
         n = len(view)
         if n == 0:
@@ -305,7 +498,32 @@ class RemoteImage:
         return n
 
     def read(self, offset: int, length: int) -> bytes:
-        """Read ``length`` bytes at ``offset``."""
+        """Read ``length`` bytes at ``offset``, fetching the regions not cached from the store.
+
+        Parameters
+        ----------
+        offset : int
+            The first byte.
+        length : int
+            Bytes to read; the range must be inside the image.
+
+        Returns
+        -------
+        bytes
+
+        Raises
+        ------
+        OutOfRangeError
+            The range is not inside the image.
+        VolumeClosedError
+            The image is closed.
+        CorruptionError
+            A region's bytes on the store do not match the PIT map's checksum.
+        SecondaryUnavailableError
+            The store cannot be reached (or none is attached) for a region not cached.
+        StoreError
+            The store failed otherwise.
+        """
         if length <= 0 or offset < 0 or offset + length > self.size or self.source.closed:
             return _read_via_readinto(self.readinto, offset, length)  # its errors
         rs = self.region_size
@@ -361,16 +579,48 @@ class RecoveryImage:
         self.local_reads = 0  # regions served by the volume, for tests and reports
 
     def region_checksum(self, r: int) -> bytes:
-        """The checksum of region ``r`` in this snapshot."""
+        """The checksum of region ``r`` in this snapshot, from its map (no data read).
+
+        Parameters
+        ----------
+        r : int
+            The region.
+
+        Returns
+        -------
+        bytes
+            16 bytes, mmh3 x64-128.
+        """
         return self.remote.region_checksum(r)
 
     def readinto(self, offset: int, buffer: Any) -> int:
         """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer; returns the count.
 
+        Regions whose current local version is valid and has the PIT's checksum are read from the
+        volume; the others from the secondary, contiguous ones together.
+
+        Parameters
+        ----------
+        offset : int
+            The first byte.
+        buffer : writable bytes-like
+            Filled entirely; ``offset + len(buffer)`` must be inside the image.
+
+        Returns
+        -------
+        int
+            ``len(buffer)``.
+
         Raises
         ------
         VolumeClosedError
             The image, or its volume, is closed.
+        OutOfRangeError
+            The range is not inside the image.
+        InvalidBufferError
+            ``buffer`` is not a writable bytes-like object.
+        CorruptionError, SecondaryUnavailableError, StoreError
+            A region had to come from the secondary and could not (see :meth:`RemoteImage.read`).
         """
         if self.closed:
             raise VolumeClosedError(f"image of snapshot {self.snapshot.id} is closed (or its volume)")
@@ -401,7 +651,24 @@ class RecoveryImage:
         return n
 
     def read(self, offset: int, length: int) -> bytes:
-        """Read ``length`` bytes at ``offset``."""
+        """Read ``length`` bytes at ``offset`` (see :meth:`readinto`).
+
+        Parameters
+        ----------
+        offset : int
+            The first byte.
+        length : int
+            Bytes to read; the range must be inside the image.
+
+        Returns
+        -------
+        bytes
+
+        Raises
+        ------
+        VolumeClosedError, OutOfRangeError, CorruptionError, SecondaryUnavailableError, StoreError
+            As :meth:`readinto`.
+        """
         return _read_via_readinto(self.readinto, offset, length)
 
     @property
@@ -414,6 +681,23 @@ class RecoveryImage:
 
         The clone reads through this image: it raises :class:`VolumeClosedError` once the image or
         its volume is closed. Reopen it with :meth:`Volume.open_clone`.
+
+        Parameters
+        ----------
+        path : str or PathLike
+            A directory that does not exist yet, or is empty.
+
+        Returns
+        -------
+        Clone
+            Open; a context manager.
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``path`` exists and is not an empty directory.
+        VolumeClosedError
+            The image, or its volume, is closed.
         """
         return Clone.create(path, self)
 

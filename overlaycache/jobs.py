@@ -109,7 +109,18 @@ class Job:
         self._cancel.set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the run to end; returns whether it has."""
+        """Wait for the run to end; returns whether it has.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait at most; None waits as long as it runs.
+
+        Returns
+        -------
+        bool
+            True once it ended (see :attr:`error` for why, if early), False on a timeout.
+        """
         return self._finished.wait(timeout)
 
     def run_or_raise(self) -> None:

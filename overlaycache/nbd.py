@@ -157,7 +157,21 @@ class BlockTarget(Protocol):
         ...
 
     def read(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset``."""
+        """``length`` bytes at ``offset``.
+
+        Parameters
+        ----------
+        offset : int
+            The first byte, ``0 <= offset <= size``.
+        length : int
+            Bytes to read; ``offset + length <= size`` (the server checks before it calls).
+
+        Returns
+        -------
+        bytes
+            Exactly ``length`` bytes. An exception becomes an error reply to the client (see the
+            module docstring for which).
+        """
         ...
 
 

@@ -44,6 +44,17 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw])\s*$")
 def parse_duration(text: str | float | int) -> float:
     """Seconds in a duration such as ``"15m"``, ``"1.5h"`` or ``"90d"`` (a number: seconds).
 
+    Parameters
+    ----------
+    text : str or float or int
+        A number and a unit (``s``, ``m``, ``h``, ``d`` = 86,400 s, ``w`` = 7 d), or a number of
+        seconds.
+
+    Returns
+    -------
+    float
+        Seconds, > 0.
+
     Raises
     ------
     InvalidArgumentError
@@ -67,7 +78,18 @@ def parse_duration(text: str | float | int) -> float:
 
 @dataclass(frozen=True)
 class Tier:
-    """One rule of a policy: ``every`` (seconds; None: every snapshot) for ``within`` seconds."""
+    """One rule of a policy: ``every`` (seconds; None: every snapshot) for ``within`` seconds.
+
+    ``str(tier)`` is its spec, e.g. ``"15m@1d"`` or ``"all@3h"``.
+
+    Attributes
+    ----------
+    every : float or None
+        Keep the newest snapshot of each interval of this many seconds (aligned to the Unix
+        epoch); None keeps every snapshot.
+    within : float
+        Among the snapshots at most this many seconds old.
+    """
 
     every: float | None
     within: float
@@ -86,7 +108,16 @@ def _fmt(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class Decision:
-    """What a policy says of one snapshot: kept or not, and by which rules."""
+    """What a policy says of one snapshot: kept or not, and by which rules.
+
+    Attributes
+    ----------
+    snapshot : Snapshot
+        The snapshot.
+    reasons : tuple of str
+        The rules that keep it (``"last 3"``, ``"pinned 'golden'"``, ``"15m@1d"``, ...); empty when
+        it is dropped.
+    """
 
     snapshot: Snapshot
     reasons: tuple[str, ...]
@@ -143,6 +174,19 @@ class RetentionPolicy:
     def parse(cls, spec: str, keep_last: int = 0, pinned: Iterable[str] = ()) -> RetentionPolicy:
         """A policy from ``"all@3h,15m@1d,1h@7d,1d@90d"`` (tiers separated by commas).
 
+        Parameters
+        ----------
+        spec : str
+            Tiers ``EVERY@WITHIN`` separated by commas; ``EVERY`` is ``all`` or a duration,
+            ``WITHIN`` a duration (see :func:`parse_duration`). May be empty when ``keep_last``
+            or ``pinned`` keeps something.
+        keep_last, pinned
+            As for :class:`RetentionPolicy`.
+
+        Returns
+        -------
+        RetentionPolicy
+
         Raises
         ------
         InvalidArgumentError
@@ -169,7 +213,22 @@ class RetentionPolicy:
         return f"RetentionPolicy({str(self)!r})"
 
     def decide(self, snapshots: Iterable[Snapshot], now: float) -> list[Decision]:
-        """For each snapshot (in seq order), the rules that keep it (none: it is dropped)."""
+        """For each snapshot (in seq order), the rules that keep it (none: it is dropped).
+
+        Pure: nothing is read or changed; :meth:`select` keeps the kept ones.
+
+        Parameters
+        ----------
+        snapshots : iterable of Snapshot
+            A volume's PIT snapshots (``store.snapshots(volume_id)``).
+        now : float
+            The time ages are measured from, in seconds since the epoch.
+
+        Returns
+        -------
+        list of Decision
+            One per snapshot, in seq order.
+        """
         snaps = sorted(snapshots, key=lambda s: s.seq)
         reasons: dict[int, list[str]] = {s.seq: [] for s in snaps}
         for s in snaps[max(0, len(snaps) - self.keep_last):] if self.keep_last else []:
@@ -194,5 +253,17 @@ class RetentionPolicy:
         return [Decision(s, tuple(reasons[s.seq])) for s in snaps]
 
     def select(self, snapshots: Iterable[Snapshot], now: float) -> list[Snapshot]:
-        """The snapshots this policy keeps at time ``now`` (seconds since the epoch), in seq order."""
+        """The snapshots this policy keeps at time ``now``, in seq order.
+
+        Parameters
+        ----------
+        snapshots : iterable of Snapshot
+            A volume's PIT snapshots.
+        now : float
+            The time ages are measured from, in seconds since the epoch.
+
+        Returns
+        -------
+        list of Snapshot
+        """
         return [d.snapshot for d in self.decide(snapshots, now) if d.kept]

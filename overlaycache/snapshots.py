@@ -43,10 +43,27 @@ class LocalSnapshot:
     layer: int
 
     def to_json(self) -> dict[str, Any]:
+        """The snapshot as plain data, as ``volume.json`` records it (see :meth:`from_json`)."""
         return {"id": self.id, "label": self.label, "created_at": self.created_at, "layer": self.layer}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> LocalSnapshot:
+        """The snapshot :meth:`to_json` described.
+
+        Parameters
+        ----------
+        obj : dict
+            The output of :meth:`to_json` (``label`` may be missing).
+
+        Returns
+        -------
+        LocalSnapshot
+
+        Raises
+        ------
+        KeyError, TypeError, ValueError
+            ``obj`` lacks a field or has one of the wrong type.
+        """
         return cls(str(obj["id"]), obj.get("label"), float(obj["created_at"]), int(obj["layer"]))
 
 

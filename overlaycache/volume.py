@@ -68,6 +68,9 @@ class Volume:
     """A block volume made of a base file and a stack of overlays.
 
     Use :meth:`create` or :meth:`open`; a volume is also a context manager that closes on exit.
+    Once it is closed, the methods that read or change it raise :class:`VolumeClosedError`
+    (:meth:`close` itself may be called again); methods that change it raise
+    :class:`InvalidArgumentError` on a volume opened read-only.
 
     Attributes
     ----------
@@ -206,6 +209,9 @@ class Volume:
                pack_delay: float = PACK_DELAY) -> Volume:
         """Create a volume of ``size`` zero bytes in the directory ``path`` and open it.
 
+        A create that fails (or is interrupted) leaves nothing behind: a new directory is built
+        beside ``path`` and renamed into place when complete; an empty one is emptied again.
+
         Parameters
         ----------
         path : str or PathLike
@@ -255,14 +261,20 @@ class Volume:
             first time it is read after open (then remembers it, as ZFS's ARC does); "sampled"
             does so for one region in 16; "scrub-only" leaves it to :meth:`scrub`.
 
+        Returns
+        -------
+        Volume
+            Open for writing; a context manager.
+
         Raises
         ------
         InvalidArgumentError
-            Bad size, region size or secondary, ``path`` is not empty, or its file system cannot
-            hold a file that large.
-
-        A create that fails (or is interrupted) leaves nothing behind: a new directory is built
-        beside ``path`` and renamed into place when complete; an empty one is emptied again.
+            Bad size, region size, secondary or replication options, ``path`` is not empty, or its
+            file system cannot hold a file that large.
+        StoreAccessError
+            The secondary refuses the volume's record (no such bucket, no permission). An
+            unreachable secondary is not an error: the volume is created, and registered there
+            when it is back.
         """
         geo = check_geometry(size, region_size)
         path = check_path("path", path)
@@ -299,8 +311,33 @@ class Volume:
         """Open an existing volume; the replication arguments are those of :meth:`create`.
 
         Without ``replication``, a volume opened with its secondary resumes the mode it had. A
-        volume opened without its secondary tracks nothing; when it is attached again, regions
-        whose checksums differ from the secondary's records are shipped.
+        volume opened without its secondary keeps noting the regions written in its replication
+        map, and ships them when it is attached again; without that map (missing, or its header
+        damaged), every region is compared with the secondary's records then, and those that
+        differ are shipped.
+
+        A volume whose data files were damaged or truncated still opens: the regions whose bytes
+        cannot be trusted become unavailable (served from the secondary when there is one). An
+        interrupted merge is finished.
+
+        Parameters
+        ----------
+        path : str or PathLike
+            The volume's directory.
+        readonly : bool
+            Open without write access; read-only opens may share the volume, and no secondary is
+            attached (the arguments about replication are not used).
+        secondary : ObjectStore, optional
+            The volume's secondary; without it, nothing is replicated until it is given again.
+        replication, period, sync_policy, max_lag_regions, workers, pack_size, pack_delay
+            As for :meth:`create`; ``replication`` None resumes the recorded mode.
+        verify, cache_regions, readahead, remote_fraction
+            As for :meth:`create`.
+
+        Returns
+        -------
+        Volume
+            A context manager that closes the volume on exit.
 
         Raises
         ------
@@ -308,6 +345,13 @@ class Volume:
             ``path`` is not a volume, or its files are truncated, corrupted or of a newer format.
         VolumeLockedError
             Another process (or another open in this one) has it open for writing.
+        InvalidArgumentError
+            Bad replication options, or ``replication`` without a secondary.
+        StoreAccessError
+            The secondary refuses the volume's record (no such bucket, no permission). An
+            unreachable secondary is not an error (see :meth:`create`).
+        FormatError
+            Also: the secondary holds this volume's id with another geometry or format.
         """
         path = check_path("path", path)
         _check_store(secondary)
@@ -450,6 +494,22 @@ class Volume:
         """Which layer serves each region of ``[first, first + count)``: an overlay id, or 0 for the base.
 
         Computed with the core's batch ``resolve`` over the overlay bitmaps.
+
+        Parameters
+        ----------
+        first : int
+            The first region.
+        count : int, optional
+            How many (default: up to the end of the volume).
+
+        Returns
+        -------
+        list of int
+
+        Raises
+        ------
+        OutOfRangeError
+            The regions are not all in the volume.
         """
         n = self._geo.region_span(first, count)
         with self._wlock:
@@ -479,12 +539,30 @@ class Volume:
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` of the virtual image.
 
+        A region that fails locally (I/O error, truncated file, checksum mismatch) is marked
+        unavailable; with a secondary, the distributed overlay begins and the read is served from
+        its PIT.
+
+        Parameters
+        ----------
+        offset : int
+            The first byte.
+        length : int
+            Bytes to read; the range must be inside the volume.
+
+        Returns
+        -------
+        bytes
+
         Raises
         ------
         OutOfRangeError
             The range is not inside the volume.
         RegionUnavailableError
-            A region cannot be read locally (I/O error, truncated file, checksum mismatch).
+            A region cannot be read locally and there is no secondary to read it from, or the
+            secondary cannot serve it now (``reason`` says which).
+        VolumeClosedError
+            The volume is closed.
         """
         self._geo.check_range(offset, length)
         layers = self._layers
@@ -507,10 +585,25 @@ class Volume:
     def readinto(self, offset: int, buffer: Any) -> int:
         """Read ``len(buffer)`` bytes at ``offset`` into a writable buffer, without a copy.
 
+        Parameters
+        ----------
+        offset : int
+            The first byte.
+        buffer : writable bytes-like
+            Filled entirely (a ``bytearray``, a ``memoryview``, a NumPy array, an ``mmap``);
+            ``offset + len(buffer)`` must be inside the volume.
+
+        Returns
+        -------
+        int
+            ``len(buffer)`` in bytes.
+
         Raises
         ------
-        OutOfRangeError, InvalidBufferError, RegionUnavailableError
-            As :meth:`read`; also for a read-only buffer.
+        InvalidBufferError
+            ``buffer`` is not a writable, C-contiguous bytes-like object.
+        OutOfRangeError, RegionUnavailableError, VolumeClosedError
+            As :meth:`read`.
         """
         if type(offset) is not int or not 0 <= offset <= self._geo.size:
             self._geo.check_range(offset, 0)  # raises: not an int, or out of the volume
@@ -539,7 +632,21 @@ class Volume:
     def write(self, offset: int, data: Any) -> int:
         """Write ``data`` (any bytes-like object) at ``offset``; returns the count.
 
-        The write goes to the top overlay; it is durable once :meth:`flush` returns.
+        The write goes to the top overlay; it is durable once :meth:`flush` returns. In sync mode
+        it returns once flushed and stored on the secondary; in async mode it may wait while more
+        than ``max_lag_regions`` regions are behind.
+
+        Parameters
+        ----------
+        offset : int
+            The first byte.
+        data : bytes-like
+            What to write; ``offset + len(data)`` must be inside the volume.
+
+        Returns
+        -------
+        int
+            ``len(data)`` in bytes.
 
         Raises
         ------
@@ -549,6 +656,13 @@ class Volume:
             ``data`` is not a bytes-like object.
         RegionUnavailableError
             A partial write needs the rest of a region that cannot be read.
+        SecondaryUnavailableError
+            Sync mode with ``sync_policy="fail"`` and the secondary unreachable: the data is
+            written locally and shipped later.
+        VolumeClosedError
+            The volume is closed.
+        InvalidArgumentError
+            The volume is open read-only.
         """
         view = byte_view(data)
         self._geo.check_range(offset, len(view))
@@ -604,7 +718,16 @@ class Volume:
             tracker.note_written(start // rs, (stop - 1) // rs)
 
     def flush(self) -> None:
-        """Make every write so far durable (data first, then the journal that points at it)."""
+        """Make every write so far durable (data first, then the journal that points at it).
+
+        With a secondary, the replication map is made durable first, so that a crash can make a
+        region be shipped twice but never skipped.
+
+        Raises
+        ------
+        VolumeClosedError
+            The volume is closed.
+        """
         if self.readonly:
             self._live()
             return
@@ -636,6 +759,15 @@ class Volume:
         ----------
         label : str, optional
             A unique name for the snapshot.
+
+        Returns
+        -------
+        LocalSnapshot
+
+        Raises
+        ------
+        InvalidArgumentError
+            The label is not a non-empty string or is taken, or the volume is read-only.
         """
         self._check_writable()
         with self._wlock:
@@ -648,6 +780,16 @@ class Volume:
         """Forget a local snapshot (by object, id or label); returns it. Its open images are
         closed. The overlay it froze stays in the stack (newer levels read through it) until
         :meth:`merge_down` folds it into the base.
+
+        Parameters
+        ----------
+        snapshot : LocalSnapshot or str
+            The snapshot, its id, or its unique label.
+
+        Returns
+        -------
+        LocalSnapshot
+            The snapshot forgotten.
 
         Raises
         ------
@@ -665,7 +807,25 @@ class Volume:
         secondary (a :class:`RecoveryImage`, reading still-valid identical regions locally).
 
         ``snapshot`` is a snapshot object, its id or its unique label; local snapshots are looked up
-        first.
+        first. Several images can be open at once; none changes the volume. A recovery image pins
+        its PIT with a lease of a day, so that a collapse keeps it.
+
+        Parameters
+        ----------
+        snapshot : LocalSnapshot, Snapshot or str
+            The snapshot, its id, or its unique label.
+
+        Returns
+        -------
+        VirtualImage or RecoveryImage
+            A context manager; it closes when the volume closes too.
+
+        Raises
+        ------
+        SnapshotNotFoundError
+            No such local snapshot, nor PIT.
+        InvalidArgumentError
+            ``snapshot`` is not a snapshot, id or label, or its label names several.
         """
         if isinstance(snapshot, Snapshot) or (
             isinstance(snapshot, str) and self._repl is not None
@@ -688,6 +848,16 @@ class Volume:
         The clone owns that image and closes it when it closes. The clone never writes to the
         volume or to the secondary.
 
+        Parameters
+        ----------
+        path : str or PathLike
+            The clone's directory.
+
+        Returns
+        -------
+        Clone
+            Open; a context manager.
+
         Raises
         ------
         FormatError
@@ -709,6 +879,14 @@ class Volume:
         every other snapshot keeps its image. Crash-safe: until the overlay is dropped from the
         layer list it still shadows the base regions being rewritten, and an interrupted merge is
         finished on the next open.
+
+        Raises
+        ------
+        InvalidArgumentError
+            A distributed overlay is active (the base is not written then), or the volume is
+            read-only.
+        VolumeClosedError
+            The volume is closed.
         """
         self._check_writable()
         with self._merge_lock, self._wlock:
@@ -747,7 +925,10 @@ class Volume:
 
     @property
     def replication_lag(self) -> Lag:
-        """Regions and bytes not yet on the secondary, and the age of the oldest such change."""
+        """Regions and bytes not yet on the secondary, and the age of the oldest such change.
+
+        Raises ``InvalidArgumentError`` without a secondary.
+        """
         return self._replicator().lag()
 
     def replicate(self, progress: Callable[[int, int], None] | None = None) -> int:
@@ -756,10 +937,22 @@ class Volume:
         ``progress(done, total)`` is called after each batch: use it to follow the initial full
         sync after a secondary is attached to a volume with data.
 
+        Parameters
+        ----------
+        progress : callable, optional
+            ``progress(done, total)``, in regions.
+
+        Returns
+        -------
+        int
+            Regions shipped by this call (those the background shipper took are not counted).
+
         Raises
         ------
         SecondaryUnavailableError
             The store cannot be reached; nothing is lost, the regions stay pending.
+        InvalidArgumentError
+            No secondary is attached.
         """
         check_callback("progress", progress)
         repl = self._replicator()
@@ -771,7 +964,26 @@ class Volume:
         """Publish a PIT snapshot on the secondary and return it.
 
         Drains what is unsynced while writes go on, then holds writers off for the remainder, so
-        the PIT is one consistent image of the volume.
+        the PIT is one consistent image of the volume. It stores the map pages that changed since
+        the last PIT and a root: a few objects, whatever the volume's size.
+
+        Parameters
+        ----------
+        label : str, optional
+            A name for it, unique among the volume's PITs.
+
+        Returns
+        -------
+        Snapshot
+
+        Raises
+        ------
+        InvalidArgumentError
+            No secondary is attached, or the label is empty or taken.
+        SecondaryUnavailableError
+            The store cannot be reached: no PIT is published, nothing is lost.
+        StoreError
+            The store refused a request.
         """
         self._replicator()
         if label is not None:
@@ -782,11 +994,38 @@ class Volume:
         return self._route.snapshot(label)
 
     def snapshots(self) -> list[Snapshot]:
-        """The PIT snapshots of this volume on the secondary, oldest first."""
+        """The PIT snapshots of this volume on the secondary, oldest first.
+
+        Raises ``InvalidArgumentError`` without a secondary, :class:`StoreError` when the store
+        fails.
+        """
         return Catalog(self._replicator().store).snapshots(self.id)
 
     def remote_image(self, snapshot: Snapshot | str, readahead: int | None = None) -> Any:
-        """A read-only image of a PIT snapshot, read from the secondary (see :meth:`Catalog.image`)."""
+        """A read-only image of a PIT snapshot, read from the secondary alone (see
+        :meth:`Catalog.image`); :meth:`image` also reads identical regions locally.
+
+        Parameters
+        ----------
+        snapshot : Snapshot or str
+            The PIT, its id, or its unique label.
+        readahead : int, optional
+            Regions a sequential read keeps in flight ahead of it (default: 64 MiB worth).
+
+        Returns
+        -------
+        RemoteImage
+            A context manager.
+
+        Raises
+        ------
+        InvalidArgumentError
+            No secondary is attached.
+        SnapshotNotFoundError
+            No such PIT.
+        CorruptionError, FormatError, StoreError
+            The PIT cannot be read from the store.
+        """
         catalog = Catalog(self._replicator().store)
         where = f"{catalog.store.location} volume {self.id}"
         return catalog.image(self.id, find_snapshot(catalog.snapshots(self.id), snapshot, where),
@@ -813,6 +1052,25 @@ class Volume:
 
         PO: written since the distributed overlay began; PB: the local layers below it, still
         valid; R: the remote PIT snapshot. Computed with the core's batch ``resolve`` kernel.
+        Without a distributed overlay every region is PB, unavailable ones R.
+
+        Parameters
+        ----------
+        first : int
+            The first region.
+        count : int, optional
+            How many (default: up to the end of the volume).
+
+        Returns
+        -------
+        list of str
+
+        Raises
+        ------
+        OutOfRangeError
+            The regions are not all in the volume.
+        VolumeClosedError
+            The volume is closed.
         """
         n = self._geo.region_span(first, count)
         with self._wlock:
@@ -830,10 +1088,22 @@ class Volume:
         """Declare regions unreadable (lost device or link); with a secondary, this begins the
         distributed overlay (Fig. 3F) if it is not active yet.
 
+        The marks are durable (``unavailable.map``). Without a secondary, reads of those regions
+        raise :class:`RegionUnavailableError` until they are written again.
+
+        Parameters
+        ----------
+        regions : iterable of int
+            Region numbers (a ``range`` is checked by its ends, not materialized).
+
         Raises
         ------
         OutOfRangeError
             A region number is not in the volume.
+        InvalidArgumentError
+            ``regions`` is not an iterable of ints, or the volume is read-only.
+        StoreError
+            Beginning the distributed overlay failed; the marks stay.
         """
         self._check_writable()
         regs = self._geo.check_regions("regions", regions)
@@ -851,6 +1121,13 @@ class Volume:
         3. Push a fresh overlay: all later writes go to it; the layers below are not written again.
 
         Returns the PIT snapshot that serves the regions not valid locally (R).
+
+        Raises
+        ------
+        InvalidArgumentError
+            No secondary is attached, or the volume is read-only.
+        StoreError
+            The store failed; nothing has begun, and the unreadable regions stay pending.
         """
         self._replicator()
         self._check_writable()
@@ -870,6 +1147,32 @@ class Volume:
         Returns the :class:`Hydration` handle: finished, or running in a background thread if
         ``background`` (one at a time: the running one is returned). A region the secondary cannot
         serve stops the run (``Hydration.error``; raised too when not in the background).
+
+        Every R region is installed whole, all-zero ones included (each takes a slot in the top
+        overlay until a restore folds the overlays). Without a distributed overlay there is
+        nothing to do.
+
+        Parameters
+        ----------
+        progress : callable, optional
+            ``progress(done, total)``, in regions.
+        background : bool
+            Run in a background thread and return at once (``Hydration.wait()``).
+        rate : float, optional
+            Bytes installed per second at most.
+        idle : float
+            Seconds without foreground reads or writes that each batch waits for (0: do not wait).
+
+        Returns
+        -------
+        Hydration
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``rate`` <= 0 or ``idle`` < 0, or the volume is read-only.
+        CorruptionError, SecondaryUnavailableError, StoreError
+            Not in the background: a region could not be fetched (those before it are installed).
         """
         check_callback("progress", progress)
         self._check_writable()
@@ -896,7 +1199,23 @@ class Volume:
         """Verify every local region against its checksum; returns the bad ones, now unavailable.
 
         Regions already unavailable are skipped. It runs as a :class:`~overlaycache.jobs.Job`;
-        ``progress(done, total)`` is called after each batch of regions.
+        ``progress(done, total)`` is called after each batch of regions. With a secondary, bad
+        regions begin the distributed overlay. It reads the whole volume.
+
+        Parameters
+        ----------
+        progress : callable, optional
+            ``progress(done, total)``, in regions.
+
+        Returns
+        -------
+        list of int
+            The regions that failed their checksum or could not be read.
+
+        Raises
+        ------
+        VolumeClosedError
+            The volume is closed.
         """
         check_callback("progress", progress)
         with self._wlock:
@@ -925,7 +1244,31 @@ class Volume:
     # -- recovery ------------------------------------------------------------------------------------
     def diff(self, a: Any, b: Any = None) -> list[int]:
         """Regions whose contents differ between two PIT snapshots (or images), or between one and
-        the volume as it is now (``b=None``); from PIT maps and checksums, no data read."""
+        the volume as it is now (``b=None``); from PIT maps and checksums, no data read.
+
+        It compares every region's checksum: a pass over the whole volume (about 3 s per million
+        regions on this project's machine); against the volume, writes wait meanwhile.
+
+        Parameters
+        ----------
+        a : Snapshot, str or image
+            A PIT (object, id or label), or an image with ``region_checksum`` (a recovery or remote
+            image).
+        b : Snapshot, str or image, optional
+            Another; None compares ``a`` with the volume as it is now.
+
+        Returns
+        -------
+        list of int
+            The differing regions, in increasing order.
+
+        Raises
+        ------
+        InvalidArgumentError
+            Neither is given, or no secondary is attached to read a PIT from.
+        SnapshotNotFoundError
+            No such PIT.
+        """
 
         def sums(x: Any) -> Callable[[int], bytes]:
             img = x if hasattr(x, "region_checksum") else self.remote_image(x)
@@ -943,16 +1286,42 @@ class Volume:
         """Make the volume equal to ``image`` (a PIT snapshot or recovery image), writing only the
         regions that differ, and end the distributed overlay; returns the regions rewritten.
 
-        Reads and writes keep working meanwhile; a write that lands during the restore is kept
-        only if it comes after the restored region (the restore writes through the normal path).
-        It runs as a :class:`~overlaycache.jobs.Job`; ``progress(done, total)`` is called after each
-        region.
+        Reads keep working throughout. Writes wait while the regions are compared (:meth:`diff`,
+        a pass over every region's checksum), then go on while the differing regions are
+        rewritten; a write that lands then is kept only if it comes after the restored region
+        (the restore writes through the normal path). It runs as a
+        :class:`~overlaycache.jobs.Job`; ``progress(done, total)`` is called after each region.
 
         With ``fold`` the overlays are then merged into the base (:meth:`merge_down` until one
         empty overlay is left), so that the base is whole again; as with ``merge_down``, local
         snapshots whose images were the layers merged away are released. A base file that was
         truncated gets its length back first; one that was deleted or replaced keeps the overlays
         (logged), as does any region that fails its checksum while merging.
+
+        Parameters
+        ----------
+        image : Snapshot, str or RecoveryImage
+            A PIT (object, id or label), or a recovery image of one (:meth:`image`). Local
+            snapshots are not restored this way (their image has no PIT map to compare with).
+        progress : callable, optional
+            ``progress(done, total)``, in regions rewritten.
+        fold : bool
+            Merge the overlays into the base afterwards (default True).
+
+        Returns
+        -------
+        list of int
+            The regions rewritten.
+
+        Raises
+        ------
+        InvalidArgumentError
+            No secondary is attached, ``image`` names a local snapshot, or the volume is read-only.
+        SnapshotNotFoundError
+            No such PIT.
+        CorruptionError, SecondaryUnavailableError, StoreError
+            A region could not be read from the secondary: the regions before it are rewritten,
+            the distributed overlay goes on.
         """
         check_callback("progress", progress)
         self._check_writable()

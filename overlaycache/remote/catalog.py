@@ -176,16 +176,78 @@ class CatalogMixin:
         return Catalog(self).volumes()
 
     def volume_info(self: ObjectStore, volume_id: str) -> dict[str, Any]:
-        """The geometry record of a volume (see :meth:`Catalog.volume_info`)."""
+        """The geometry record of a volume (see :meth:`Catalog.volume_info`).
+
+        Parameters
+        ----------
+        volume_id : str
+            The volume.
+
+        Returns
+        -------
+        dict
+            At least integer ``size`` and ``region_size``.
+
+        Raises
+        ------
+        SnapshotNotFoundError
+            The store has no record of this volume.
+        FormatError
+            The record is damaged or of another format.
+        """
         return Catalog(self).volume_info(volume_id)
 
     def snapshots(self: ObjectStore, volume_id: str) -> list[Snapshot]:
-        """The PIT snapshots of a volume, oldest first (see :meth:`Catalog.snapshots`)."""
+        """The PIT snapshots of a volume, oldest first (see :meth:`Catalog.snapshots`).
+
+        Parameters
+        ----------
+        volume_id : str
+            The volume (see :meth:`volumes`).
+
+        Returns
+        -------
+        list of Snapshot
+            Sorted by ``seq``; empty for a volume the store does not know.
+
+        Raises
+        ------
+        FormatError
+            The store holds the volume in another format.
+        CorruptionError
+            A PIT root's header is damaged, or names another volume or seq than its key.
+        """
         return Catalog(self).snapshots(volume_id)
 
     def check(self: ObjectStore, volume_id: str, repair: bool = False, read_data: bool = False) -> Any:
         """Check a volume's packs, PIT roots and map pages; rebuild damaged PITs from the packs
-        with ``repair`` (see :func:`overlaycache.remote.check.check_volume`)."""
+        with ``repair`` (see :func:`overlaycache.remote.check.check_volume`).
+
+        Parameters
+        ----------
+        volume_id : str
+            The volume.
+        repair : bool
+            Rebuild the PITs whose roots, pages or records are damaged, from the packs, and replace
+            their roots (needs credentials that may overwrite). Refused for a PIT while a pack it
+            may need is damaged or missing.
+        read_data : bool
+            Also read every pack's bytes and verify them (reads all the volume's data).
+
+        Returns
+        -------
+        CheckReport
+            What was found (``problems``, ``damaged_packs``, ``damaged_snapshots``) and repaired.
+
+        Raises
+        ------
+        SnapshotNotFoundError
+            The store has nothing of this volume.
+        FormatError
+            The store holds the volume in another format.
+        SecondaryUnavailableError
+            The store cannot be reached.
+        """
         from overlaycache.remote.check import check_volume  # it builds on this module
 
         return check_volume(self, volume_id, repair, read_data)
@@ -193,7 +255,41 @@ class CatalogMixin:
     def collapse(self: ObjectStore, volume_id: str, policy: Any, now: float | None = None,
                  dry_run: bool = False, page_grace: float | None = None) -> Any:
         """Drop the PITs ``policy`` does not keep and delete what no retained PIT needs (see
-        :func:`overlaycache.remote.collapse.collapse_volume`)."""
+        :func:`overlaycache.remote.collapse.collapse_volume`).
+
+        Needs credentials that may delete. No region data is read or written again; a kill at any
+        point leaves every retained PIT readable, and a rerun finishes the job.
+
+        Parameters
+        ----------
+        volume_id : str
+            The volume.
+        policy : RetentionPolicy
+            What to keep; the newest PIT and the PITs with an unexpired lease are kept too.
+        now : float, optional
+            The time ages are measured from, in seconds since the epoch (default: now).
+        dry_run : bool
+            Report what would be done; write and delete nothing.
+        page_grace : float, optional
+            Seconds a map page must have been found unreferenced before a run deletes it
+            (default 3600).
+
+        Returns
+        -------
+        CollapseReport
+            The PITs kept (with their reasons) and removed, objects deleted and bytes freed.
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``policy`` is not a :class:`~overlaycache.RetentionPolicy`.
+        SnapshotNotFoundError
+            The store has no record of this volume.
+        FormatError
+            The store holds the volume in another format.
+        CorruptionError
+            A retained PIT's root or pages are damaged: nothing is deleted (see :meth:`check`).
+        """
         from overlaycache.remote.collapse import PAGE_GRACE, collapse_volume  # it builds on this module
 
         return collapse_volume(self, volume_id, policy, now, dry_run, PAGE_GRACE if page_grace is None else page_grace)
@@ -201,5 +297,42 @@ class CatalogMixin:
     def image(self: ObjectStore, volume_id: str, snapshot: Any, cache_regions: int = 256,
               readahead: int | None = None, lease: float | str | None = None,
               holder: str | None = None) -> RemoteImage:
-        """A read-only, lazy virtual image of a PIT snapshot (see :meth:`Catalog.image`)."""
+        """A read-only, lazy virtual image of a PIT snapshot (see :meth:`Catalog.image`).
+
+        Needs only this store: a machine without the volume reads any PIT.
+
+        Parameters
+        ----------
+        volume_id : str
+            The volume.
+        snapshot : Snapshot or str
+            The PIT, its id, or its label where labels are unique.
+        cache_regions : int
+            Regions the image keeps in memory.
+        readahead : int, optional
+            Regions a sequential read keeps in flight ahead of it (default: 64 MiB worth).
+        lease : float or str, optional
+            Pin the PIT for this long (seconds, or a duration such as ``"6h"``) so that a collapse
+            keeps it; taken once, not renewed. Needs credentials that may PUT.
+        holder : str, optional
+            The lease holder's name (default: this host and the volume).
+
+        Returns
+        -------
+        RemoteImage
+            A context manager; close it when done.
+
+        Raises
+        ------
+        SnapshotNotFoundError
+            No such PIT.
+        CorruptionError
+            The PIT's root is damaged or belongs to another volume.
+        FormatError
+            The store holds the volume in another format.
+        InvalidArgumentError
+            A bad ``lease`` or ``holder``.
+        StoreError
+            The lease could not be stored, or the store failed.
+        """
         return Catalog(self).image(volume_id, snapshot, cache_regions, readahead, lease, holder)

@@ -62,6 +62,27 @@ class LocalStore(CatalogMixin):
         return cls(f"{self.location}: {msg}", endpoint=self.location, bucket=self.root, key=key)
 
     def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
+        """Store ``data`` under ``key``: a temporary file, fsynced, then linked (``if_absent``) or
+        renamed into place, and the directory fsynced.
+
+        Parameters
+        ----------
+        key : str
+            The object's key (no empty, ``.`` or ``..`` components).
+        data : bytes-like
+            The object's bytes.
+        if_absent : bool
+            Fail rather than replace an existing object (``link`` refuses an existing name).
+
+        Raises
+        ------
+        ObjectExistsError
+            ``if_absent`` and the key exists.
+        InvalidArgumentError
+            ``key`` is not a valid key.
+        OSError
+            The file system refused (full, read-only, no permission).
+        """
         path = self._path(key)
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
@@ -89,6 +110,28 @@ class LocalStore(CatalogMixin):
             os.close(dfd)
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        """The object's bytes, or ``length`` bytes from ``start``.
+
+        Parameters
+        ----------
+        key : str
+            The object's key.
+        start : int
+            The first byte to return.
+        length : int, optional
+            Bytes to return (fewer at the end of the object); None: up to the end.
+
+        Returns
+        -------
+        bytes
+
+        Raises
+        ------
+        ObjectNotFoundError
+            No object under ``key``.
+        InvalidArgumentError
+            ``key`` is not a valid key.
+        """
         path = self._path(key)
         try:
             with open(path, "rb") as f:
@@ -99,12 +142,39 @@ class LocalStore(CatalogMixin):
             raise self._error(ObjectNotFoundError, f"no object {key}", key) from exc
 
     def head(self, key: str) -> int | None:
+        """The object's size, or None when there is no such object.
+
+        Parameters
+        ----------
+        key : str
+            The object's key.
+
+        Returns
+        -------
+        int or None
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``key`` is not a valid key.
+        """
         try:
             return os.stat(self._path(key)).st_size
         except FileNotFoundError:
             return None
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys starting with ``prefix``, sorted (temporary files of writes under way left out).
+
+        Parameters
+        ----------
+        prefix : str
+            A key prefix; empty: every key of the store.
+
+        Returns
+        -------
+        iterator of str
+        """
         base = f"{self.prefix}/" if self.prefix else ""
         top = os.path.join(self.root, *base.split("/")) if base else self.root
         keys = []
@@ -119,6 +189,18 @@ class LocalStore(CatalogMixin):
         return iter(sorted(keys))
 
     def list_dirs(self, prefix: str) -> builtins.list[str]:
+        """The names of the files and directories directly below ``prefix``, sorted.
+
+        Parameters
+        ----------
+        prefix : str
+            A "directory" of keys, ending with ``/`` (empty: the store's top).
+
+        Returns
+        -------
+        list of str
+            Empty when there is no such directory.
+        """
         try:
             names = os.listdir(self._path(prefix.rstrip("/"))) if prefix.strip("/") else os.listdir(
                 os.path.join(self.root, *self.prefix.split("/")) if self.prefix else self.root)
@@ -127,6 +209,18 @@ class LocalStore(CatalogMixin):
         return sorted(n for n in names if not n.startswith(".tmp-"))
 
     def delete(self, keys: Iterable[str]) -> None:
+        """Delete the files of ``keys``; missing ones are fine.
+
+        Parameters
+        ----------
+        keys : iterable of str
+            The objects' keys.
+
+        Raises
+        ------
+        InvalidArgumentError
+            A key is not a valid key.
+        """
         for key in keys:
             try:
                 os.unlink(self._path(key))
@@ -134,4 +228,4 @@ class LocalStore(CatalogMixin):
                 pass
 
     def close(self) -> None:
-        pass
+        """Nothing to release: every call opens and closes its own files."""

@@ -45,7 +45,30 @@ def _without_userinfo(url: str) -> str:
 
 
 def translate_boto_error(exc: BaseException, store: S3Store, op: str, key: str | None = None) -> StoreError:
-    """The package exception for a botocore/boto3 exception raised by ``op`` on ``key``."""
+    """The package exception for a botocore/boto3 exception raised by ``op`` on ``key``.
+
+    The one place botocore errors become the package's; raise the result ``from exc`` so that the
+    original stays the ``__cause__``. Messages name the endpoint, bucket and key, never a secret.
+
+    Parameters
+    ----------
+    exc : BaseException
+        What boto3 or botocore raised.
+    store : S3Store
+        The store the request was made for (its endpoint and bucket go into the error).
+    op : str
+        The operation, for the message (``"get"``, ``"put"``, ...).
+    key : str, optional
+        The object concerned.
+
+    Returns
+    -------
+    StoreError
+        :class:`ObjectNotFoundError` (404, ``NoSuchKey``), :class:`ObjectExistsError` (412, a
+        conditional write that lost), :class:`StoreAccessError` (403, bad or missing credentials,
+        no such bucket), :class:`SecondaryUnavailableError` (connection errors, timeouts, other
+        server errors), or :class:`StoreError` for anything else.
+    """
     where = f"{store.location}"
     what = f"{op} {key}" if key else op
     if isinstance(exc, botocore.exceptions.ClientError):
@@ -147,7 +170,18 @@ class S3Store(CatalogMixin):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def create_bucket(self) -> None:
-        """Create the bucket if it does not exist (for tests and first setup)."""
+        """Create the bucket if it does not exist (for tests and first setup).
+
+        A bucket that exists already, ``BucketAlreadyExists`` included (on AWS: owned by another
+        account), is not an error here; the requests that follow then fail if it is not ours.
+
+        Raises
+        ------
+        StoreAccessError
+            The credentials may not create it.
+        SecondaryUnavailableError
+            The server cannot be reached.
+        """
         try:
             self.client.head_bucket(Bucket=self.bucket)
             return
@@ -164,6 +198,24 @@ class S3Store(CatalogMixin):
             raise translate_boto_error(exc, self, "create_bucket") from exc
 
     def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
+        """Store ``data`` under ``key`` with one PutObject.
+
+        Parameters
+        ----------
+        key : str
+            The object's key, under the store's prefix.
+        data : bytes-like
+            The object's bytes.
+        if_absent : bool
+            Send ``If-None-Match: *``: the server refuses to replace an existing object.
+
+        Raises
+        ------
+        ObjectExistsError
+            ``if_absent`` and the key exists (HTTP 412 or 409).
+        StoreAccessError, SecondaryUnavailableError, StoreError
+            See :func:`translate_boto_error`.
+        """
         body = data if isinstance(data, (bytes, bytearray)) else bytes(data)  # a pack is not copied again
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": body}
         if if_absent:
@@ -174,6 +226,31 @@ class S3Store(CatalogMixin):
             raise translate_boto_error(exc, self, "put", key) from exc
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        """The object's bytes, or ``length`` bytes from ``start`` with a ranged GetObject.
+
+        A body stream that breaks off (a server killed mid-GET, a read timeout), which botocore
+        does not retry, is requested again, up to ``max_attempts`` times in all.
+
+        Parameters
+        ----------
+        key : str
+            The object's key.
+        start : int
+            The first byte to return.
+        length : int, optional
+            Bytes to return (fewer at the end of the object); None: up to the end.
+
+        Returns
+        -------
+        bytes
+
+        Raises
+        ------
+        ObjectNotFoundError
+            No object under ``key``.
+        StoreAccessError, SecondaryUnavailableError, StoreError
+            See :func:`translate_boto_error`.
+        """
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
         if start or length is not None:
             end = "" if length is None else str(start + length - 1)
@@ -196,6 +273,22 @@ class S3Store(CatalogMixin):
         raise translate_boto_error(last, self, "get", key) from last
 
     def head(self, key: str) -> int | None:
+        """The object's size (HeadObject), or None when there is no such object.
+
+        Parameters
+        ----------
+        key : str
+            The object's key.
+
+        Returns
+        -------
+        int or None
+
+        Raises
+        ------
+        StoreAccessError, SecondaryUnavailableError, StoreError
+            See :func:`translate_boto_error`.
+        """
         try:
             resp = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as exc:  # noqa: BLE001
@@ -206,6 +299,23 @@ class S3Store(CatalogMixin):
         return int(resp["ContentLength"])
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys starting with ``prefix``, sorted (ListObjectsV2, every page).
+
+        Parameters
+        ----------
+        prefix : str
+            A key prefix; empty: every key under the store's prefix.
+
+        Returns
+        -------
+        iterator of str
+            Keys relative to the store's prefix.
+
+        Raises
+        ------
+        StoreAccessError, SecondaryUnavailableError, StoreError
+            See :func:`translate_boto_error`.
+        """
         strip = len(self.prefix) + 1 if self.prefix else 0
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -216,6 +326,23 @@ class S3Store(CatalogMixin):
         return iter(sorted(keys))
 
     def list_dirs(self, prefix: str) -> builtins.list[str]:
+        """The next path components below ``prefix`` (ListObjectsV2 with delimiter ``/``), sorted.
+
+        Parameters
+        ----------
+        prefix : str
+            A "directory" of keys, ending with ``/`` (empty: the store's top).
+
+        Returns
+        -------
+        list of str
+            Common prefixes (without their ``/``) and keys directly below ``prefix``.
+
+        Raises
+        ------
+        StoreAccessError, SecondaryUnavailableError, StoreError
+            See :func:`translate_boto_error`.
+        """
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -229,6 +356,19 @@ class S3Store(CatalogMixin):
         return sorted(out)
 
     def delete(self, keys: Iterable[str]) -> None:
+        """Delete ``keys`` with DeleteObjects, 1,000 at a time; missing keys are fine.
+
+        Parameters
+        ----------
+        keys : iterable of str
+            The objects' keys.
+
+        Raises
+        ------
+        StoreError
+            A batch failed, or the server reported keys it could not delete (the first is named);
+            the batches before it are deleted.
+        """
         batch: builtins.list[str] = []
 
         def flush() -> None:
@@ -251,4 +391,5 @@ class S3Store(CatalogMixin):
             flush()
 
     def close(self) -> None:
+        """Close the client's connection pool."""
         self.client.close()
