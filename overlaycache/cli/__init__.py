@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from overlaycache import __version__
 from overlaycache.cli import (
     check,
+    check_bucket,
     clone,
     collapse,
     convert,
@@ -43,7 +44,7 @@ __all__ = ["COMMANDS", "build_parser", "main", "parse_size"]
 
 #: The subcommands, in the order ``--help`` lists them: a volume's life cycle.
 COMMANDS = (create, info, status, snapshot, snapshots, replicate, scrub, failover, hydrate, diff, restore,
-            clone, merge_down, import_, export, serve_nbd, check, collapse, convert, demo)
+            clone, merge_down, import_, export, serve_nbd, check, check_bucket, collapse, convert, demo)
 
 _EPILOG = """\
 exit status: 0 success, 1 error (one line on stderr; --debug shows the traceback), 2 usage error,

@@ -9,7 +9,8 @@
 
 Query parameters are the backend's keyword arguments, as text (``s3://``: ``endpoint_url``,
 ``region`` or ``region_name``, ``path_style``, ``max_attempts``, ``connect_timeout``,
-``read_timeout``, ``max_pool_connections``, ``profile`` or ``profile_name``; ``file://``: ``prefix``). Keyword arguments of
+``read_timeout``, ``max_pool_connections``, ``profile`` or ``profile_name``, ``object_lock``
+(``governance`` or ``compliance``), ``object_lock_days``; ``file://``: ``prefix``). Keyword arguments of
 :func:`open_store` are the same options as Python values. Credentials never come from a URL, which
 ends up in logs and process listings: S3 takes them from the environment, the shared files or the
 instance role as boto3 does, or from the keywords ``aws_access_key_id`` and
@@ -212,9 +213,12 @@ S3_OPTIONS: dict[str, type] = {
     "aws_access_key_id": str,
     "aws_secret_access_key": str,
     "profile_name": str,
+    "object_lock": str,
+    "object_lock_days": float,
 }
 _S3_ALIASES = {"region": "region_name", "profile": "profile_name"}
-_S3_NULLABLE = frozenset({"endpoint_url", "aws_access_key_id", "aws_secret_access_key", "profile_name"})
+_S3_NULLABLE = frozenset({"endpoint_url", "aws_access_key_id", "aws_secret_access_key", "profile_name",
+                          "object_lock"})
 
 
 def _open_s3(url: urllib.parse.SplitResult, **options: Any) -> S3Store:

@@ -8,10 +8,12 @@ keeping the original as ``__cause__``. Messages name the endpoint and bucket, ne
 from __future__ import annotations
 
 import builtins
+import datetime
 
 import logging
 import urllib.parse
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import boto3
@@ -92,6 +94,45 @@ def translate_boto_error(exc: BaseException, store: S3Store, op: str, key: str |
     return StoreError(f"{where}: {what}: {type(exc).__name__}: {exc}", store.endpoint, store.bucket, key)
 
 
+@dataclass(frozen=True)
+class BucketProtection:
+    """What :meth:`S3Store.protection` found.
+
+    Attributes
+    ----------
+    location : str
+        The store.
+    versioning : str or None
+        The bucket's versioning status ("Enabled", "Suspended", or None: never enabled).
+    object_lock : bool
+        Whether Object Lock is enabled on the bucket.
+    default_retention : str or None
+        The bucket's default retention ("GOVERNANCE 30 days"), if any.
+    store_retention : str or None
+        The retention this store writes objects with, if any.
+    problems : list of str
+        What is missing for history to survive a holder of the primary's credentials.
+    """
+
+    location: str
+    versioning: str | None
+    object_lock: bool
+    default_retention: str | None
+    store_retention: str | None
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        """Whether nothing is missing."""
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready values."""
+        return {"location": self.location, "versioning": self.versioning, "object_lock": self.object_lock,
+                "default_retention": self.default_retention, "store_retention": self.store_retention,
+                "problems": list(self.problems), "ok": self.ok}
+
+
 class S3Store(CatalogMixin):
     """An object store in an S3 bucket (AWS, SeaweedFS, LocalStack, MinIO, Ceph RGW, ...).
 
@@ -120,6 +161,14 @@ class S3Store(CatalogMixin):
         Parallel connections (replication ships regions in parallel).
     profile_name : str, optional
         A profile of the AWS shared config and credentials files (as ``AWS_PROFILE``).
+    object_lock : {"governance", "compliance"}, optional
+        Write every object with an S3 Object Lock retention of this mode, until
+        ``object_lock_days`` from its write: the bucket (versioned, Object Lock enabled) then
+        keeps every version it was given for that long, whoever asks to delete it (compliance), or
+        unless an identity allowed to bypass governance retention asks (governance). See
+        :meth:`protection`.
+    object_lock_days : float
+        The retention period, in days (default 30); longer than the oldest PIT kept is wise.
     """
 
     def __init__(
@@ -136,12 +185,21 @@ class S3Store(CatalogMixin):
         read_timeout: float = 20.0,
         max_pool_connections: int = 32,
         profile_name: str | None = None,
+        object_lock: str | None = None,
+        object_lock_days: float = 30.0,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint = _without_userinfo(endpoint_url) if endpoint_url else "https://s3.amazonaws.com"
         self.location = f"{self.endpoint}/{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.max_attempts = max_attempts
+        if object_lock is not None and object_lock.lower() not in ("governance", "compliance"):
+            raise InvalidArgumentError(f"object_lock must be 'governance' or 'compliance', got {object_lock!r}")
+        if isinstance(object_lock_days, bool) or not isinstance(object_lock_days, (int, float)) \
+                or not 0 < object_lock_days <= 36500:
+            raise InvalidArgumentError(f"object_lock_days must be from 0 to 36500 days, got {object_lock_days!r}")
+        self.object_lock = None if object_lock is None else object_lock.upper()
+        self.object_lock_days = float(object_lock_days)
         config = Config(
             retries={"total_max_attempts": max_attempts, "mode": "standard"},
             connect_timeout=connect_timeout,
@@ -170,7 +228,8 @@ class S3Store(CatalogMixin):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def create_bucket(self) -> None:
-        """Create the bucket if it does not exist (for tests and first setup).
+        """Create the bucket if it does not exist (for tests and first setup), with Object Lock
+        enabled when the store writes with a retention (``object_lock``).
 
         A bucket that exists already, ``BucketAlreadyExists`` included (on AWS: owned by another
         account), is not an error here; the requests that follow then fail if it is not ours.
@@ -190,12 +249,65 @@ class S3Store(CatalogMixin):
         except Exception as exc:  # noqa: BLE001 - translated below
             raise translate_boto_error(exc, self, "head_bucket") from exc
         try:
-            self.client.create_bucket(Bucket=self.bucket)
+            if self.object_lock is not None:  # Object Lock (and so versioning) is chosen at creation
+                self.client.create_bucket(Bucket=self.bucket, ObjectLockEnabledForBucket=True)
+            else:
+                self.client.create_bucket(Bucket=self.bucket)
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, botocore.exceptions.ClientError) and exc.response.get("Error", {}).get("Code") in (
                 "BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 return
             raise translate_boto_error(exc, self, "create_bucket") from exc
+
+    def protection(self) -> BucketProtection:
+        """How the bucket protects what the store writes from deletion, and what is missing.
+
+        The secondary is a separate security domain when a holder of the primary's credentials
+        cannot destroy history: the bucket keeps versions (so an overwrite or a delete leaves the
+        old version) and has Object Lock enabled, and this store writes every object with a
+        retention (``object_lock``), so no version is deleted before its time; deleting belongs to
+        another identity (``overlaycache collapse`` with its own credentials).
+
+        Returns
+        -------
+        BucketProtection
+            The bucket's versioning, Object Lock and default retention, and the problems found.
+
+        Raises
+        ------
+        StoreAccessError, SecondaryUnavailableError, StoreError
+            The bucket's configuration cannot be read.
+        """
+        try:
+            versioning = self.client.get_bucket_versioning(Bucket=self.bucket).get("Status")
+        except Exception as exc:  # noqa: BLE001
+            raise translate_boto_error(exc, self, "get_bucket_versioning") from exc
+        enabled, default = False, None
+        try:
+            cfg = self.client.get_object_lock_configuration(Bucket=self.bucket)["ObjectLockConfiguration"]
+            enabled = cfg.get("ObjectLockEnabled") == "Enabled"
+            rule = cfg.get("Rule", {}).get("DefaultRetention")
+            if rule:
+                default = f"{rule.get('Mode')} {rule.get('Days') or rule.get('Years')} " \
+                          f"{'days' if rule.get('Days') else 'years'}"
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ObjectLockConfigurationNotFoundError":
+                raise translate_boto_error(exc, self, "get_object_lock_configuration") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise translate_boto_error(exc, self, "get_object_lock_configuration") from exc
+        problems = []
+        if versioning != "Enabled":
+            problems.append(f"versioning is {versioning or 'off'}: an overwrite or a delete destroys the old object")
+        if not enabled:
+            problems.append("Object Lock is not enabled on the bucket (S3 enables it when the bucket is created, "
+                            "or on a versioned bucket with PutObjectLockConfiguration)")
+        if self.object_lock is None and default is None:
+            problems.append("objects are written without a retention: open the store with object_lock= "
+                            "(s3://...?object_lock=governance&object_lock_days=30) or give the bucket a default "
+                            "retention")
+        return BucketProtection(self.location, versioning, enabled, default,
+                                None if self.object_lock is None else f"{self.object_lock} {self.object_lock_days:g} days",
+                                problems)
 
     def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
         """Store ``data`` under ``key`` with one PutObject.
@@ -220,6 +332,11 @@ class S3Store(CatalogMixin):
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": body}
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
+        if self.object_lock is not None:
+            kwargs["ObjectLockMode"] = self.object_lock
+            kwargs["ObjectLockRetainUntilDate"] = (datetime.datetime.now(datetime.timezone.utc)
+                                                   + datetime.timedelta(days=self.object_lock_days))
+            kwargs["ChecksumAlgorithm"] = "CRC32"  # S3 wants an integrity checksum with a retention
         try:
             self.client.put_object(**kwargs)
         except Exception as exc:  # noqa: BLE001
