@@ -496,8 +496,14 @@ class S3Store(CatalogMixin):
                 raise translate_boto_error(exc, self, "delete", batch[0]) from exc
             errors = resp.get("Errors") or []
             if errors:
-                raise StoreError(f"{self.location}: delete: {len(errors)} failed, first {errors[0]}",
-                                 self.endpoint, self.bucket, errors[0].get("Key"))
+                first = errors[0]
+                if first.get("Code") == "AccessDenied":
+                    raise StoreAccessError(
+                        f"{self.location}: delete refused (AccessDenied) for {len(errors)} of {len(batch)} keys, first "
+                        f"{first.get('Key')}: these credentials may not delete (collapse and repair run with the "
+                        "store's own)", self.endpoint, self.bucket, first.get("Key"))
+                raise StoreError(f"{self.location}: delete: {len(errors)} failed, first {first}",
+                                 self.endpoint, self.bucket, first.get("Key"))
             batch.clear()
 
         for key in keys:
