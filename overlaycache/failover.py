@@ -58,7 +58,7 @@ from overlaycache.replication import Replicator
 from overlaycache.snapshots import Snapshot
 from overlaycache.remote.cache import RegionCache
 from overlaycache.remote.layout import decode_root, root_key
-from overlaycache.remote.leases import LEASE_TTL, holder_name, take_lease
+from overlaycache.remote.leases import LEASE_TTL, LeaseKeeper, holder_name, take_lease
 from overlaycache.remote.tree import PageSource, PitMap
 from overlaycache.replication.replicator import MIRROR, PINNED_ROOT
 
@@ -469,17 +469,21 @@ class Router:
         repl.wait_idle()
         self.ship_pending()
 
-    def lease_for_image(self, snapshot_id: str) -> None:
-        """Pin the PIT of a recovery image (or of a clone over one) for :data:`IMAGE_LEASE_TTL`, so
-        that a collapse keeps it; a store that cannot be reached is logged: the image still works
-        while the PIT is there."""
+    def lease_for_image(self, snapshot_id: str) -> LeaseKeeper | None:
+        """Pin the PIT of a recovery image (or of a clone over one) with leases of
+        :data:`IMAGE_LEASE_TTL`, renewed while the image is open, so that a collapse keeps it;
+        returns the keeper (the image closes it). A store that cannot be reached is logged: the
+        image still works while the PIT is there, and the keeper tries again."""
         if self.repl is None:
-            return
+            return None
         try:
-            take_lease(self.repl.store, self.volume_id, snapshot_id, holder_name(self.volume_id), ttl=IMAGE_LEASE_TTL)
+            return LeaseKeeper(self.repl.store, self.volume_id, snapshot_id, holder_name(self.volume_id),
+                               IMAGE_LEASE_TTL)
         except StoreError as exc:
             _log.warning("%s: cannot take a lease on PIT %s (%s): a collapse may remove it", self.path,
                          snapshot_id, exc)
+            return LeaseKeeper(self.repl.store, self.volume_id, snapshot_id, holder_name(self.volume_id),
+                               IMAGE_LEASE_TTL, every=60.0, take_now=False)
 
     def renew_lease(self) -> None:
         """Renew the lease on the distributed overlay's PIT once half of it has run out (or it was
@@ -571,6 +575,10 @@ class Router:
         self.cache.bind(manifest)
         self._rebuild_live(routed=True)
         self.renew_lease()
+        if self.repl is not None:  # renewed while the overlay lasts (the image's close stops it)
+            self.remote.lease = LeaseKeeper(self.repl.store, self.volume_id, do.snapshot_id,
+                                            holder_name(self.volume_id), LEASE_TTL, every=LEASE_TTL / 4,
+                                            take_now=False)
         self._ra_next = 0
 
     def stop(self) -> None:

@@ -28,6 +28,7 @@ READAHEAD = 64 << 20
 
 if TYPE_CHECKING:
     # Only for annotations: the store package's backends import the catalog, which imports this.
+    from overlaycache.remote.leases import LeaseKeeper
     from overlaycache.remote.tree import PitMap
     from overlaycache.store.base import ObjectStore
 
@@ -253,6 +254,9 @@ class RemoteImage:
                                    keep_landed=max(2 * self._ahead, 64 * workers))
         self.snapshot = manifest.snapshot
         self.volume_id = manifest.volume_id
+        #: The lease that pins the PIT while the image is open, renewed in the background (see
+        #: :class:`~overlaycache.remote.leases.LeaseKeeper`), or None.
+        self.lease: LeaseKeeper | None = None
         self.size = manifest.size
         self.region_size = manifest.region_size
         self._cache: OrderedDict[int, bytes] = OrderedDict()
@@ -536,7 +540,10 @@ class RemoteImage:
         return b"".join(parts)
 
     def close(self) -> None:
-        """Stop the fetches under way and drop the in-memory cache (idempotent)."""
+        """Stop the fetches under way, drop the in-memory cache and stop renewing the image's
+        lease, if it has one (idempotent)."""
+        if self.lease is not None:
+            self.lease.close()
         self.source.close()
         with self._lock:
             self._cache.clear()

@@ -833,7 +833,7 @@ class Volume:
         ):
             # It asks the PIT for exactly the regions not identical locally: no readahead.
             image = RecoveryImage(self._route, self.remote_image(snapshot, readahead=0))
-            self._route.lease_for_image(image.snapshot.id)
+            image.remote.lease = self._route.lease_for_image(image.snapshot.id)  # renewed while open
             return image
         snap = self._find_snapshot(snapshot)
         with self._wlock:

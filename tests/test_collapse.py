@@ -268,3 +268,41 @@ def test_an_image_opened_elsewhere_can_lease_its_pit(tmp_path: Path) -> None:
             store.image(vid, first, **bad)  # type: ignore[arg-type]
     with store.image(vid, first, lease="2h") as img:  # a duration, as the policies' are
         assert img.read(0, 1) == images[first][:1]
+
+
+def test_a_long_reader_keeps_its_pit_by_renewing_its_lease(tmp_path: Path) -> None:
+    """A lease is renewed while its image is open: a reader that takes longer than the lease is
+    still pinned (a collapse keeps the PIT), and once it closes the renewals stop."""
+    from overlaycache.remote.leases import active_leases
+
+    store = LocalStore(tmp_path / "s")
+    with _volume(tmp_path / "v", store) as vol:
+        images = _history(vol, [(r, r + 1, True) for r in range(5)])
+        vid = vol.id
+    first = min(images)
+    img = store.image(vid, first, lease=2.0, holder="slow-reader")
+    assert img.lease is not None and img.lease.every == 1.0
+    time.sleep(3.5)  # longer than the first lease: only the renewals pin the PIT now
+    assert img.lease.renewals >= 2
+    report = store.collapse(vid, RetentionPolicy([], keep_last=1))
+    assert first in {s.id for s in report.kept} and any("slow-reader" in r for r in report.reasons[first])
+    assert img.read(0, NREG * RS) == images[first]
+    img.close()
+    renewals = img.lease.renewals
+    time.sleep(1.5)
+    assert img.lease.renewals == renewals  # stopped
+    time.sleep(1.0)  # the last lease runs out
+    assert first not in active_leases(store, vid, time.time())
+    report = store.collapse(vid, RetentionPolicy([], keep_last=1))
+    assert first not in {s.id for s in report.kept}
+
+
+def test_a_recovery_image_renews_its_lease_until_closed(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "s")
+    with _volume(tmp_path / "v", store) as vol:
+        images = _history(vol, [(r, r + 1, True) for r in range(3)])
+        img = vol.image(min(images))
+        keeper = img.remote.lease
+        assert keeper is not None and keeper.ttl == 86400.0 and keeper.expires > time.time() + 86000
+        img.close()
+        assert not keeper._thread.is_alive()

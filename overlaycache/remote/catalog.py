@@ -22,7 +22,7 @@ from overlaycache.remote.layout import (
     root_key,
     volume_key,
 )
-from overlaycache.remote.leases import holder_name, take_lease
+from overlaycache.remote.leases import LeaseKeeper, holder_name
 from overlaycache.remote.listing import check_format, list_snapshots, no_volume_error
 from overlaycache.remote.tree import PageSource, PitMap
 from overlaycache.retention import parse_duration
@@ -138,8 +138,10 @@ class Catalog:
         readahead : int, optional
             Regions a sequential read keeps in flight ahead of it (default: 64 MiB worth).
         lease : float or str, optional
-            Pin the PIT for this long (seconds, or a duration such as ``"6h"``); a collapse keeps
-            it meanwhile. Needs credentials that may PUT. Default: no lease.
+            Pin the PIT with a lease of this length (seconds, or a duration such as ``"6h"``),
+            renewed in the background while the image is open (every third of it), so a collapse
+            keeps the PIT however long the reader takes; closing the image lets the last lease run
+            out. Needs credentials that may PUT. Default: no lease.
         holder : str, optional
             The lease holder's name (default: this host and the volume).
 
@@ -159,9 +161,12 @@ class Catalog:
         """
         ttl = None if lease is None else parse_duration(lease)
         pit = self.pit_map(volume_id, snapshot)
-        if ttl is not None:
-            take_lease(self.store, volume_id, pit.snapshot.id, holder or holder_name(volume_id), ttl=ttl)
-        return RemoteImage(self.store, pit, cache_regions=cache_regions, readahead=readahead)
+        keeper = None
+        if ttl is not None:  # renewed while the image is open, so a long reader keeps its PIT
+            keeper = LeaseKeeper(self.store, volume_id, pit.snapshot.id, holder or holder_name(volume_id), ttl)
+        image = RemoteImage(self.store, pit, cache_regions=cache_regions, readahead=readahead)
+        image.lease = keeper
+        return image
 
 
 class CatalogMixin:
