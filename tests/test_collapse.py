@@ -306,3 +306,15 @@ def test_a_recovery_image_renews_its_lease_until_closed(tmp_path: Path) -> None:
         assert keeper is not None and keeper.ttl == 86400.0 and keeper.expires > time.time() + 86000
         img.close()
         assert not keeper._thread.is_alive()
+
+
+def test_collapse_reports_its_progress(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "s")
+    with _volume(tmp_path / "v", store) as vol:
+        _history(vol, [(r, r + 1, True) for r in range(6)])
+        vid = vol.id
+    calls: list[tuple[int, int]] = []
+    report = store.collapse(vid, RetentionPolicy([], keep_last=1), progress=lambda d, t: calls.append((d, t)))
+    assert calls[0] == (1, 1)  # the kept PIT's map walked
+    done, total = calls[-1]
+    assert done == total >= len(report.removed) and all(d <= t for d, t in calls)

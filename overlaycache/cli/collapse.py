@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from overlaycache.cli._common import STORE_HELP, add_json, emit, open_store_from, when
+from overlaycache.cli._common import STORE_HELP, Progress, add_json, emit, open_store_from, when
 
 
 def register(sub: Any) -> None:
@@ -38,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
     store = open_store_from(args)
     assert store is not None
     try:
-        report = store.collapse(args.volume_id, policy, now=args.now, dry_run=args.dry_run,  # type: ignore[attr-defined]
-                                page_grace=args.page_grace)
+        with Progress(args, "collapse", "object") as bar:
+            report = store.collapse(args.volume_id, policy, now=args.now, dry_run=args.dry_run,  # type: ignore[attr-defined]
+                                    page_grace=args.page_grace, progress=bar)
     finally:
         store.close()
     verb = "would remove" if report.dry_run else "removed"

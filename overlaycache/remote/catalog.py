@@ -11,6 +11,7 @@ The keys and objects read here are those the replicator writes (see :mod:`overla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from overlaycache.errors import CorruptionError, ObjectNotFoundError
@@ -258,7 +259,8 @@ class CatalogMixin:
         return check_volume(self, volume_id, repair, read_data)
 
     def collapse(self: ObjectStore, volume_id: str, policy: Any, now: float | None = None,
-                 dry_run: bool = False, page_grace: float | None = None) -> Any:
+                 dry_run: bool = False, page_grace: float | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Any:
         """Drop the PITs ``policy`` does not keep and delete what no retained PIT needs (see
         :func:`overlaycache.remote.collapse.collapse_volume`).
 
@@ -278,6 +280,8 @@ class CatalogMixin:
         page_grace : float, optional
             Seconds a map page must have been found unreferenced before a run deletes it
             (default 3600).
+        progress : callable, optional
+            ``progress(done, total)``: the kept PITs' maps walked, then the objects deleted.
 
         Returns
         -------
@@ -297,7 +301,8 @@ class CatalogMixin:
         """
         from overlaycache.remote.collapse import PAGE_GRACE, collapse_volume  # it builds on this module
 
-        return collapse_volume(self, volume_id, policy, now, dry_run, PAGE_GRACE if page_grace is None else page_grace)
+        return collapse_volume(self, volume_id, policy, now, dry_run, PAGE_GRACE if page_grace is None else page_grace,
+                               progress)
 
     def image(self: ObjectStore, volume_id: str, snapshot: Any, cache_regions: int = 256,
               readahead: int | None = None, lease: float | str | None = None,

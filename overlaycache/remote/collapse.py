@@ -37,7 +37,7 @@ import builtins
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,7 +184,8 @@ def _delete(store: _Counted, keys: list[str], report: CollapseReport) -> None:
 
 
 def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy, now: float | None = None,
-                    dry_run: bool = False, page_grace: float = PAGE_GRACE) -> CollapseReport:
+                    dry_run: bool = False, page_grace: float = PAGE_GRACE,
+                    progress: Callable[[int, int], None] | None = None) -> CollapseReport:
     """Drop the PITs ``policy`` does not keep and delete what no retained PIT references.
 
     Parameters
@@ -201,6 +202,10 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
         Report what would be done; write and delete nothing.
     page_grace : float
         Seconds (by the clock) a map page must have been condemned before it is deleted.
+
+    progress : callable, optional
+        ``progress(done, total)``: the kept PITs' maps walked (one step), then each batch of
+        objects deleted.
 
     Returns
     -------
@@ -258,6 +263,8 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     roots = [decode_root(counted.get(root_key(volume_id, s.seq)), f"{store.location}/{root_key(volume_id, s.seq)}")
              for s in report.kept]
     live_pages, live_packs = reachable(roots, PageSource(counted, volume_id))
+    if progress is not None:
+        progress(len(roots), len(roots))
     dead_packs = [key for pack, key in sorted(packs_listed.items()) if pack < newest.seq and pack not in live_packs]
     unreferenced = {h for h in pages_listed if bytes.fromhex(h) not in live_pages}
     since = {h: condemned_before.get(h, clock) for h in unreferenced}  # when each was first condemned
@@ -284,7 +291,12 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
         except ObjectExistsError:
             stamp += 1  # another run in the same microsecond
     # 4. Roots first (a reader no longer finds what is removed), then the data they alone used.
+    total = len(doomed) + len(doomed_pages)
+    if progress is not None:
+        progress(0, total)
     _delete(counted, doomed, report)
+    if progress is not None:
+        progress(len(doomed), total)
     # Last, the pages; a PIT published since the listing is looked at first: what it reaches stays.
     if doomed_pages:
         seen = {s.seq for s in snaps}
@@ -294,6 +306,8 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
             fresh_pages, _packs = reachable(fresh_roots, PageSource(counted, volume_id))
             doomed_pages = [k for k in doomed_pages if bytes.fromhex(k.rsplit("/", 1)[1]) not in fresh_pages]
         _delete(counted, doomed_pages, report)
+    if progress is not None:
+        progress(total, total)
     report.bytes_read, report.bytes_written = counted.read, counted.written
     report.duration = time.monotonic() - t0
     _log.info("%s: volume %s collapsed by %s: %d PITs kept, %d removed, %d objects (%d bytes) deleted, "
