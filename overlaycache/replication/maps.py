@@ -322,6 +322,8 @@ class ChangeMap:
         self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         try:
             head = os.pread(self._fd, _CMAP_PAGE, 0)
+            #: The map's bitmap words as found on open (empty: no region pending).
+            self.initial: bytes | bytearray
             if head[:8] == _CMAP_MAGIC_V1:
                 self.dense = False
                 self.initial = self._load_v1(head)
@@ -368,11 +370,15 @@ class ChangeMap:
             raise FormatError(f"{self.path}: truncated", self.path)
         return bool(flags & 1)
 
-    def _load(self) -> bytes:
-        """The bitmap, from the pages written (holes are empty pages); a damaged page is full."""
+    def _load(self) -> bytes | bytearray:
+        """The bitmap, from the pages written (holes are empty pages); a damaged page is full.
+        Empty (``b""``) when no page holds a bit: nothing to load, whatever the volume's size."""
+        extents = _data_extents(self._fd, _CMAP_PAGE, self.length, self.dense)
+        if not extents:
+            return b""
         out = bytearray(8 * self.npages * _CMAP_WORDS)
         full = b"\xff" * (8 * _CMAP_WORDS)
-        for start, stop in _data_extents(self._fd, _CMAP_PAGE, self.length, self.dense):
+        for start, stop in extents:
             for k in range(start // _CMAP_PAGE, (stop + _CMAP_PAGE - 1) // _CMAP_PAGE):
                 raw = os.pread(self._fd, _CMAP_PAGE, _CMAP_PAGE * k)
                 words = raw[: 8 * _CMAP_WORDS]
@@ -387,14 +393,14 @@ class ChangeMap:
                        self.damaged_pages)
         return self._trim(out)
 
-    def _trim(self, words: bytes | bytearray) -> bytes:
-        """``words`` cut to the map's words, without bits past the last region."""
-        out = bytearray(words[: 8 * self.nwords])
+    def _trim(self, out: bytearray) -> bytearray:
+        """``out`` cut to the map's words, without bits past the last region (in place)."""
+        del out[8 * self.nwords :]
         extra = 64 * self.nwords - self.n
         if extra:
             last = int.from_bytes(out[-8:], "little") & ((1 << (64 - extra)) - 1)
             out[-8:] = last.to_bytes(8, "little")
-        return bytes(out)
+        return out
 
     def _load_v1(self, head: bytes) -> bytes:
         raw = os.pread(self._fd, 8 + 8 * self.nwords, 0)
@@ -515,8 +521,9 @@ class ChangeSet:
     def __init__(self, cmap: ChangeMap) -> None:
         self.map = cmap
         self.pending = core.Bitmap(cmap.n)
-        self.pending.load(cmap.initial)
-        self.count = self.pending.count()
+        if cmap.initial:  # empty: nothing pending (no bitmap to scan)
+            self.pending.load(cmap.initial)
+        self.count = self.pending.count() if cmap.initial else 0
         self.inflight: set[int] = set()
         self.unconfirmed: set[int] = set()
         self._touched: set[int] = set()
