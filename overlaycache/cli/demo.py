@@ -118,7 +118,7 @@ def demo_replication(endpoint: str | None = None, bucket: str = "overlaycache-de
                           aws_secret_access_key=secret)
         store.create_bucket()
         builtin = builtin or server is not None
-        where = "the demo's own built-in S3 server (moto, in this process)" if builtin else "the given endpoint"
+        where = "the demo's own built-in S3 server: moto, in this process" if builtin else "the given endpoint"
         print(f"\nReplication to {endpoint} ({where}), bucket {bucket}, async mode", file=stream)
         with Volume.create(path, 8 * rs, region_size=rs, secondary=store, replication="async") as vol:
             show("region", [str(r) for r in range(8)])
