@@ -1326,6 +1326,10 @@ class Volume:
         check_callback("progress", progress)
         self._check_writable()
         img = image if isinstance(image, RecoveryImage) else self.image(image)
+        if not isinstance(img, RecoveryImage):  # a local snapshot: its image is not a PIT
+            img.close()
+            raise InvalidArgumentError(f"{self.path}: restore takes a PIT snapshot on the secondary; {image!r} is a "
+                                       "local snapshot (read it with image(), clone it, or export it)")
         todo = self.diff(img)
         rs = self._geo.region_size
 

@@ -313,3 +313,17 @@ def test_writes_go_on_while_restore_folds(tmp_path: Path, s3_store: Any) -> None
         assert vol.layer_map() == [0] * 8  # the write was folded too
     with Volume.open(tmp_path / "vol") as again:
         assert chars(again) == "1 b c z e f 4 !"
+
+
+def test_restore_from_a_local_snapshot_is_refused_clearly(tmp_path: Path) -> None:
+    """restore() takes a PIT: a local snapshot's label is a one-line error saying so, nothing changes."""
+    from overlaycache import LocalStore
+
+    with Volume.create(tmp_path / "v", 4 * RS, region_size=RS, secondary=LocalStore(tmp_path / "s")) as vol:
+        put(vol, 0, "a")
+        vol.local_snapshot("local-one")
+        put(vol, 0, "b")
+        with pytest.raises(InvalidArgumentError, match="local snapshot") as info:
+            vol.restore("local-one")
+        assert "\n" not in str(info.value) and "VirtualImage" not in str(info.value)
+        assert chars(vol, 1) == "b"
