@@ -40,12 +40,23 @@ def _free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (outgoing connections take ports from there)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_ports(n: int) -> list[int]:
-    """``n`` ports ``p`` with ``p`` and ``p + 10000`` (SeaweedFS's gRPC port) free on loopback."""
+    """``n`` ports ``p`` with ``p`` and ``p + 10000`` (SeaweedFS's gRPC port) free on loopback, all
+    below the ephemeral range: a port in it may be taken by any outgoing connection between the
+    kill and the restart (a restarted weed once failed to bind its gRPC port that way)."""
     rnd = random.Random()
+    top = min(_ephemeral_low(), 65536) - 10000
     out: list[int] = []
     while len(out) < n:
-        p = rnd.randrange(20000, 55000)
+        p = rnd.randrange(10000, top)
         if all(abs(p - q) != 10000 and p != q for q in out) and _free(p) and _free(p + 10000):
             out.append(p)
     return out
