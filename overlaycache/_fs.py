@@ -118,6 +118,26 @@ def read_json_checked(directory: str, name: str, kind: str, max_version: int, wh
     return obj
 
 
+def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The ranges of ``[start, end)`` of the file ``fd`` that may hold data: its holes left out
+    (``SEEK_DATA``/``SEEK_HOLE``). Where the file system cannot tell, the rest counts as data."""
+    out: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        try:
+            a = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # no hole support: assume data
+                out.append((pos, end))
+            break  # ENXIO: no data past ``pos``
+        if a >= end:
+            break
+        b = min(end, os.lseek(fd, a, os.SEEK_HOLE))
+        out.append((a, b))
+        pos = b
+    return out
+
+
 def lock_directory(directory: str, shared: bool, busy: str) -> int:
     """Take the ``flock`` on ``directory/lock`` (shared or exclusive, not waiting); returns its fd.
 

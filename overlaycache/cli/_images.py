@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Callable
 from typing import Any
 
+from overlaycache._fs import data_extents
 from overlaycache.errors import InvalidArgumentError, OverlayCacheError
 
 CHUNK = 8 << 20
@@ -65,28 +66,13 @@ def run_qemu_img(argv: list[str]) -> str:
     return proc.stdout
 
 
-def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """The ranges of a file that may hold data (its holes left out)."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            a = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break
-        b = min(size, os.lseek(fd, a, os.SEEK_HOLE))
-        out.append((a, b))
-        pos = b
-    return out
-
-
 def raw_into(path: str, vol: Any, progress: Callable[[int, int], None]) -> int:
     """Write the raw file ``path`` into ``vol`` (its all-zero chunks skipped); returns bytes written."""
     size = min(os.path.getsize(path), vol.size)
     written = 0
     fd = os.open(path, os.O_RDONLY)
     try:
-        ranges = data_ranges(fd, size)
+        ranges = data_extents(fd, 0, size)
         total = sum(b - a for a, b in ranges)
         done = 0
         for a, b in ranges:

@@ -24,7 +24,7 @@ import threading
 import time
 import zlib
 
-from overlaycache._fs import FILE_MODE, fsync_dir
+from overlaycache._fs import FILE_MODE, data_extents, fsync_dir
 from overlaycache._impl import core
 from overlaycache.errors import FormatError
 from overlaycache.local.geometry import region_ranges
@@ -185,7 +185,7 @@ class RemoteMap:
         """Format 2 to 3: every record written gets its check, then the header (idempotent)."""
         end = _RMAP_HEADER + RECORD.size * self.n
         done = 0
-        for start, stop in _data_extents(self._fd, _RMAP_HEADER, end, False):
+        for start, stop in data_extents(self._fd, _RMAP_HEADER, end):
             first = (start - _RMAP_HEADER) // RECORD.size
             last = min(self.n, (stop - _RMAP_HEADER + RECORD.size - 1) // RECORD.size)
             for r0 in range(first, last, 4096):
@@ -228,19 +228,11 @@ class RemoteMap:
 
     def has_records(self) -> bool:
         """Whether any region has a record (the file is not all holes past its header)."""
-        end = _RMAP_HEADER + RECORD.size * self.n
-        pos = _RMAP_HEADER
         chunk = 1 << 20
-        while pos < end:
-            try:
-                start = os.lseek(self._fd, pos, os.SEEK_DATA)
-                stop = min(end, os.lseek(self._fd, start, os.SEEK_HOLE))
-            except OSError:
-                return False  # ENXIO: no data past ``pos``
+        for start, stop in data_extents(self._fd, _RMAP_HEADER, _RMAP_HEADER + RECORD.size * self.n):
             for off in range(start, stop, chunk):  # allocated blocks may hold only zeros
                 if any(os.pread(self._fd, min(chunk, stop - off), off)):
                     return True
-            pos = stop
         return False
 
     def leaf_body(self, i: int) -> tuple[bytes, int]:
@@ -373,7 +365,7 @@ class ChangeMap:
     def _load(self) -> bytes | bytearray:
         """The bitmap, from the pages written (holes are empty pages); a damaged page is full.
         Empty (``b""``) when no page holds a bit: nothing to load, whatever the volume's size."""
-        extents = _data_extents(self._fd, _CMAP_PAGE, self.length, self.dense)
+        extents = [(_CMAP_PAGE, self.length)] if self.dense else data_extents(self._fd, _CMAP_PAGE, self.length)
         if not extents:
             return b""
         out = bytearray(8 * self.npages * _CMAP_WORDS)
@@ -455,25 +447,6 @@ def _reports_holes(fd: int, length: int) -> bool:
         return os.lseek(fd, 0, os.SEEK_DATA) >= _CMAP_PAGE and os.lseek(fd, 0, os.SEEK_HOLE) == 0
     except OSError as exc:
         return exc.errno == errno.ENXIO  # no data at all: holes are reported
-
-
-def _data_extents(fd: int, start: int, end: int, dense: bool) -> list[tuple[int, int]]:
-    """The ranges of ``[start, end)`` of ``fd`` that hold data (all of it for a dense file)."""
-    if dense:
-        return [(start, end)]
-    out: list[tuple[int, int]] = []
-    pos = start
-    while pos < end:
-        try:
-            a = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break  # ENXIO: no data past ``pos``
-        if a >= end:
-            break
-        b = min(end, os.lseek(fd, a, os.SEEK_HOLE))
-        out.append((a, b))
-        pos = b
-    return out
 
 
 class DetachedChanges:
