@@ -163,9 +163,6 @@ class RemoteMap:
         c = zlib.crc32(mv[32:48], zlib.crc32(mv[:28], zlib.crc32(r.to_bytes(8, "little"), self._salt_crc)))
         return c.to_bytes(4, "little")
 
-    def _valid(self, r: int, rec: bytes | bytearray | memoryview) -> bool:
-        return bytes(rec[28:32]) == self._check(r, rec) or bytes(rec) == _NO_RECORD
-
     def _invalid(self, first: int, raw: bytes | bytearray) -> list[int]:
         """The regions from ``first`` on whose records in ``raw`` fail their checks."""
         mv = memoryview(raw)
@@ -207,7 +204,7 @@ class RemoteMap:
         """``(seq, checksum)`` of region ``r``'s newest version on the secondary (seq 0: none, or
         a record that fails its check: the region is then compared and shipped again)."""
         self.data.readinto(_RMAP_HEADER + RECORD.size * r, self._rec)
-        if not self._valid(r, self._rec):
+        if self._invalid(r, self._rec):
             self._note_damaged([r])
             return 0, bytes(16)
         seq, _pack, _off, _len, csum = RECORD.unpack(self._rec)
