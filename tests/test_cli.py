@@ -88,6 +88,7 @@ def test_collapse_and_check_from_the_command_line(tmp_path: Path, capsys: pytest
                        replication="periodic", period=3600.0) as vol:
         for i in range(5):
             vol.write(i * 4096, bytes([i + 1]) * 4096)
+            vol.write(7 * 4096, bytes([i + 1]) * 4096)  # region 7's version dies with each dropped PIT
             vol.snapshot(f"s{i}")
         vid = vol.id
     capsys.readouterr()
@@ -95,16 +96,19 @@ def test_collapse_and_check_from_the_command_line(tmp_path: Path, capsys: pytest
                  "--now", "0", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("keep ") == 3 and out.count("remove ") == 2 and "would be deleted" in out
+    assert "0 packs would be repacked" in out  # half dead: not more than the default 0.5
     assert len(LocalStore(store_dir).snapshots(vid)) == 5
     assert main(["collapse", f"file://{store_dir}", vid, "--policy", "", "--keep-last", "2", "--pin", "s0",
-                 "--now", "0", "--json"]) == 0
+                 "--now", "0", "--max-unused", "0", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["packs_repacked"] == 2 and report["bytes_moved"] == 2 * 4096  # s1's and s2's, region 7 dropped
     assert [k["label"] for k in report["kept"]] == ["s0", "s3", "s4"] and len(report["removed"]) == 2
     assert report["kept"][0]["reasons"] == ["pinned 's0'"] and report["objects_deleted"] >= 2
     assert [s.label for s in LocalStore(store_dir).snapshots(vid)] == ["s0", "s3", "s4"]
     assert main(["check", str(store_dir), vid]) == 0
     assert "no problems" in capsys.readouterr().out
     for argv in (["collapse", str(store_dir), vid, "--policy", "1x@1d"],
+                 ["collapse", str(store_dir), vid, "--policy", "1h@1d", "--max-unused", "2"],
                  ["collapse", str(store_dir), "f" * 32, "--policy", "1h@1d"],
                  ["check", str(store_dir), "f" * 32]):
         assert main(argv) == 1

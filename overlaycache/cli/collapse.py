@@ -26,6 +26,9 @@ def register(sub: Any) -> None:
     p.add_argument("--now", type=float, help="measure ages from this time (seconds since the epoch)")
     p.add_argument("--page-grace", type=float, default=3600.0, metavar="SECONDS",
                    help="delete a map page only once it has been unreferenced this long (default: an hour)")
+    p.add_argument("--max-unused", type=float, default=0.5, metavar="SHARE",
+                   help="repack a pack (copy its live versions into a smaller generation of it) when more than "
+                        "this share of its bytes is dead: 0 to 1 (default 0.5; 1 never repacks)")
     p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
     add_json(p)
     p.set_defaults(run=run)
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with Progress(args, "collapse", "object") as bar:
             report = store.collapse(args.volume_id, policy, now=args.now, dry_run=args.dry_run,  # type: ignore[attr-defined]
-                                    page_grace=args.page_grace, progress=bar)
+                                    page_grace=args.page_grace, progress=bar, max_unused=args.max_unused)
     finally:
         store.close()
     verb = "would remove" if report.dry_run else "removed"
@@ -49,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     lines += [f"remove {s.id}  {when(s.created_at)}  {s.label or ''}" for s in report.removed]
     lines.append(f"{len(report.kept)} PITs kept, {len(report.removed)} {verb}; {report.objects_deleted} objects "
                  f"({report.bytes_freed} bytes) {'would be ' if report.dry_run else ''}deleted, "
+                 f"{report.packs_repacked} packs {'would be ' if report.dry_run else ''}repacked "
+                 f"({report.bytes_moved} bytes moved), "
                  f"{report.pages_condemned} map pages condemned (deleted by the next run if still unreferenced); "
                  f"{report.duration:.2f}s")
     emit(args, report.to_json(), lines)

@@ -260,12 +260,13 @@ class CatalogMixin:
 
     def collapse(self: ObjectStore, volume_id: str, policy: Any, now: float | None = None,
                  dry_run: bool = False, page_grace: float | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Any:
+                 progress: Callable[[int, int], None] | None = None, max_unused: float | None = None) -> Any:
         """Drop the PITs ``policy`` does not keep and delete what no retained PIT needs (see
         :func:`overlaycache.remote.collapse.collapse_volume`).
 
-        Needs credentials that may delete. No region data is read or written again; a kill at any
-        point leaves every retained PIT readable, and a rerun finishes the job.
+        Needs credentials that may delete. Dropping PITs reads and writes no region data; only a
+        pack mostly dead is copied (its live versions, into a smaller generation of it). A kill at
+        any point leaves every retained PIT readable, and a rerun finishes the job.
 
         Parameters
         ----------
@@ -282,16 +283,21 @@ class CatalogMixin:
             (default 3600).
         progress : callable, optional
             ``progress(done, total)``: the kept PITs' maps walked, then the objects deleted.
+        max_unused : float, optional
+            Repack a pack when more than this share of its region bytes is dead (default 0.5;
+            0: every pack with a dead version, 1: never).
 
         Returns
         -------
         CollapseReport
-            The PITs kept (with their reasons) and removed, objects deleted and bytes freed.
+            The PITs kept (with their reasons) and removed, objects deleted, packs repacked and
+            bytes freed.
 
         Raises
         ------
         InvalidArgumentError
-            ``policy`` is not a :class:`~overlaycache.RetentionPolicy`.
+            ``policy`` is not a :class:`~overlaycache.RetentionPolicy`, or ``max_unused`` is not
+            within 0 to 1.
         SnapshotNotFoundError
             The store has no record of this volume.
         FormatError
@@ -299,10 +305,10 @@ class CatalogMixin:
         CorruptionError
             A retained PIT's root or pages are damaged: nothing is deleted (see :meth:`check`).
         """
-        from overlaycache.remote.collapse import PAGE_GRACE, collapse_volume  # it builds on this module
+        from overlaycache.remote.collapse import MAX_UNUSED, PAGE_GRACE, collapse_volume  # it builds on this module
 
         return collapse_volume(self, volume_id, policy, now, dry_run, PAGE_GRACE if page_grace is None else page_grace,
-                               progress)
+                               progress, MAX_UNUSED if max_unused is None else max_unused)
 
     def image(self: ObjectStore, volume_id: str, snapshot: Any, cache_regions: int = 256,
               readahead: int | None = None, lease: float | str | None = None,

@@ -46,7 +46,7 @@ from overlaycache.remote.layout import (
     pack_key,
     packs_prefix,
     page_key,
-    parse_pack_key,
+    parse_pack_key_generation,
     roots_prefix,
     snapshot_id,
     verify_pack,
@@ -186,12 +186,15 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
         return report  # nothing to check the packs against
     size, rs = geometry
     n = (size + rs - 1) // rs
-    # Every version the packs hold: region -> {seq: (pack, offset, length, checksum)}.
+    # Every version the packs hold: region -> {seq: (pack, offset, length, checksum)}, from the
+    # pack as stored, or where a collapse repacked it, its newest generation (whose offsets are its
+    # own: the maps keep the original's).
     versions: dict[int, dict[int, tuple[int, int, int, bytes]]] = {}
-    good_packs: set[int] = set()
+    good: dict[int, tuple[int, PackIndex]] = {}  # pack -> the generation read and its index
+    damaged: set[int] = set()
     for key in store.list(packs_prefix(volume_id)):
         try:
-            _vid, pack = parse_pack_key(key)
+            _vid, pack, gen = parse_pack_key_generation(key)
         except ValueError:
             report.problems.append(f"{key}: not a pack's key")
             continue
@@ -206,14 +209,22 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
         except (CorruptionError, FormatError) as exc:
             report.problems.append(str(exc) if where in str(exc) else f"{where}: {exc}")
             report.damaged_packs.append(key)
+            damaged.add(pack)
             continue
-        good_packs.add(pack)
         for e in index.entries:
             if e.region >= n:
                 report.problems.append(f"{where}: lists region {e.region}, beyond the volume's {n}")
+        # The original wins over a generation (a kill between a repack's PUT and its delete).
+        if pack not in good or (good[pack][0] != 0 and (gen == 0 or gen > good[pack][0])):
+            good[pack] = (gen, index)
+    moved = {pack for pack, (gen, _index) in good.items() if gen}
+    for pack, (_gen, index) in good.items():
+        for e in index.entries:
+            if e.region >= n:
                 continue
             report.region_versions += 1
             versions.setdefault(e.region, {})[e.seq] = (pack, e.offset, e.length, e.checksum)
+    good_packs = set(good)
     missing_packs: set[int] = set()
     to_rebuild: list[tuple[str, str]] = []
     for key in roots:
@@ -235,11 +246,13 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
                 held = versions.get(r, {}).get(seq)
                 pname = pack_key(volume_id, pack) if pack else "no pack (all zeros)"
                 if pack and pack not in good_packs:
-                    if not any(k.endswith(pack_key(volume_id, pack)) for k in report.damaged_packs):
+                    if pack not in damaged:
                         missing_packs.add(pack)
                     data_bad.append(f"region {r} version {seq:016x}: {pname} is damaged or missing")
                 elif held is None:
                     data_bad.append(f"region {r} version {seq:016x} is not in {pname}")
+                elif pack in moved and (held[0], held[2], held[3]) == (pack, length, csum):
+                    pass  # repacked: the generation holds it at an offset of its own
                 elif held != (pack, off, length, csum) and not (pack == 0 and held[2] == 0 and held[3] == csum):
                     # (pack 0: an all-zero version recorded without its pack, as it may be)
                     map_bad.append(f"region {r} version {seq:016x} differs from the index of {pname}")

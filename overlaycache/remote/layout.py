@@ -17,12 +17,13 @@ several volumes share a bucket::
 
     volumes/<id>/volume.json                          the volume record
     volumes/<id>/packs/<shard>/<pack>.pack            a pack of region versions
+    volumes/<id>/packs/<shard>/<pack>.<gen>.pack      generation <gen> of a pack a collapse repacked
     volumes/<id>/pages/<hh>/<hash>                    a map page (content-addressed)
     volumes/<id>/snapshots/<seq>.root                 a PIT snapshot's root
     volumes/<id>/gc/<stamp>.json                      a collapse run's record
     volumes/<id>/leases/<snapshot>/<expires>-<holder>.json   a PIT in use until a time
 
-``<pack>`` and ``<seq>`` are 16 hex digits; ``<shard>`` is the first byte, as 2 hex digits, of the
+``<pack>`` and ``<seq>`` are 16 hex digits, ``<gen>`` 8 (from 1); ``<shard>`` is the first byte, as 2 hex digits, of the
 mmh3 x64-128 checksum of the pack number as 8 little-endian bytes (it spreads consecutive packs
 over the store's partitions); ``<hash>`` is the page's address (32 hex digits) and ``<hh>`` its
 first two.
@@ -79,6 +80,16 @@ A pack describes itself: :func:`decode_pack_index` lists what it holds, so the m
 from the packs alone. The bytes of a region version that is all zeros are never stored: the pack
 lists it with length 0, the map records it with that pack, length 0 and the checksum of zeros (so
 the pack is kept while a PIT needs the listing), and a reader serves it without a request.
+
+Repacked generations
+--------------------
+A collapse that finds a pack mostly dead (:mod:`overlaycache.remote.collapse`) writes its live
+versions, in their order, as a new pack object of the same number and format under
+``<pack>.<gen>.pack`` (``gen`` one above any generation there), then deletes the older object. Its
+header names the same pack number and creation time; its index gives each version's new offset.
+The maps are never rewritten: a record keeps naming the pack and the original offset, and a reader
+that finds ``<pack>.pack`` gone lists the pack's generations and reads the version, by region and
+seq, from the newest. The original, while it is there, is always whole and is read first.
 
 The map record
 --------------
@@ -167,6 +178,7 @@ __all__ = [
     "lease_key",
     "leases_prefix",
     "is_root_key",
+    "pack_generations_prefix",
     "pack_key",
     "packs_prefix",
     "page_address",
@@ -174,6 +186,7 @@ __all__ = [
     "pages_prefix",
     "parse_lease_key",
     "parse_pack_key",
+    "parse_pack_key_generation",
     "root_key",
     "roots_prefix",
     "snapshot_id",
@@ -234,14 +247,38 @@ def packs_prefix(volume_id: str) -> str:
     return f"{_volume_prefix(volume_id)}packs/"
 
 
-def pack_key(volume_id: str, pack: int) -> str:
-    """Key of pack number ``pack`` (> 0): ``volumes/<id>/packs/<shard>/<pack>.pack``."""
+def pack_key(volume_id: str, pack: int, generation: int = 0) -> str:
+    """Key of pack number ``pack`` (> 0): ``volumes/<id>/packs/<shard>/<pack>.pack``; a repacked
+    ``generation`` (> 0) of it: ``volumes/<id>/packs/<shard>/<pack>.<generation>.pack``."""
     shard = _sum(pack.to_bytes(8, "little"))[0]
+    if generation:
+        return f"{packs_prefix(volume_id)}{shard:02x}/{pack:016x}.{generation:08x}.pack"
     return f"{packs_prefix(volume_id)}{shard:02x}/{pack:016x}.pack"
 
 
+def pack_generations_prefix(volume_id: str, pack: int) -> str:
+    """The prefix of pack ``pack``'s key and of every repacked generation of it."""
+    return pack_key(volume_id, pack)[: -len("pack")]
+
+
+_PACK_NAME = re.compile(r"([0-9a-f]{16})(?:\.([0-9a-f]{8}))?\.pack")
+
+
 def parse_pack_key(key: str) -> tuple[str, int]:
-    """The volume and the pack number named by a pack's key.
+    """The volume and the pack number named by a pack's key (of any generation).
+
+    Raises
+    ------
+    ValueError
+        ``key`` is not a pack's key.
+    """
+    vid, pack, _gen = parse_pack_key_generation(key)
+    return vid, pack
+
+
+def parse_pack_key_generation(key: str) -> tuple[str, int, int]:
+    """The volume, the pack number and the generation (0: as the primary stored it) named by a
+    pack's key.
 
     Raises
     ------
@@ -249,10 +286,12 @@ def parse_pack_key(key: str) -> tuple[str, int]:
         ``key`` is not a pack's key.
     """
     parts = key.split("/")
-    if (len(parts) != 5 or f"{parts[0]}/" != VOLUMES_PREFIX or parts[2] != "packs"
-            or not parts[4].endswith(".pack") or len(parts[4]) != 21):
+    if len(parts) != 5 or f"{parts[0]}/" != VOLUMES_PREFIX or parts[2] != "packs" or not parts[4].endswith(".pack"):
         raise ValueError(f"not a pack's key: {key!r}")
-    return parts[1], int(parts[4][:16], 16)
+    m = _PACK_NAME.fullmatch(parts[4])
+    if m is not None and (m.group(2) is None or int(m.group(2), 16) > 0):
+        return parts[1], int(m.group(1), 16), int(m.group(2) or "0", 16)
+    raise ValueError(f"not a pack's key: {key!r}")
 
 
 def is_pack_key(key: str) -> bool:

@@ -33,9 +33,9 @@ from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from overlaycache._impl import core
-from overlaycache.errors import CorruptionError, SecondaryUnavailableError, VolumeClosedError
+from overlaycache.errors import CorruptionError, ObjectNotFoundError, SecondaryUnavailableError, VolumeClosedError
 from overlaycache.remote.cache import RegionCache
-from overlaycache.remote.layout import pack_key
+from overlaycache.remote.layout import pack_generations_prefix, pack_key, parse_pack_key_generation
 
 if TYPE_CHECKING:
     from overlaycache.remote.tree import PitMap
@@ -99,6 +99,8 @@ class RegionSource:
         self._landed: OrderedDict[int, bytes | memoryview] = OrderedDict()  # prefetched, no region cache to keep them
         self._keep_landed = LANDED_PER_WORKER * self._workers if keep_landed is None else keep_landed
         self._closed = False
+        #: Packs read from a repacked generation: the key, and where it holds each (region, seq).
+        self._moved: dict[int, tuple[str, dict[tuple[int, int], tuple[int, int]]]] = {}
 
     def __repr__(self) -> str:
         return (f"RegionSource({getattr(self.store, 'location', self.store)!r}, "
@@ -186,25 +188,21 @@ class RegionSource:
                    ) -> dict[int, bytes | memoryview | BaseException]:
         """Fetch regions adjacent in one pack with one ranged GET; verify and cache each. A region's
         bytes are a view into the run's buffer (no copy): the buffer lives while any of its views
-        is kept."""
+        is kept. A pack a collapse repacked (the original gone, a generation of it there) is read
+        where its generation holds each version."""
         if self.store is None:
             err = SecondaryUnavailableError(f"regions {run[0][0]}..{run[-1][0]}: no secondary attached to "
                                             "fetch them from")
             return {r: err for r, _rec in run}
-        _seq, pack, start, _len, _csum = run[0][1]
-        end = run[-1][1][2] + run[-1][1][3]
+        pack = run[0][1][1]
         try:
-            raw = self.store.get(pack_key(self.manifest.volume_id, pack), start, end - start)
+            got = self._read_run(pack, run)
         except Exception as exc:  # noqa: BLE001 - reported per region
             return {r: exc for r, _rec in run}
-        finally:
-            with self._lock:
-                self.gets += 1
         out: dict[int, bytes | memoryview | BaseException] = {}
         cache = self.region_cache if keep else None
-        view = memoryview(raw)
-        for r, (seq, _pack, off, length, csum) in run:
-            data: bytes | memoryview = raw if len(run) == 1 else view[off - start : off - start + length]
+        for r, (seq, _pack, _off, _length, csum) in run:
+            data = got[r]
             if len(data) != self._region_len(r) or bytes(core.checksum(data)) != csum:
                 out[r] = CorruptionError(
                     f"{getattr(self.store, 'location', self.store)}: region {r} version {seq:016x} in pack "
@@ -213,6 +211,95 @@ class RegionSource:
             if cache is not None:
                 cache.put(r, seq, csum, data)
             out[r] = data
+        return out
+
+    def _get(self, key: str, start: int, length: int) -> bytes:
+        assert self.store is not None
+        try:
+            return self.store.get(key, start, length)
+        finally:
+            with self._lock:
+                self.gets += 1
+
+    def _read_run(self, pack: int, run: list[tuple[int, tuple[int, int, int, int, bytes]]]
+                  ) -> dict[int, bytes | memoryview]:
+        """The bytes of each region of ``run`` (unverified), from the pack or its newest generation."""
+        vid = self.manifest.volume_id
+        for attempt in range(3):
+            moved = self._moved.get(pack)
+            try:
+                if moved is None:
+                    start = run[0][1][2]
+                    raw = self._get(pack_key(vid, pack), start, run[-1][1][2] + run[-1][1][3] - start)
+                    if len(run) == 1:
+                        return {run[0][0]: raw}
+                    view = memoryview(raw)
+                    return {r: view[off - start : off - start + length] for r, (_s, _p, off, length, _c) in run}
+                return self._read_moved(pack, moved, run)
+            except ObjectNotFoundError:
+                if attempt == 2 or not self._resolve(pack):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _resolve(self, pack: int) -> bool:
+        """Look up where pack ``pack`` is now: the original, or its newest repacked generation
+        (:func:`~overlaycache.remote.layout.pack_key`). False: neither is there."""
+        from overlaycache.remote.listing import read_pack_index  # noqa: PLC0415 - see the imports above
+
+        assert self.store is not None
+        vid = self.manifest.volume_id
+        gens = []
+        original = False
+        for key in self.store.list(pack_generations_prefix(vid, pack)):
+            try:
+                kvid, kpack, gen = parse_pack_key_generation(key)
+            except ValueError:
+                continue
+            if kvid == vid and kpack == pack:
+                original |= gen == 0
+                if gen:
+                    gens.append((gen, key))
+        if original:
+            with self._lock:
+                self._moved.pop(pack, None)
+            return True
+        if not gens:
+            return False
+        key = max(gens)[1]
+        try:
+            index = read_pack_index(self.store, key)
+        except ObjectNotFoundError:
+            return True  # repacked once more meanwhile: look again
+        if index.volume_id != vid or index.pack != pack:
+            raise CorruptionError(f"{self.store.location}/{key}: pack {index.pack:016x} of volume "
+                                  f"{index.volume_id!r}, not of this key")
+        with self._lock:
+            self._moved[pack] = (key, {(e.region, e.seq): (e.offset, e.length) for e in index.entries})
+        return True
+
+    def _read_moved(self, pack: int, moved: tuple[str, dict[tuple[int, int], tuple[int, int]]],
+                    run: list[tuple[int, tuple[int, int, int, int, bytes]]]) -> dict[int, bytes | memoryview]:
+        """``run``'s bytes from a repacked generation: one GET per stretch adjacent there."""
+        key, where = moved
+        places = []
+        for r, (seq, _p, _off, length, _c) in run:
+            place = where.get((r, seq))
+            if place is None or place[1] != length:
+                assert self.store is not None
+                raise CorruptionError(f"{self.store.location}/{key}: region {r} version {seq:016x} of pack "
+                                      f"{pack:016x} is not in its repacked generation (dropped by a collapse?)")
+            places.append((r, place[0], length))
+        out: dict[int, bytes | memoryview] = {}
+        i = 0
+        while i < len(places):
+            j = i + 1
+            while j < len(places) and places[j][1] == places[j - 1][1] + places[j - 1][2]:
+                j += 1
+            start = places[i][1]
+            view = memoryview(self._get(key, start, places[j - 1][1] + places[j - 1][2] - start))
+            for r, off, length in places[i:j]:
+                out[r] = view[off - start : off - start + length]
+            i = j
         return out
 
     def _runs(self, wanted: list[tuple[int, tuple[int, int, int, int, bytes]]]

@@ -44,7 +44,8 @@ from overlaycache.snapshots import Snapshot
 if TYPE_CHECKING:
     from overlaycache.store.base import ObjectStore
 
-__all__ = ["PageSource", "PitMap", "TreeState", "build_tree", "leaf_records", "reachable"]
+__all__ = ["PageSource", "PitMap", "TreeState", "build_tree", "leaf_records", "leaf_versions", "reachable",
+           "reachable_leaves"]
 
 _NO_PAGE = bytes(16)
 _EMPTY_LEAF = bytes(RECORD.size * LEAF_SPAN)
@@ -526,8 +527,30 @@ def reachable(roots: Iterable[Root], pages: PageSource) -> tuple[set[bytes], set
     CorruptionError
         A page is missing or damaged.
     """
-    seen: set[bytes] = set()
+    seen, leaves = reachable_leaves(roots, pages)
     packs: set[int] = set()
+    for index, addrs in leaves.items():
+        for addr in addrs:
+            body, count = pages.get(addr, 0, index)
+            for k in range(count):
+                pack = LEAF_ENTRY.unpack_from(body, k * LEAF_ENTRY.size)[2]
+                if pack:
+                    packs.add(int(pack))
+    return seen, packs
+
+
+def reachable_leaves(roots: Iterable[Root], pages: PageSource) -> tuple[set[bytes], dict[int, set[bytes]]]:
+    """Every page address the given roots reach, and their leaves grouped by index (the versions
+    of one leaf that several PITs hold, whose records :func:`leaf_versions` merges). Only the
+    nodes are read.
+
+    Raises
+    ------
+    CorruptionError
+        A node is missing or damaged.
+    """
+    seen: set[bytes] = set()
+    leaves: dict[int, set[bytes]] = {}
     for root in roots:
         depth, _counts = tree_shape(root.num_regions)
         todo = [(depth - 1, index, addr) for index, addr in root.children.items()]
@@ -536,14 +559,29 @@ def reachable(roots: Iterable[Root], pages: PageSource) -> tuple[set[bytes], set
             if addr in seen:
                 continue
             seen.add(addr)
-            body, count = pages.get(addr, level, index)
             if level == 0:
-                for k in range(count):
-                    pack = LEAF_ENTRY.unpack_from(body, k * LEAF_ENTRY.size)[2]
-                    if pack:
-                        packs.add(int(pack))
-            else:
-                for k in range(count):
-                    pos, child = NODE_ENTRY.unpack_from(body, k * NODE_ENTRY.size)
-                    todo.append((level - 1, index * FANOUT + int(pos), bytes(child)))
-    return seen, packs
+                leaves.setdefault(index, set()).add(addr)
+                continue
+            body, count = pages.get(addr, level, index)
+            for k in range(count):
+                pos, child = NODE_ENTRY.unpack_from(body, k * NODE_ENTRY.size)
+                todo.append((level - 1, index * FANOUT + int(pos), bytes(child)))
+    return seen, leaves
+
+
+def leaf_versions(index: int, addresses: Iterable[bytes], pages: PageSource) -> set[tuple[int, int, int, int]]:
+    """The distinct region versions the leaves ``addresses`` (of leaf ``index``) record, each once:
+    ``(region, seq, pack, length)``.
+
+    Raises
+    ------
+    CorruptionError
+        A leaf is missing or damaged.
+    """
+    out: set[tuple[int, int, int, int]] = set()
+    base = index * LEAF_SPAN
+    for addr in sorted(addresses):
+        body, count = pages.get(addr, 0, index)
+        for pos, seq, pack, _off, length, _csum in LEAF_ENTRY.iter_unpack(memoryview(body)[: count * LEAF_ENTRY.size]):
+            out.add((base + pos, seq, pack, length))
+    return out

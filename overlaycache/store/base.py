@@ -14,7 +14,7 @@ import builtins
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ObjectStore"]
+__all__ = ["ObjectStore", "list_sizes"]
 
 
 @runtime_checkable
@@ -143,3 +143,20 @@ class ObjectStore(Protocol):
     def close(self) -> None:
         """Release connections."""
 
+
+
+def list_sizes(store: ObjectStore, prefix: str = "") -> Iterator[tuple[str, int | None]]:
+    """Keys starting with ``prefix`` with their sizes, where the store's listing tells them (an
+    optional ``list_sizes`` method, as S3's ListObjectsV2 does): None where it does not (a HEAD
+    finds it).
+
+    Raises
+    ------
+    StoreError
+        The request failed.
+    """
+    fn = getattr(store, "list_sizes", None)
+    if fn is not None:
+        got: Iterator[tuple[str, int | None]] = fn(prefix)
+        return got
+    return ((key, None) for key in store.list(prefix))

@@ -188,6 +188,17 @@ class LocalStore(CatalogMixin):
                     keys.append(key)
         return iter(sorted(keys))
 
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int | None]]:
+        """Keys starting with ``prefix``, sorted, each with its size (None for an object deleted
+        since it was listed).
+
+        Parameters
+        ----------
+        prefix : str
+            As for :meth:`list`.
+        """
+        return ((key, self.head(key)) for key in self.list(prefix))
+
     def list_dirs(self, prefix: str) -> builtins.list[str]:
         """The names of the files and directories directly below ``prefix``, sorted.
 

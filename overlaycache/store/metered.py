@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from overlaycache.remote.catalog import CatalogMixin
+from overlaycache.store.base import list_sizes
 
 __all__ = ["KINDS", "MeteredStore", "RequestCount", "StoreStats"]
 
@@ -115,6 +116,15 @@ class MeteredStore(CatalogMixin):
             for key in self.inner.list(prefix):
                 n += 1
                 yield key
+        finally:
+            self._count("LIST", 0, 1 + n // _LIST_PAGE)
+
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int | None]]:
+        n = 0
+        try:
+            for item in list_sizes(self.inner, prefix):
+                n += 1
+                yield item
         finally:
             self._count("LIST", 0, 1 + n // _LIST_PAGE)
 

@@ -433,11 +433,33 @@ class S3Store(CatalogMixin):
         StoreAccessError, SecondaryUnavailableError, StoreError
             See :func:`translate_boto_error`.
         """
+        return (key for key, _size in self.list_sizes(prefix))
+
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int | None]]:
+        """Keys starting with ``prefix`` with their sizes, sorted (the same ListObjectsV2 pages as
+        :meth:`list`).
+
+        Parameters
+        ----------
+        prefix : str
+            As for :meth:`list`.
+
+        Returns
+        -------
+        iterator of (str, int)
+            Each key, relative to the store's prefix, and its size.
+
+        Raises
+        ------
+        StoreAccessError, SecondaryUnavailableError, StoreError
+            See :func:`translate_boto_error`.
+        """
         strip = len(self.prefix) + 1 if self.prefix else 0
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else ""))
-            keys = [obj["Key"][strip:] for page in pages for obj in page.get("Contents", ())]
+            keys: list[tuple[str, int | None]] = [(obj["Key"][strip:], int(obj["Size"]))
+                                                  for page in pages for obj in page.get("Contents", ())]
         except Exception as exc:  # noqa: BLE001
             raise translate_boto_error(exc, self, "list", prefix) from exc
         return iter(sorted(keys))
