@@ -25,7 +25,7 @@ import pytest
 
 from _support import MiB, pattern, record
 from overlaycache import LocalStore, Volume
-from overlaycache.remote.layout import LEAF_SPAN, RECORD, encode_root, page_key, root_key
+from overlaycache.remote.layout import LEAF_SPAN, RECORD, encode_root, page_key, root_digest, root_key
 from overlaycache.replication.maps import RemoteMap
 from overlaycache.store.metered import MeteredStore
 
@@ -79,7 +79,7 @@ def _publish(store: MeteredStore, rmap: RemoteMap, vid: str, seq: int, size: int
     for _level, _index, addr, raw in pages:
         store.put(page_key(vid, addr), raw, if_absent=True)
     root = encode_root(vid, size, RS, seq, time.time(), None, top)
-    store.put(root_key(vid, seq), root, if_absent=True)
+    store.put(root_key(vid, seq, root_digest(root)), root, if_absent=True)
     rmap.tree.commit(leaves)
     took = time.perf_counter() - t0
     delta = store.stats() - before

@@ -57,7 +57,8 @@ from overlaycache.local.unavailable import UnavailableMap
 from overlaycache.replication import Replicator
 from overlaycache.snapshots import Snapshot
 from overlaycache.remote.cache import RegionCache
-from overlaycache.remote.layout import decode_root, root_key
+from overlaycache.remote.layout import decode_root, verify_root_digest
+from overlaycache.remote.listing import find_root_key
 from overlaycache.remote.leases import LEASE_TTL, LeaseKeeper, holder_name, take_lease
 from overlaycache.remote.tree import PageSource, PitMap
 from overlaycache.replication.replicator import MIRROR, PINNED_ROOT
@@ -557,8 +558,9 @@ class Router:
         except FileNotFoundError:
             if store is None:
                 raise InvalidArgumentError(f"{self.path}: no secondary attached (open with secondary=...)")
-            key = root_key(self.volume_id, do.snapshot)
+            key = find_root_key(store, self.volume_id, do.snapshot)
             raw = store.get(key)
+            verify_root_digest(raw, key, f"{store.location}/{key}")
             root = decode_root(raw, f"{store.location}/{key}")
             write_file_atomic(path, raw)
         manifest = PitMap(root, PageSource(store, self.volume_id, os.path.join(self._layers.directory, MIRROR)))

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from overlaycache import LocalStore, Volume
 from overlaycache.errors import InvalidArgumentError
-from overlaycache.remote.layout import decode_root, packs_prefix, pages_prefix, parse_pack_key, root_key
+from overlaycache.remote.layout import packs_prefix, pages_prefix, parse_pack_key
+from overlaycache.remote.listing import find_root_key, read_root
 from overlaycache.remote.tree import PageSource, reachable
 from overlaycache.retention import RetentionPolicy
 from overlaycache.testing.kill import complete_lines, run_and_kill
@@ -43,7 +44,7 @@ def _history(vol: Volume, ops: list[tuple[int, int, bool]]) -> dict[str, bytes]:
 def _garbage(store: Any, vid: str) -> tuple[set[str], set[str]]:
     """Pages no root reaches, and packs below the newest PIT's cutoff no root reaches."""
     snaps = store.snapshots(vid)
-    roots = [decode_root(store.get(root_key(vid, s.seq))) for s in snaps]
+    roots = [read_root(store, vid, find_root_key(store, vid, s.seq)) for s in snaps]
     live_pages, live_packs = reachable(roots, PageSource(store, vid))
     pages = {k for k in store.list(pages_prefix(vid)) if bytes.fromhex(k.rsplit("/", 1)[1]) not in live_pages}
     newest = snaps[-1].seq if snaps else 0

@@ -17,13 +17,12 @@ from hypothesis import strategies as st
 from overlaycache import LocalStore, Volume
 from overlaycache.errors import InvalidArgumentError
 from overlaycache.remote.layout import (
-    decode_root,
     pack_key,
     packs_prefix,
     parse_pack_key_generation,
-    root_key,
     verify_pack,
 )
+from overlaycache.remote.listing import find_root_key, read_root
 from overlaycache.remote.tree import PageSource, PitMap
 from overlaycache.retention import RetentionPolicy
 from overlaycache.testing.kill import complete_lines, run_and_kill
@@ -64,7 +63,7 @@ def _dead_shares(store: Any, vid: str) -> dict[str, float]:
     snaps = store.snapshots(vid)
     live: set[tuple[int, int, int]] = set()
     for s in snaps:
-        root = decode_root(store.get(root_key(vid, s.seq)))
+        root = read_root(store, vid, find_root_key(store, vid, s.seq))
         live |= {(pack, r, seq) for r, seq, pack, _off, _len, _sum in PitMap(root, PageSource(store, vid)).stored()}
     out = {}
     for pack, objs in _packs(store, vid).items():
@@ -295,7 +294,7 @@ def test_repair_rebuilds_a_pit_from_repacked_packs(tmp_path: Path) -> None:
     report = store.collapse(vid, RetentionPolicy([], keep_last=2), now=0.0, max_unused=0.0)
     assert report.packs_repacked > 0
     kept = store.snapshots(vid)
-    key = root_key(vid, kept[0].seq)
+    key = find_root_key(store, vid, kept[0].seq)
     raw = bytearray(store.get(key))
     raw[-40] ^= 0xFF  # in the compressed entries
     store.delete([key])

@@ -24,7 +24,8 @@ from overlaycache.errors import (
     SnapshotNotFoundError,
 )
 from overlaycache.store.metered import MeteredStore
-from overlaycache.remote.layout import decode_pack_index, encode_volume_record, packs_prefix, root_key, volume_key
+from overlaycache.remote.layout import decode_pack_index, encode_volume_record, packs_prefix, volume_key
+from overlaycache.remote.listing import find_root_key
 from overlaycache.testing.patterns import random_writes
 
 RS = 4096
@@ -214,7 +215,7 @@ def test_tampered_and_truncated_objects_are_corruption(tmp_path: Path, any_store
     any_store.put(key, pack[: at + 100])
     with pytest.raises(CorruptionError):
         any_store.image(vid, snap).read(0, 1)
-    mkey = root_key(vid, snap.seq)
+    mkey = find_root_key(any_store, vid, snap.seq)
     raw = any_store.get(mkey)
     any_store.put(mkey, raw[:-5])
     with pytest.raises(CorruptionError):

@@ -96,3 +96,89 @@ def test_the_primary_never_overwrites_or_deletes(tmp_path: Path, mode: str) -> N
         primary.collapse(vid, RetentionPolicy([], keep_last=1), page_grace=0)
     report = admin.collapse(vid, RetentionPolicy([], keep_last=1), page_grace=0)
     assert len(report.kept) >= 1 and admin.check(vid).problems == []
+
+
+# -- self-verifying history -----------------------------------------------------------------------
+
+def _two_pits(tmp_path: Path) -> tuple[LocalStore, str, list[Any], dict[str, bytes]]:
+    store = LocalStore(tmp_path / "s")
+    images = {}
+    with Volume.create(tmp_path / "v", NREG * RS, region_size=RS, secondary=store, replication="periodic",
+                       period=3600.0) as vol:
+        snaps = []
+        for tag in (1, 2):
+            vol.write(0, bytes([tag]) * RS)
+            snaps.append(vol.snapshot(f"t{tag}"))
+            images[snaps[-1].id] = vol.read(0, vol.size)
+        return store, vol.id, snaps, images
+
+
+def _forged_root(store: Any, vid: str, like: Any, seq: int) -> bytes:
+    """A root valid in every check of its own (header and body checksums): PIT ``like``'s map
+    under cutoff ``seq``, as whoever holds PUT rights can write."""
+    from overlaycache.remote.layout import encode_root
+    from overlaycache.remote.listing import find_root_key, read_root
+
+    root = read_root(store, vid, find_root_key(store, vid, like.seq))
+    return encode_root(vid, root.size, root.region_size, seq, root.created_at, "forged", sorted(root.children.items()))
+
+
+def test_an_overwritten_root_is_refused(tmp_path: Path) -> None:
+    """A plain PUT over a PIT's root with a root that passes its own checksums (the newer PIT's map
+    under the older PIT's number) is refused on read: the key names the BLAKE2b of the bytes."""
+    from overlaycache.errors import CorruptionError
+    from overlaycache.remote.listing import find_root_key
+
+    store, vid, (one, two), images = _two_pits(tmp_path)
+    key = find_root_key(store, vid, one.seq)
+    store.put(key, _forged_root(store, vid, two, one.seq))  # overwrite
+    with pytest.raises(CorruptionError, match="BLAKE2b digest in its key"):
+        store.snapshots(vid)
+    with pytest.raises(CorruptionError, match="BLAKE2b digest in its key"):
+        store.image(vid, one.id)
+    report = store.check(vid)
+    assert not report.ok and one.id in report.damaged_snapshots
+    assert store.check(vid, repair=True).repaired == [one.id]  # rebuilt from the packs, as it was
+    assert [s.label for s in store.snapshots(vid)] == [f"rebuilt-{one.id}", "t2"]  # not the forger's label
+    assert store.image(vid, one.id).read(0, NREG * RS) == images[one.id]
+    assert store.image(vid, two.id).read(0, NREG * RS) == images[two.id]
+
+
+def test_a_second_root_for_a_pit_is_refused(tmp_path: Path) -> None:
+    """A root added beside a PIT's own (under its own correct digest) makes the PIT ambiguous:
+    readers refuse it naming both keys, and check reports it, rather than pick one."""
+    from overlaycache.errors import CorruptionError
+    from overlaycache.remote.layout import root_digest, root_key
+
+    store, vid, (one, two), _images = _two_pits(tmp_path)
+    forged = _forged_root(store, vid, two, one.seq)
+    extra = root_key(vid, one.seq, root_digest(forged))
+    store.put(extra, forged, if_absent=True)
+    with pytest.raises(CorruptionError, match=f"PIT {one.id} has 2 roots.*{extra}"):
+        store.snapshots(vid)
+    with pytest.raises(CorruptionError, match="2 roots"):
+        store.image(vid, one.id)
+    problems = store.check(vid).problems
+    assert any(f"PIT {one.id}: 2 roots" in p and extra in p for p in problems), problems
+    store.delete([extra])  # an administrator removes the one that is not the primary's
+    assert [s.id for s in store.snapshots(vid)] == [one.id, two.id]
+
+
+def test_a_publish_whose_answer_was_lost_is_published(tmp_path: Path) -> None:
+    """The root's conditional PUT stored it but the answer was lost and the retry found the key
+    taken (S3 answers 412): as the key names the digest, it is this root, and the PIT stands."""
+    from overlaycache.errors import ObjectExistsError
+
+    class LostAnswer(LocalStore):
+        def put(self, key: str, data: Any, *, if_absent: bool = False) -> None:
+            super().put(key, data, if_absent=if_absent)
+            if key.endswith(".root"):
+                raise ObjectExistsError(f"{self.location}: {key} exists (the retry of a PUT that succeeded)")
+
+    store = LostAnswer(tmp_path / "s")
+    with Volume.create(tmp_path / "v", NREG * RS, region_size=RS, secondary=store, replication="periodic",
+                       period=3600.0) as vol:
+        vol.write(0, b"x" * RS)
+        snap = vol.snapshot("kept")
+        assert [s.id for s in store.snapshots(vol.id)] == [snap.id]
+        assert store.image(vol.id, snap).read(0, RS) == b"x" * RS

@@ -71,7 +71,7 @@ from overlaycache.remote.layout import (
     page_key,
     pages_prefix,
     parse_pack_key,
-    root_key,
+    parse_root_key,
     roots_prefix,
     volume_key,
 )
@@ -199,9 +199,9 @@ def _partners(a: _Built, b: _Built) -> dict[str, str]:
     b_packs = {parse_pack_key(k)[1]: k for k in b.objects["pack"]}
     for key in a.objects["pack"]:
         out[key] = b_packs[parse_pack_key(key)[1]]
-    b_roots = {k.rsplit("/", 1)[1]: k for k in b.objects["root"]}
+    b_roots = {parse_root_key(k)[0]: k for k in b.objects["root"]}
     for key in a.objects["root"]:
-        out[key] = b_roots[key.rsplit("/", 1)[1]]
+        out[key] = b_roots[parse_root_key(key)[0]]
     b_places: dict[tuple[int, int], str] = {}
     for key, place in sorted(b.page_place.items()):
         b_places.setdefault(place, key)
@@ -278,7 +278,7 @@ def _names(kind: str, key: str) -> tuple[str, ...]:
     if kind == "pack":
         return key, f"pack {parse_pack_key(key)[1]:016x}"
     if kind == "root":
-        return key, last[: -len(".root")]
+        return key, f"{parse_root_key(key)[0]:016x}"
     if kind == "page":
         return key, last
     return (key,)
@@ -392,7 +392,7 @@ def _listing(store: LocalStore, pristine: Pristine, v: _Verdict, where: str, *, 
     for sid, (snap, _regions) in model.items():
         if sid in shown or may_leave_out:
             continue
-        if v.damaged.kind == "root" and v.damaged.key == root_key(pristine.a.vid, snap.seq):
+        if v.damaged.kind == "root" and parse_root_key(v.damaged.key)[0] == snap.seq:
             v.outcomes.add("damaged PIT left out")
         else:
             v.violations.append(f"{where}snapshots() leaves out PIT {sid}, whose root is intact")

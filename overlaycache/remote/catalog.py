@@ -14,17 +14,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from overlaycache.errors import CorruptionError, ObjectNotFoundError
+from overlaycache.errors import ObjectNotFoundError
 from overlaycache.images import RemoteImage
 from overlaycache.remote.layout import (
     VOLUMES_PREFIX,
-    decode_root,
     decode_volume_record,
-    root_key,
     volume_key,
 )
 from overlaycache.remote.leases import LeaseKeeper, holder_name
-from overlaycache.remote.listing import check_format, list_snapshots, no_volume_error
+from overlaycache.remote.listing import check_format, list_roots, list_snapshots, no_volume_error, read_root
 from overlaycache.remote.tree import PageSource, PitMap
 from overlaycache.retention import parse_duration
 from overlaycache.snapshots import Snapshot, find_snapshot
@@ -118,11 +116,9 @@ class Catalog:
             The store holds the volume in another format.
         """
         store = self.store
-        snap = find_snapshot(self.snapshots(volume_id), snapshot, f"{store.location} volume {volume_id}")
-        key = root_key(volume_id, snap.seq)
-        root = decode_root(store.get(key), f"{store.location}/{key}")
-        if root.volume_id != volume_id:
-            raise CorruptionError(f"{store.location}/{key}: root of volume {root.volume_id}, not {volume_id}")
+        roots = list_roots(store, volume_id)
+        snap = find_snapshot([s for s, _key in roots], snapshot, f"{store.location} volume {volume_id}")
+        root = read_root(store, volume_id, dict((s.id, key) for s, key in roots)[snap.id])
         return PitMap(root, PageSource(store, volume_id, mirror))
 
     def image(self, volume_id: str, snapshot: Any, cache_regions: int = 256,

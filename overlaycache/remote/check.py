@@ -38,7 +38,6 @@ from overlaycache.remote.layout import (
     Root,
     check_volume_format,
     decode_page,
-    decode_root,
     decode_root_header,
     decode_volume_record,
     encode_root,
@@ -47,12 +46,16 @@ from overlaycache.remote.layout import (
     packs_prefix,
     page_key,
     parse_pack_key_generation,
+    parse_root_key,
+    root_digest,
+    root_key,
     roots_prefix,
     snapshot_id,
     verify_pack,
+    verify_root_digest,
     volume_key,
 )
-from overlaycache.remote.listing import read_pack_index
+from overlaycache.remote.listing import read_pack_index, read_root
 from overlaycache.remote.tree import PageSource, PitMap, build_tree
 from overlaycache.store.base import ObjectStore
 
@@ -161,16 +164,22 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
         where = f"{store.location}/{key}"
         if key.endswith(".manifest"):
             raise FormatError(f"{where}: a PIT manifest of format 1; this overlaycache reads format 2 only", where)
-        sid = key.rsplit("/", 1)[1][: -len(".root")]
         try:
-            root = decode_root(store.get(key), where)
-            if root.volume_id != volume_id or snapshot_id(root.seq) != sid:
-                raise CorruptionError(f"{where}: root of volume {root.volume_id!r} seq {root.seq:016x}, not of this key")
-            decoded[key] = root
+            decoded[key] = read_root(store, volume_id, key)
         except ObjectNotFoundError as exc:  # listed, then gone (a collapse): not damage
             decoded[key] = exc
         except (CorruptionError, FormatError) as exc:
             decoded[key] = exc
+    by_seq: dict[int, list[str]] = {}
+    for key in roots:
+        if is_root_key(key):
+            by_seq.setdefault(parse_root_key(key)[0], []).append(key)
+    for seq, keys in sorted(by_seq.items()):
+        if len(keys) > 1:
+            report.problems.append(
+                f"PIT {snapshot_id(seq)}: {len(keys)} roots ({', '.join(sorted(keys))}); overlaycache writes one "
+                "per PIT, so all but one were put there by someone else: readers refuse the PIT until they are "
+                "removed")
     shapes = {(r.size, r.region_size) for r in decoded.values() if isinstance(r, Root)}
     geometry: tuple[int, int] | None = None
     if len(shapes) == 1:
@@ -230,7 +239,7 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
     for key in roots:
         where = f"{store.location}/{key}"
         report.snapshots += 1
-        sid = key.rsplit("/", 1)[1][: -len(".root")]
+        sid = snapshot_id(parse_root_key(key)[0])
         map_bad: list[str] = []
         data_bad: list[str] = []
         got = decoded[key]
@@ -298,7 +307,9 @@ def _rebuild(store: ObjectStore, volume_id: str, key: str, sid: str, size: int, 
     label: str | None = f"rebuilt-{sid}"
     created = time.time()
     try:
-        seq, when, old_label, vid = decode_root_header(store.get(key, 0, 4096), key)
+        raw = store.get(key)
+        verify_root_digest(raw, key)  # an overwritten root's label and time are not the PIT's
+        seq, when, old_label, vid = decode_root_header(raw, key)
         if vid == volume_id and seq == cutoff:  # the header is this PIT's: keep its time and label
             created, label = when, old_label
     except (OverlayCacheError, ValueError):
@@ -325,6 +336,7 @@ def _rebuild(store: ObjectStore, volume_id: str, key: str, sid: str, size: int, 
             except (CorruptionError, FormatError):
                 store.delete([pkey])
                 store.put(pkey, raw, if_absent=True)
+    raw = encode_root(volume_id, size, rs, cutoff, created, label, top)
     store.delete([key])
-    store.put(key, encode_root(volume_id, size, rs, cutoff, created, label, top), if_absent=True)
+    store.put(root_key(volume_id, cutoff, root_digest(raw)), raw, if_absent=True)
     _log.warning("%s/%s: PIT %s rebuilt from the packs", store.location, key, sid)

@@ -65,7 +65,6 @@ from overlaycache.errors import (
 )
 from overlaycache.remote.layout import (
     PackIndex,
-    decode_root,
     encode_pack,
     gc_prefix,
     gc_record_key,
@@ -74,12 +73,11 @@ from overlaycache.remote.layout import (
     pack_key,
     pages_prefix,
     parse_pack_key_generation,
-    root_key,
     verify_pack,
     volume_key,
 )
 from overlaycache.remote.leases import active_leases, expired_leases
-from overlaycache.remote.listing import check_format, list_snapshots, no_volume_error, read_pack_index
+from overlaycache.remote.listing import check_format, list_roots, no_volume_error, read_pack_index, read_root
 from overlaycache.remote.tree import PageSource, leaf_versions, reachable, reachable_leaves
 from overlaycache.retention import RetentionPolicy
 from overlaycache.snapshots import Snapshot
@@ -402,7 +400,9 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
             continue
         packs_listed.setdefault(pack, []).append((gen, key, size))
     condemned_before = _previous_condemned(counted, volume_id)
-    snaps = list_snapshots(counted, volume_id)
+    listed = list_roots(counted, volume_id)
+    snaps = [snap for snap, _key in listed]
+    keys = {snap.id: key for snap, key in listed}
     if not snaps:
         report.duration = time.monotonic() - t0
         return report
@@ -422,8 +422,7 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     report.removed = [s for s in snaps if not decisions[s.id]]
     report.reasons = {s.id: decisions[s.id] for s in report.kept}
     # 2. What the retained PITs reach, and how much of each pack.
-    roots = [decode_root(counted.get(root_key(volume_id, s.seq)), f"{store.location}/{root_key(volume_id, s.seq)}")
-             for s in report.kept]
+    roots = [read_root(counted, volume_id, keys[s.id]) for s in report.kept]
     source = PageSource(counted, volume_id)
     live_pages, leaves, usage = _pack_usage(roots, source)
     if progress is not None:
@@ -437,7 +436,7 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     dead_pages = sorted(h for h in unreferenced if h in condemned_before and clock - since[h] >= page_grace)
     condemned = {h: since[h] for h in sorted(unreferenced - set(dead_pages))}
     report.pages_condemned = len(condemned)
-    doomed = [root_key(volume_id, s.seq) for s in report.removed] + dead_packs + expired_leases(counted, volume_id, clock)
+    doomed = [keys[s.id] for s in report.removed] + dead_packs + expired_leases(counted, volume_id, clock)
     doomed_pages = [pages_listed[h] for h in dead_pages]
     if not dry_run:
         # 3. Record what survives before deleting anything.
@@ -472,9 +471,9 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     # Last, the pages; a PIT published since the listing is looked at first: what it reaches stays.
     if doomed_pages and not dry_run:
         seen = {s.seq for s in snaps}
-        fresh = [s for s in list_snapshots(counted, volume_id) if s.seq not in seen]
+        fresh = [(s, key) for s, key in list_roots(counted, volume_id) if s.seq not in seen]
         if fresh:
-            fresh_roots = [decode_root(counted.get(root_key(volume_id, s.seq))) for s in fresh]
+            fresh_roots = [read_root(counted, volume_id, key) for _s, key in fresh]
             fresh_pages, _packs = reachable(fresh_roots, PageSource(counted, volume_id))
             doomed_pages = [k for k in doomed_pages if bytes.fromhex(k.rsplit("/", 1)[1]) not in fresh_pages]
     _delete(counted, doomed_pages, report, dry_run)

@@ -19,11 +19,15 @@ several volumes share a bucket::
     volumes/<id>/packs/<shard>/<pack>.pack            a pack of region versions
     volumes/<id>/packs/<shard>/<pack>.<gen>.pack      generation <gen> of a pack a collapse repacked
     volumes/<id>/pages/<hh>/<hash>                    a map page (content-addressed)
-    volumes/<id>/snapshots/<seq>.root                 a PIT snapshot's root
+    volumes/<id>/snapshots/<seq>.<digest>.root        a PIT snapshot's root
     volumes/<id>/gc/<stamp>.json                      a collapse run's record
     volumes/<id>/leases/<snapshot>/<expires>-<holder>.json   a PIT in use until a time
 
-``<pack>`` and ``<seq>`` are 16 hex digits, ``<gen>`` 8 (from 1); ``<shard>`` is the first byte, as 2 hex digits, of the
+``<pack>`` and ``<seq>`` are 16 hex digits, ``<gen>`` 8 (from 1); ``<digest>`` is the BLAKE2b-128
+of the root object's bytes (:func:`root_digest`, 32 hex digits), so a root overwritten with other
+bytes is refused by every reader (:func:`verify_root_digest`); roots written before digests were
+added are keyed ``<seq>.root`` and still read, their header checksum verified. One root per PIT:
+a second one for the same seq is refused, naming both; ``<shard>`` is the first byte, as 2 hex digits, of the
 mmh3 x64-128 checksum of the pack number as 8 little-endian bytes (it spreads consecutive packs
 over the store's partitions); ``<hash>`` is the page's address (32 hex digits) and ``<hh>`` its
 first two.
@@ -187,7 +191,11 @@ __all__ = [
     "parse_lease_key",
     "parse_pack_key",
     "parse_pack_key_generation",
+    "parse_root_key",
+    "pit_roots_prefix",
+    "root_digest",
     "root_key",
+    "verify_root_digest",
     "roots_prefix",
     "snapshot_id",
     "tree_shape",
@@ -319,14 +327,64 @@ def roots_prefix(volume_id: str) -> str:
     return f"{_volume_prefix(volume_id)}snapshots/"
 
 
-def root_key(volume_id: str, seq: int) -> str:
-    """Key of the root of the PIT with cutoff ``seq``: ``volumes/<id>/snapshots/<seq>.root``."""
-    return f"{roots_prefix(volume_id)}{snapshot_id(seq)}{ROOT_SUFFIX}"
+def root_key(volume_id: str, seq: int, digest: bytes | None = None) -> str:
+    """Key of the root of the PIT with cutoff ``seq``:
+    ``volumes/<id>/snapshots/<seq>.<digest>.root``, ``digest`` being the root's
+    :func:`root_digest`; without one, the key roots had before digests were added
+    (``volumes/<id>/snapshots/<seq>.root``, still read)."""
+    if digest is None:
+        return f"{roots_prefix(volume_id)}{snapshot_id(seq)}{ROOT_SUFFIX}"
+    return f"{roots_prefix(volume_id)}{snapshot_id(seq)}.{digest.hex()}{ROOT_SUFFIX}"
+
+
+def pit_roots_prefix(volume_id: str, seq: int) -> str:
+    """The prefix of every root key of the PIT with cutoff ``seq`` (one, unless tampered with)."""
+    return f"{roots_prefix(volume_id)}{snapshot_id(seq)}."
+
+
+def root_digest(raw: Any) -> bytes:
+    """The digest a root's key carries: BLAKE2b-128 of the root object's bytes."""
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+_ROOT_NAME = re.compile(r"([0-9a-f]{16})(?:\.([0-9a-f]{32}))?\.root")
+
+
+def parse_root_key(key: str) -> tuple[int, bytes | None]:
+    """The cutoff seq and the digest (None for a key without one) a root's key names.
+
+    Raises
+    ------
+    ValueError
+        ``key`` is not a root's key.
+    """
+    m = _ROOT_NAME.fullmatch(key.rsplit("/", 1)[-1])
+    if m is None:
+        raise ValueError(f"not a PIT root's key: {key!r}")
+    return int(m.group(1), 16), None if m.group(2) is None else bytes.fromhex(m.group(2))
 
 
 def is_root_key(key: str) -> bool:
     """Whether ``key`` names a PIT root (see :func:`root_key`)."""
-    return key.endswith(ROOT_SUFFIX)
+    try:
+        parse_root_key(key)
+    except ValueError:
+        return False
+    return True
+
+
+def verify_root_digest(raw: Any, key: str, where: str | None = None) -> None:
+    """Check a root's bytes against the digest its key carries (a key without one: nothing to check).
+
+    Raises
+    ------
+    CorruptionError
+        They differ: the object was overwritten or damaged.
+    """
+    _seq, digest = parse_root_key(key)
+    if digest is not None and root_digest(raw) != digest:
+        raise CorruptionError(f"{where or key}: the root's bytes do not match the BLAKE2b digest in its key "
+                              "(overwritten or damaged)")
 
 
 def gc_prefix(volume_id: str) -> str:

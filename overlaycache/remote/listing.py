@@ -9,21 +9,25 @@ from __future__ import annotations
 from overlaycache.errors import CorruptionError, FormatError, ObjectNotFoundError, OverlayCacheError, SnapshotNotFoundError
 from overlaycache.remote.layout import (
     PackIndex,
+    Root,
     check_volume_format,
     decode_pack_index,
+    decode_root,
     decode_root_header,
     decode_volume_record,
     is_root_key,
+    parse_root_key,
+    pit_roots_prefix,
     root_header_length,
-    root_key,
     roots_prefix,
     snapshot_id,
+    verify_root_digest,
     volume_key,
 )
 from overlaycache.snapshots import Snapshot
 from overlaycache.store.base import ObjectStore
 
-__all__ = ["check_format", "list_snapshots", "read_pack_index"]
+__all__ = ["check_format", "find_root_key", "list_roots", "list_snapshots", "read_pack_index", "read_root"]
 
 #: Enough bytes of a root for its header, label and volume id (:func:`decode_root_header`).
 _HEADER_BYTES = 4096
@@ -51,7 +55,7 @@ def check_format(store: ObjectStore, volume_id: str) -> None:
 
 
 def list_snapshots(store: ObjectStore, volume_id: str) -> list[Snapshot]:
-    """The PIT snapshots of a volume, oldest first; each root's header is verified.
+    """The PIT snapshots of a volume, oldest first; each root is verified (see :func:`list_roots`).
 
     Returns
     -------
@@ -63,24 +67,102 @@ def list_snapshots(store: ObjectStore, volume_id: str) -> list[Snapshot]:
     FormatError
         The store holds the volume in another format.
     CorruptionError
-        A root's header is damaged, or names another volume or seq than its key.
+        A root does not match the digest in its key, its header is damaged, it names another
+        volume or seq than its key, or a PIT has more than one root.
+    """
+    return [snap for snap, _key in list_roots(store, volume_id)]
+
+
+def list_roots(store: ObjectStore, volume_id: str) -> list[tuple[Snapshot, str]]:
+    """The PIT snapshots of a volume with their roots' keys, oldest first.
+
+    A root whose key carries a digest (every root written since digests were added) is read whole
+    and checked against it, so an overwritten root is refused, never listed; a root of the older
+    key form has its header's checksum verified. A PIT with two roots (overlaycache writes one: the
+    other was put there by someone else) is refused naming both.
+
+    Raises
+    ------
+    FormatError
+        The store holds the volume in another format.
+    CorruptionError
+        As for :func:`list_snapshots`.
     """
     check_format(store, volume_id)
-    out = []
+    by_seq: dict[int, list[str]] = {}
     for key in store.list(roots_prefix(volume_id)):
-        where = f"{store.location}/{key}"
         if key.endswith(".manifest"):
+            where = f"{store.location}/{key}"
             raise FormatError(f"{where}: a PIT manifest of format 1; this overlaycache reads format 2 only", where)
-        if not is_root_key(key):
+        try:
+            seq, _digest = parse_root_key(key)
+        except ValueError:
             continue
-        raw = store.get(key, 0, _HEADER_BYTES)
-        if root_header_length(raw) > len(raw) == _HEADER_BYTES:  # a long label
-            raw = store.get(key, 0, root_header_length(raw))
-        seq, created, label, vid = decode_root_header(raw, where)
-        if vid != volume_id or root_key(volume_id, seq) != key:
-            raise CorruptionError(f"{where}: root of volume {vid!r} seq {seq:016x}, not of this key")
-        out.append(Snapshot(snapshot_id(seq), seq, created, label))
-    return sorted(out, key=lambda s: s.seq)
+        by_seq.setdefault(seq, []).append(key)
+    out = []
+    for seq, keys in sorted(by_seq.items()):
+        key = _one_root(store, seq, keys)
+        where = f"{store.location}/{key}"
+        if parse_root_key(key)[1] is not None:
+            raw = store.get(key)
+            verify_root_digest(raw, key, where)
+        else:
+            raw = store.get(key, 0, _HEADER_BYTES)
+            if root_header_length(raw) > len(raw) == _HEADER_BYTES:  # a long label
+                raw = store.get(key, 0, root_header_length(raw))
+        got, created, label, vid = decode_root_header(raw, where)
+        if vid != volume_id or got != seq:
+            raise CorruptionError(f"{where}: root of volume {vid!r} seq {got:016x}, not of this key")
+        out.append((Snapshot(snapshot_id(seq), seq, created, label), key))
+    return out
+
+
+def _one_root(store: ObjectStore, seq: int, keys: list[str]) -> str:
+    if len(keys) > 1:
+        raise CorruptionError(
+            f"{store.location}: PIT {snapshot_id(seq)} has {len(keys)} roots ({', '.join(sorted(keys))}); "
+            "overlaycache writes one, so the others were put there by someone else: see overlaycache check")
+    return keys[0]
+
+
+def find_root_key(store: ObjectStore, volume_id: str, seq: int) -> str:
+    """The key of the root of PIT ``seq`` (one LIST).
+
+    Raises
+    ------
+    SnapshotNotFoundError
+        There is none.
+    CorruptionError
+        There are several.
+    """
+    keys = [k for k in store.list(pit_roots_prefix(volume_id, seq)) if is_root_key(k) and parse_root_key(k)[0] == seq]
+    if not keys:
+        sid = snapshot_id(seq)
+        raise SnapshotNotFoundError(f"{store.location}: volume {volume_id} has no PIT {sid}", sid)
+    return _one_root(store, seq, keys)
+
+
+def read_root(store: ObjectStore, volume_id: str, key: str) -> Root:
+    """The root under ``key``, verified: against the digest in its key, its checksums, and the
+    volume and seq its key names.
+
+    Raises
+    ------
+    ObjectNotFoundError
+        No object under ``key``.
+    CorruptionError
+        The root is overwritten, damaged, or of another volume or PIT.
+    FormatError
+        Not a root, or of another format.
+    """
+    where = f"{store.location}/{key}"
+    raw = store.get(key)
+    verify_root_digest(raw, key, where)
+    root = decode_root(raw, where)
+    seq, _digest = parse_root_key(key)
+    if root.volume_id != volume_id or root.seq != seq:
+        raise CorruptionError(f"{where}: root of volume {root.volume_id!r} seq {root.seq:016x}, not of this key")
+    return root
 
 
 def read_pack_index(store: ObjectStore, key: str) -> PackIndex:

@@ -53,7 +53,6 @@ from overlaycache.remote.catalog import Catalog
 from overlaycache.replication.maps import CHANGE_MAP, ChangeMap, ChangeSet, RemoteMap, map_salt, open_change_map
 from overlaycache.replication.modes import Mode, mode_for
 from overlaycache.remote.layout import (
-    ROOT_SUFFIX,
     PackEntry,
     check_volume_format,
     encode_pack,
@@ -65,9 +64,12 @@ from overlaycache.remote.layout import (
     packs_prefix,
     parse_pack_key,
     page_key,
+    parse_root_key,
+    root_digest,
     root_key,
     roots_prefix,
     snapshot_id,
+    verify_root_digest,
     volume_key,
 )
 from overlaycache.remote.tree import PageSource
@@ -203,9 +205,8 @@ class Replicator:
                 if is_pack_key(key):
                     top = max(top, parse_pack_key(key)[1])
             for key in self.store.list(roots_prefix(self.volume_id)):
-                name = key.rsplit("/", 1)[-1]
-                if is_root_key(name) and len(name) == 16 + len(ROOT_SUFFIX):
-                    top = max(top, int(name[:16], 16))
+                if is_root_key(key):
+                    top = max(top, parse_root_key(key)[0])
         except SecondaryUnavailableError as exc:
             raise SecondaryUnavailableError(
                 f"{self.vol.path}: remote.map is missing and the secondary cannot be reached to find the "
@@ -695,7 +696,13 @@ class Replicator:
                 fut.result()
             snap = Snapshot(snapshot_id(seq), seq, time.time(), label)
             raw = encode_root(self.volume_id, self.vol.size, self.vol.region_size, seq, snap.created_at, label, top)
-            self.store.put(root_key(self.volume_id, seq), raw, if_absent=True)
+            key = root_key(self.volume_id, seq, root_digest(raw))
+            try:
+                self.store.put(key, raw, if_absent=True)
+            except ObjectExistsError:
+                # Its key names its digest: this very root, stored by a try whose answer was lost
+                # (an overwrite with other bytes would fail this check, and every reader's).
+                verify_root_digest(self.store.get(key), key, f"{self.store.location}/{key}")
         except BaseException:
             with self._cv:
                 self.remote.tree.abandon()

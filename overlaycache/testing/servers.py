@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from overlaycache.store import S3Store
 
-__all__ = ["ENDPOINTS", "RUN_DIR", "Endpoint", "kill", "make_store", "pid", "wait_ready"]
+__all__ = ["ENDPOINTS", "RUN_DIR", "SEAWEEDFS_PRIMARY", "Endpoint", "kill", "make_store", "pid", "wait_ready"]
 
 #: Where ``start.sh`` keeps PID files, logs and the servers' data.
 RUN_DIR: str = os.environ.get("OC_SERVERS_RUN", "/tmp/overlaycache-servers")
@@ -118,16 +118,27 @@ ENDPOINTS: dict[str, Endpoint] = {
 }
 
 
+#: Credentials of the SeaweedFS identity that may put (conditionally or not), get and list, but not
+#: delete: what a primary needs (:func:`seaweedfs_s3_config`).
+SEAWEEDFS_PRIMARY = ("overlaycache-primary", "overlaycache-primary-secret")
+
+
 def seaweedfs_s3_config() -> dict[str, object]:
     """Return the SeaweedFS ``-s3.config`` identities document for `ENDPOINTS` ``"seaweedfs"``.
 
     Returns
     -------
     dict
-        One admin identity with the test credentials and no anonymous identity, so that every
-        request must be signed with them.
+        An admin identity with the test credentials, a primary's identity
+        (:data:`SEAWEEDFS_PRIMARY`: put, get and list only) and no anonymous identity, so that
+        every request must be signed.
     """
     ep = ENDPOINTS["seaweedfs"]
+    # What a primary needs and no more: its identity's policy names the fine-grained actions
+    # (SeaweedFS's coarse "Write" action would let it delete too).
+    primary_policy = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObject", "s3:ListBucket"],
+        "Resource": ["arn:aws:s3:::*", "arn:aws:s3:::*/*"]}]}
     return {
         "identities": [
             {
@@ -136,8 +147,14 @@ def seaweedfs_s3_config() -> dict[str, object]:
                     {"accessKey": ep.aws_access_key_id, "secretKey": ep.aws_secret_access_key}
                 ],
                 "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-            }
-        ]
+            },
+            {
+                "name": "overlaycache-primary",
+                "credentials": [{"accessKey": SEAWEEDFS_PRIMARY[0], "secretKey": SEAWEEDFS_PRIMARY[1]}],
+                "policyNames": ["overlaycache-primary"],
+            },
+        ],
+        "policies": [{"name": "overlaycache-primary", "content": json.dumps(primary_policy)}],
     }
 
 
