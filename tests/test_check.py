@@ -126,3 +126,29 @@ def test_a_v1_store_is_refused(tmp_path: Path) -> None:
     store.put(volume_key(vid), json.dumps({"format": 1, "id": vid, "size": RS, "region_size": RS}).encode())
     with pytest.raises(FormatError, match="format 1"):
         store.check(vid)
+
+
+def test_a_pit_deleted_outside_collapse_is_named(tmp_path: Path) -> None:
+    """A root deleted by something other than collapse (a bucket rule, a hand, credentials that
+    should not delete) is found: the newest collapse record kept it, or a lease holds it."""
+    from overlaycache import RetentionPolicy
+    from overlaycache.remote.leases import take_lease
+
+    store = LocalStore(tmp_path / "s")
+    with _volume(tmp_path, store) as vol:
+        for i in range(4):
+            vol.write(i * RS, bytes([i + 1]) * RS)
+            vol.snapshot(f"p{i}")
+        vid = vol.id
+    snaps = store.snapshots(vid)
+    report = store.collapse(vid, RetentionPolicy(keep_last=3))
+    assert [s.id for s in report.removed] == [snaps[0].id]
+    assert store.check(vid).problems == []  # what collapse removed is not missing
+    store.delete([find_root_key(store, vid, snaps[1].seq)])
+    problems = store.check(vid).problems
+    assert len(problems) == 1 and f"PIT {snaps[1].id}: kept by the collapse of" in problems[0]
+    assert "deleted by something other than collapse" in problems[0]
+    take_lease(store, vid, snaps[2].id, "reader-1", ttl=600)
+    store.delete([find_root_key(store, vid, snaps[2].seq)])
+    problems = store.check(vid).problems
+    assert any(f"PIT {snaps[2].id}: leased by reader-1, but its root is gone" in p for p in problems), problems

@@ -319,3 +319,25 @@ def test_collapse_reports_its_progress(tmp_path: Path) -> None:
     assert calls[0] == (1, 1)  # the kept PIT's map walked
     done, total = calls[-1]
     assert done == total >= len(report.removed) and all(d <= t for d, t in calls)
+
+
+def test_only_the_newest_collapse_records_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run writes a record; records beyond the newest ``KEEP_RECORDS`` are deleted (the
+    newest holds the condemned pages, which a later run needs)."""
+    from overlaycache.remote import collapse
+    from overlaycache.remote.layout import gc_prefix
+
+    monkeypatch.setattr(collapse, "KEEP_RECORDS", 3)
+    store = LocalStore(tmp_path / "s")
+    with _volume(tmp_path / "v", store) as vol:
+        _history(vol, [(r, r + 1, True) for r in range(6)])
+        vid = vol.id
+    seen = []
+    for keep in (6, 5, 4, 3, 2):
+        store.collapse(vid, RetentionPolicy([], keep_last=keep), now=0.0, page_grace=0)
+        seen.append(sorted(store.list(gc_prefix(vid))))
+    assert [len(s) for s in seen] == [1, 2, 3, 3, 3]
+    assert seen[-1][:2] == seen[-2][1:]  # the oldest went, the newest came
+    store.collapse(vid, RetentionPolicy([], keep_last=2), now=0.0, page_grace=0)
+    assert _garbage(store, vid) == (set(), set())  # the pages the newest record condemned went
+    assert len(list(store.list(gc_prefix(vid)))) == 3

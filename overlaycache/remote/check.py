@@ -39,8 +39,10 @@ from overlaycache.remote.layout import (
     check_volume_format,
     decode_page,
     decode_root_header,
+    decode_gc_record,
     decode_volume_record,
     encode_root,
+    gc_prefix,
     is_root_key,
     pack_key,
     packs_prefix,
@@ -55,6 +57,7 @@ from overlaycache.remote.layout import (
     verify_root_digest,
     volume_key,
 )
+from overlaycache.remote.leases import active_leases
 from overlaycache.remote.listing import read_pack_index, read_root
 from overlaycache.remote.tree import PageSource, PitMap, build_tree
 from overlaycache.store.base import ObjectStore
@@ -180,6 +183,7 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
                 f"PIT {snapshot_id(seq)}: {len(keys)} roots ({', '.join(sorted(keys))}); overlaycache writes one "
                 "per PIT, so all but one were put there by someone else: readers refuse the PIT until they are "
                 "removed")
+    report.problems.extend(_vanished(store, volume_id, {snapshot_id(seq) for seq in by_seq}))
     shapes = {(r.size, r.region_size) for r in decoded.values() if isinstance(r, Root)}
     geometry: tuple[int, int] | None = None
     if len(shapes) == 1:
@@ -292,6 +296,39 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
                 _rebuild(store, volume_id, key, sid, size, rs, versions, good_packs)
                 report.repaired.append(sid)
     return report
+
+
+#: Collapse records read to tell a PIT gone by a collapse from one gone otherwise.
+_RECORDS_LOOKED_AT = 10
+
+
+def _vanished(store: ObjectStore, volume_id: str, listed: set[str]) -> list[str]:
+    """PITs whose root is gone though nothing that deletes PITs removed them: kept by the newest
+    collapse run (and removed by none of the last few, which may have raced it), or leased now."""
+    problems = []
+    removed: set[str] = set()
+    kept: list[str] = []
+    at = 0.0
+    newest = ""
+    for key in sorted(store.list(gc_prefix(volume_id)))[-_RECORDS_LOOKED_AT:]:
+        where = f"{store.location}/{key}"
+        try:
+            info = decode_gc_record(store.get(key), where)
+            removed.update(str(sid) for sid in info.get("removed", ()))
+            kept, at, newest = [str(sid) for sid in info.get("kept", ())], float(info.get("at", 0.0)), where
+        except ObjectNotFoundError:
+            continue  # deleted since the listing
+        except (ValueError, TypeError, AttributeError, CorruptionError) as exc:
+            problems.append(str(exc) if where in str(exc) else f"{where}: unreadable collapse record ({exc})")
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+    for sid in kept:
+        if sid not in listed and sid not in removed:
+            problems.append(f"PIT {sid}: kept by the collapse of {when} ({newest}), but its root is gone: "
+                            "deleted by something other than collapse")
+    for sid, holders in sorted(active_leases(store, volume_id, time.time()).items()):
+        if sid not in listed:
+            problems.append(f"PIT {sid}: leased by {', '.join(h for h, _until in holders)}, but its root is gone")
+    return problems
 
 
 def _read_index(store: ObjectStore, key: str, read_data: bool) -> PackIndex:

@@ -36,7 +36,8 @@ version is (:mod:`overlaycache.remote.source`). A kill between the PUT and the d
 the next run deletes the older one once it has checked the newer holds every live version.
 
 A PIT with a lease that has not expired (:mod:`overlaycache.remote.leases`: a distributed overlay
-serving from it) is kept whatever the policy says; expired leases are deleted.
+serving from it) is kept whatever the policy says; expired leases are deleted, and so are the
+collapse records beyond the newest :data:`KEEP_RECORDS`.
 
 What a run costs: the listing of the volume's packs, pages and roots; every node page and every
 leaf of the retained PITs, read once (the versions of one leaf are merged, so memory holds one
@@ -48,7 +49,6 @@ repacked. No region data is read or written otherwise.
 from __future__ import annotations
 
 import builtins
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -65,6 +65,8 @@ from overlaycache.errors import (
 )
 from overlaycache.remote.layout import (
     PackIndex,
+    decode_gc_record,
+    encode_gc_record,
     encode_pack,
     gc_prefix,
     gc_record_key,
@@ -178,18 +180,21 @@ class _Counted:
         """The wrapped store stays open."""
 
 
-def _previous_condemned(store: _Counted, volume_id: str) -> dict[str, float]:
-    """The pages the newest earlier run condemned, with the time each was first condemned."""
-    records = sorted(store.list(gc_prefix(volume_id)))
+def _previous_condemned(store: _Counted, volume_id: str, records: list[str]) -> dict[str, float]:
+    """The pages the newest earlier run (of ``records``, sorted) condemned, with the time each was
+    first condemned."""
     if not records:
         return {}
     try:
-        info = json.loads(store.get(records[-1]))
+        info = decode_gc_record(store.get(records[-1]), f"{store.location}/{records[-1]}")
         return {str(a): float(t) for a, t in dict(info.get("condemned", {})).items()}
-    except (ValueError, TypeError, ObjectNotFoundError, AttributeError):
+    except (ValueError, TypeError, ObjectNotFoundError, AttributeError, CorruptionError):
         _log.warning("%s/%s: unreadable collapse record; no page is deleted this run", store.location, records[-1])
         return {}
 
+
+#: Collapse records kept (the newest): the last runs' decisions, which ``check`` reads.
+KEEP_RECORDS = 100
 
 #: Seconds a map page stays condemned before a run may delete it (longer than any publish takes
 #: between storing its pages and its root).
@@ -399,7 +404,8 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
         except ValueError:
             continue
         packs_listed.setdefault(pack, []).append((gen, key, size))
-    condemned_before = _previous_condemned(counted, volume_id)
+    records = sorted(counted.list(gc_prefix(volume_id)))
+    condemned_before = _previous_condemned(counted, volume_id, records)
     listed = list_roots(counted, volume_id)
     snaps = [snap for snap, _key in listed]
     keys = {snap.id: key for snap, key in listed}
@@ -436,7 +442,10 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     dead_pages = sorted(h for h in unreferenced if h in condemned_before and clock - since[h] >= page_grace)
     condemned = {h: since[h] for h in sorted(unreferenced - set(dead_pages))}
     report.pages_condemned = len(condemned)
-    doomed = [keys[s.id] for s in report.removed] + dead_packs + expired_leases(counted, volume_id, clock)
+    # The oldest collapse records beyond the newest KEEP_RECORDS (this run's counted).
+    old_records = records[: max(0, len(records) - (KEEP_RECORDS - 1))]
+    doomed = ([keys[s.id] for s in report.removed] + dead_packs + expired_leases(counted, volume_id, clock)
+              + old_records)
     doomed_pages = [pages_listed[h] for h in dead_pages]
     if not dry_run:
         # 3. Record what survives before deleting anything.
@@ -445,8 +454,7 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
         stamp = int(time.time() * 1e6)
         while True:
             try:
-                counted.put(gc_record_key(volume_id, stamp), json.dumps(record, sort_keys=True).encode(),
-                            if_absent=True)
+                counted.put(gc_record_key(volume_id, stamp), encode_gc_record(record), if_absent=True)
                 break
             except ObjectExistsError:
                 stamp += 1  # another run in the same microsecond

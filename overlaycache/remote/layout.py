@@ -37,7 +37,9 @@ Collapse records
 ``volumes/<id>/gc/<stamp>.json``: one per collapse run (:mod:`overlaycache.remote.collapse`),
 UTF-8 JSON written before anything is deleted: the run's time, the policy, the PITs kept and
 removed, and the map pages found unreferenced (*condemned*); a page is deleted only by a later run
-that finds it still unreferenced.
+that finds it still unreferenced. A ``checksum`` key holds the mmh3 x64-128 of the JSON of the
+others (:func:`encode_gc_record`). ``check`` reads the newest records to name a PIT whose root is
+gone although no collapse removed it.
 
 Leases
 ------
@@ -164,6 +166,7 @@ __all__ = [
     "PackIndex",
     "Root",
     "check_volume_format",
+    "decode_gc_record",
     "decode_pack_index",
     "decode_page",
     "decode_root",
@@ -172,6 +175,7 @@ __all__ = [
     "pack_index_size",
     "verify_pack",
     "decode_volume_record",
+    "encode_gc_record",
     "encode_pack",
     "encode_page",
     "encode_root",
@@ -437,6 +441,34 @@ def encode_volume_record(volume_id: str, size: int, region_size: int) -> bytes:
     info: dict[str, Any] = {"format": VOLUME_FORMAT, "id": volume_id, "size": size, "region_size": region_size}
     info["checksum"] = _record_checksum(info)
     return json.dumps(info, sort_keys=True).encode()
+
+
+def encode_gc_record(record: dict[str, Any]) -> bytes:
+    """A collapse run's record (UTF-8 JSON, sorted keys) with a ``checksum`` key: the mmh3 x64-128
+    of the JSON of the others, as the volume record's."""
+    info = dict(record)
+    info["checksum"] = _record_checksum(info)
+    return json.dumps(info, sort_keys=True).encode()
+
+
+def decode_gc_record(raw: bytes, where: str) -> dict[str, Any]:
+    """Parse a collapse run's record (one written before checksums were added is read as it is).
+
+    Raises
+    ------
+    CorruptionError
+        Not a JSON object, or its checksum does not match.
+    """
+    try:
+        info = json.loads(raw)
+        if not isinstance(info, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise CorruptionError(f"{where}: damaged collapse record ({exc})") from exc
+    if "checksum" in info and info["checksum"] != _record_checksum(info):
+        raise CorruptionError(f"{where}: damaged collapse record (its checksum does not match)")
+    info.pop("checksum", None)
+    return info
 
 
 def _record_checksum(info: dict[str, Any]) -> str:
