@@ -790,7 +790,7 @@ def _pit_runs(store: Any, volume_id: str, snapshot: Any, prefix: str,
 
     pit = Catalog(store).pit_map(volume_id, snapshot)
     runs: list[list[Any]] = []
-    for r, _seq, pack, off, length, _csum in sorted(pit.stored(), key=lambda e: (e[2], e[3])):
+    for r, _seq, pack, off, length, _csum, _digest in sorted(pit.stored(), key=lambda e: (e[2], e[3])):
         if pack == 0 or (regions is not None and r not in regions):
             continue
         if runs and runs[-1][0] == pack and runs[-1][2] == off and off + length - runs[-1][1] <= MAX_RUN_BYTES:

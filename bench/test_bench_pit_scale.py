@@ -63,7 +63,8 @@ def _fill(rmap: RemoteMap, regions: int) -> None:
     for leaf in range(0, regions, LEAF_SPAN):
         out = bytearray()
         for r in range(leaf, min(regions, leaf + LEAF_SPAN)):
-            out += RECORD.pack(r + 1, r // per_pack + 1, 64 + (r % per_pack) * RS, RS, r.to_bytes(16, "little"))
+            out += RECORD.pack(r + 1, r // per_pack + 1, 64 + (r % per_pack) * RS, RS, r.to_bytes(16, "little"),
+                               bytes(16))
         rmap.data.write(64 + RECORD.size * leaf, bytes(out))
     for r in range(0, regions, LEAF_SPAN):
         rmap.tree.mark(r)

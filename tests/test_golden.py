@@ -23,6 +23,7 @@ from overlaycache import Volume
 from overlaycache._impl import core
 from overlaycache.errors import CorruptionError, FormatError
 from overlaycache.remote.layout import (
+    NO_DIGEST,
     PAGE_HEAD,
     ROOT_HEAD,
     Root,
@@ -37,6 +38,7 @@ from overlaycache.remote.layout import (
     root_key,
     snapshot_id,
     verify_pack,
+    version_digest,
     volume_key,
 )
 from overlaycache.remote.tree import PageSource, PitMap
@@ -45,6 +47,8 @@ from overlaycache.store import LocalStore
 from overlaycache.testing import golden as make
 
 GOLDEN = Path(__file__).parent / "golden"
+#: The v2 objects as written before digests (pack and page version 2), kept to show they still read.
+LEGACY = GOLDEN / "v2-digestless"
 RS = 4096
 
 
@@ -168,16 +172,21 @@ def test_a_v1_volume_record_is_refused(raw: bytes) -> None:
         check_volume_format(info, "here")
 
 
-def test_v2_pack_decodes() -> None:
-    raw = (GOLDEN / "v2.pack").read_bytes()
+@pytest.mark.parametrize(("where", "start"), [(GOLDEN, 189), (LEGACY, 157)], ids=["digests", "digestless"])
+def test_v2_pack_decodes(where: Path, start: int) -> None:
+    """The pack of version 3 (entries with digests) and the one of version 2 (without), still read."""
+    raw = (where / "v2.pack").read_bytes()
     vid, rs, pack, created_at, versions = make.PACK_V2
     index = verify_pack(raw)
     assert (index.volume_id, index.region_size, index.pack, index.created_at) == (vid, rs, pack, created_at)
-    assert index.data_offset == 157 and len(raw) == 157 + 4096 + 100 + 16
-    assert [(e.region, e.seq, e.offset, e.length) for e in index.entries] == [(1, 5, 157, 4096), (2, 6, 4253, 100)]
+    assert index.data_offset == start and len(raw) == start + 4096 + 100 + 16
+    assert [(e.region, e.seq, e.offset, e.length) for e in index.entries] == [
+        (1, 5, start, 4096), (2, 6, start + 4096, 100)]
     for e, (_r, _s, data) in zip(index.entries, versions, strict=True):
         assert raw[e.offset : e.offset + e.length] == data and e.checksum == _sum(data)
+        assert e.digest == (version_digest(data) if where == GOLDEN else NO_DIGEST)
     assert raw[:8] == b"OCPACK02" and raw[-16:] == _sum(raw[:-16])
+    assert struct.unpack_from("<I", raw, 8)[0] == (3 if where == GOLDEN else 2)
 
 
 def test_v2_pack_is_reproduced_byte_for_byte() -> None:
@@ -188,26 +197,30 @@ def test_v2_pack_is_reproduced_byte_for_byte() -> None:
 ROOTS = [("v2.root", make.ROOT_V2, 1, 1), ("v2-deep.root", make.DEEP_ROOT_V2, 2, 5)]
 
 
-def _golden_pages() -> dict[bytes, bytes]:
-    return {bytes.fromhex(p.name): p.read_bytes() for p in (GOLDEN / "v2-pages").iterdir()}
+def _golden_pages(where: Path = GOLDEN) -> dict[bytes, bytes]:
+    return {bytes.fromhex(p.name): p.read_bytes() for p in (where / "v2-pages").iterdir()}
 
 
+@pytest.mark.parametrize("where", [GOLDEN, LEGACY], ids=["digests", "digestless"])
 @pytest.mark.parametrize(("name", "spec", "depth", "npages"), ROOTS, ids=[r[0] for r in ROOTS])
 def test_v2_root_and_pages_decode(tmp_path: Path, name: str, spec: make.RootSpec, depth: int,
-                                  npages: int) -> None:
+                                  npages: int, where: Path) -> None:
+    """The pages of version 3 (leaves with digests) and of version 2 (without), still read."""
     vid, size, rs, seq, created_at, label, records = spec
-    raw = (GOLDEN / name).read_bytes()
+    raw = (where / name).read_bytes()
     root = decode_root(raw)
     assert (root.volume_id, root.size, root.region_size, root.seq, root.created_at, root.label, root.depth) == (
         vid, size, rs, seq, created_at, label, depth)
     assert decode_root_header(raw) == (seq, created_at, label, vid)
     store = LocalStore(tmp_path / "s")
-    for address, page in _golden_pages().items():
+    for address, page in _golden_pages(where).items():
         store.put(page_key(vid, address), page)
     pages = PageSource(store, vid)
     pit = PitMap(root, pages)
     expected = {r: (s, p, o, n, _sum(d)) for r, s, p, o, n, d in records}
-    assert {r: (s, p, o, n, c) for r, s, p, o, n, c in pit.stored()} == expected
+    assert {r: (s, p, o, n, c) for r, s, p, o, n, c, _d in pit.stored()} == expected
+    digests = {r: version_digest(d) if n and where == GOLDEN else NO_DIGEST for r, _s, _p, _o, n, d in records}
+    assert {r: d for r, _s, _p, _o, _n, _c, d in pit.stored()} == digests
     for r in sorted(expected) + [1, root.num_regions - 2]:
         assert pit.record(r) == expected.get(r, (0, 0, 0, 0, bytes(16))), r
     assert len(list(pit.page_addresses())) == npages and pages.gets == npages
@@ -253,7 +266,7 @@ def test_the_tree_state_publishes_the_golden_pages(tmp_path: Path, name: str, sp
     remote = RemoteMap(str(tmp_path / "remote.map"), rs, (size + rs - 1) // rs, True)
     try:
         for r, s, p, o, n, d in records:
-            remote.set(r, s, p, o, n, _sum(d))
+            remote.set(r, s, p, o, n, _sum(d), version_digest(d) if n else NO_DIGEST)
         remote.sync()
         pages, top, leaves = remote.tree.prepare(remote.leaf_body)
         golden_root = decode_root((GOLDEN / name).read_bytes())

@@ -64,7 +64,7 @@ def _dead_shares(store: Any, vid: str) -> dict[str, float]:
     live: set[tuple[int, int, int]] = set()
     for s in snaps:
         root = read_root(store, vid, find_root_key(store, vid, s.seq))
-        live |= {(pack, r, seq) for r, seq, pack, _off, _len, _sum in PitMap(root, PageSource(store, vid)).stored()}
+        live |= {(pack, r, seq) for r, seq, pack, _off, _len, _sum, _dg in PitMap(root, PageSource(store, vid)).stored()}
     out = {}
     for pack, objs in _packs(store, vid).items():
         if pack >= snaps[-1].seq:

@@ -209,22 +209,56 @@ def test_a_damaged_remote_map_header_is_an_error_naming_it(tmp_path: Path) -> No
         Volume.open(path, secondary=store)
 
 
-def test_a_remote_map_of_format_2_gets_its_checks(tmp_path: Path) -> None:
+def _older_format(raw: bytes, version: int, spoil: int | None = None) -> bytes:
+    """``remote.map`` of format 4 written as format 3 (48-byte records, no digests) or 2 (no checks
+    either); with ``spoil``, that region's record of format 3 fails its check."""
+    import zlib
+
+    from overlaycache import _core_py as core
+
+    magic, _version, rs, n, reserved = maps._RMAP_HEAD.unpack_from(raw)
+    salt = raw[maps._RMAP_HEAD.size : maps._RMAP_HEAD.size + 16]
+    body = maps._RMAP_HEAD.pack(magic, version, rs, n, reserved) + salt
+    out = bytearray(body + (bytes(core.checksum(body)) if version == 3 else bytes(16)))
+    out += bytes(maps._RMAP_HEADER - len(out))
+    for r in range(n):
+        rec = raw[_record_at(r) : _record_at(r) + maps.RECORD.size]
+        if not any(rec):
+            out += bytes(48)
+            continue
+        seq, pack, off, length, csum, _digest = maps.RECORD.unpack(rec)
+        old = bytearray(maps.RECORD_V2.pack(seq, pack, off, length, csum))
+        if version == 3:
+            crc = zlib.crc32(old[32:], zlib.crc32(old[:28], zlib.crc32(r.to_bytes(8, "little"), zlib.crc32(salt))))
+            old[28:32] = (crc ^ (r == spoil)).to_bytes(4, "little")
+        out += old
+    return bytes(out)
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_remote_map_of_an_older_format_is_converted(tmp_path: Path, version: int) -> None:
+    """Formats 2 and 3 (48-byte records, no digests) become format 4 when opened for writing: the
+    versions on the store keep their records (no digest: the checksum alone checks them), and a
+    record of format 3 that failed its check still gets its region shipped again."""
     path, store, vid = _remote_volume(tmp_path)
     rmap = path / "remote.map"
-    raw = bytearray(rmap.read_bytes())
-    magic, _version, rs, n, reserved = maps._RMAP_HEAD.unpack_from(raw)
-    raw[: maps._RMAP_HEADER] = maps._RMAP_HEAD.pack(magic, 2, rs, n, reserved).ljust(maps._RMAP_HEADER, b"\0")
-    for r in range(n):
-        raw[_record_at(r) + 28 : _record_at(r) + 32] = bytes(4)  # format 2: no checks
-    rmap.write_bytes(bytes(raw))
+    before = rmap.read_bytes()
+    rmap.write_bytes(_older_format(before, version, spoil=1 if version == 3 else None))
     with Volume.open(path, secondary=store) as vol:
         snap = vol.snapshot()
         assert vol.replication_lag.regions == 0
         with store.image(vid, snap) as img:
             for r in range(4):
                 assert img.read(r * RS, RS) == vol.read(r * RS, RS)
-    assert maps._RMAP_HEAD.unpack_from(rmap.read_bytes())[1] == 3
+    after = rmap.read_bytes()
+    assert maps._RMAP_HEAD.unpack_from(after)[1] == 4 and len(after) == len(before)
+    for r in range(4):
+        seq, _p, _o, _l, _c, digest = maps.RECORD.unpack_from(after, _record_at(r))
+        was = maps.RECORD.unpack_from(before, _record_at(r))
+        if r == 2 or (version == 3 and r == 1):  # written since (pending), or its record spoiled
+            assert seq > was[0] and digest != bytes(16)  # shipped again, with a digest now
+        else:
+            assert seq == was[0] and digest == bytes(16)  # carried over, without its digest
 
 
 def test_a_missing_remote_map_is_made_anew_above_every_seq_on_the_store(tmp_path: Path) -> None:

@@ -182,3 +182,21 @@ def test_a_publish_whose_answer_was_lost_is_published(tmp_path: Path) -> None:
         snap = vol.snapshot("kept")
         assert [s.id for s in store.snapshots(vol.id)] == [snap.id]
         assert store.image(vol.id, snap).read(0, RS) == b"x" * RS
+
+
+def test_every_version_a_pit_names_carries_its_blake3_digest(tmp_path: Path) -> None:
+    """What a reader checks fetched bytes against: the BLAKE3 digest the map records (beside the
+    mmh3 checksum), computed when the version was shipped; all-zero versions need none."""
+    from overlaycache.remote.layout import NO_DIGEST, version_digest
+    from overlaycache.remote.listing import find_root_key, read_root
+    from overlaycache.remote.tree import PageSource, PitMap
+
+    store, vid, (_one, two), images = _two_pits(tmp_path)
+    pit = PitMap(read_root(store, vid, find_root_key(store, vid, two.seq)), PageSource(store, vid))
+    image = images[two.id]
+    stored = list(pit.stored())
+    assert stored
+    for r, _seq, _pack, _off, length, _csum, digest in stored:
+        data = image[r * RS : (r + 1) * RS]
+        assert digest == (version_digest(data) if length else NO_DIGEST), r
+        assert pit.digest(r) == digest

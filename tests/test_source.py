@@ -16,6 +16,7 @@ from overlaycache.errors import CorruptionError, SecondaryUnavailableError, Volu
 from overlaycache.remote import source
 from overlaycache.remote.cache import RegionCache
 from overlaycache.remote.layout import (
+    NO_DIGEST,
     RECORD,
     decode_root,
     encode_pack,
@@ -24,6 +25,7 @@ from overlaycache.remote.layout import (
     is_pack_key,
     pack_key,
     page_key,
+    version_digest,
 )
 from overlaycache.remote.source import RegionSource
 from overlaycache.remote.tree import PageSource, PitMap, leaf_entries
@@ -53,21 +55,21 @@ def _sum(data: bytes) -> bytes:
     return bytes(core.checksum(data))
 
 
-def _pack(store: Any, pack: int, versions: Sequence[tuple[int, bytes]]) -> dict[int, tuple[int, int, int, int, bytes]]:
+def _pack(store: Any, pack: int, versions: Sequence[tuple[int, bytes]]) -> dict[int, tuple[Any, ...]]:
     """Store ``versions`` (region, bytes) in pack ``pack``, each as seq ``pack + region + 1``;
     returns their records."""
     raw, entries = encode_pack(VID, RS, pack, 0.0, [(r, pack + r + 1, data, _sum(data)) for r, data in versions])
     store.put(pack_key(VID, pack), raw, if_absent=True)
-    return {e.region: (e.seq, pack, e.offset, e.length, e.checksum) for e in entries}
+    return {e.region: (e.seq, pack, e.offset, e.length, e.checksum, e.digest) for e in entries}
 
 
-def _pit(store: Any, records: dict[int, tuple[int, int, int, int, bytes]], size: int) -> PitMap:
+def _pit(store: Any, records: dict[int, tuple[Any, ...]], size: int) -> PitMap:
     """Publish a PIT (cutoff 99) of ``records`` (regions missing: never replicated) and read it back
     through its pages."""
     n = -(-size // RS)
     dense = bytearray(RECORD.size * n)
     for r, rec in records.items():
-        RECORD.pack_into(dense, r * RECORD.size, *rec)
+        RECORD.pack_into(dense, r * RECORD.size, *rec, *([NO_DIGEST] if len(rec) == 5 else []))
     body, count = leaf_entries(dense)
     address, page = encode_page(0, 0, body, count)
     store.put(page_key(VID, address), page, if_absent=True)
@@ -77,6 +79,23 @@ def _pit(store: Any, records: dict[int, tuple[int, int, int, int, bytes]], size:
 
 def _regions(n: int) -> list[tuple[int, bytes]]:
     return [(r, bytes([65 + r]) * RS) for r in range(n)]
+
+
+def test_a_version_matching_its_checksum_but_not_its_digest_is_refused(tmp_path: Path) -> None:
+    """Bytes that keep the map's mmh3 checksum (as bytes crafted to collide would) but not its
+    BLAKE3 digest are refused: the digest, not the checksum, is what tampering must beat."""
+    store = LocalStore(tmp_path / "s")
+    real, forged = b"a" * RS, b"f" * RS
+    records = _pack(store, 7, [(0, forged)])  # the pack holds the forged bytes ...
+    seq, pack, off, length, _csum, _digest = records[0]
+    records[0] = (seq, pack, off, length, _sum(forged), version_digest(real))  # ... the map the real digest
+    src = RegionSource(store, _pit(store, records, RS))
+    with pytest.raises(CorruptionError, match="checksum and digest"):
+        src.fetch(0)
+    records[0] = (seq, pack, off, length, _sum(forged), NO_DIGEST)  # a version from before digests
+    assert RegionSource(store, _pit(store, records, RS)).fetch(0) == forged  # the checksum alone
+    records[0] = (seq, pack, off, length, _sum(forged), version_digest(forged))
+    assert RegionSource(store, _pit(store, records, RS)).fetch(0) == forged
 
 
 def test_fetch_verifies_and_counts(tmp_path: Path) -> None:

@@ -160,7 +160,7 @@ def _build(store: LocalStore, path: Path, salt: int) -> _Built:
         pit = catalog.pit_map(vid, sid)
         for level, index, addr in pit.page_addresses():
             built.page_place[page_key(vid, addr)] = (level, index)
-        built.live_packs |= {pack for _r, _s, pack, _o, _l, _c in pit.stored() if pack}
+        built.live_packs |= {pack for _r, _s, pack, _o, _l, _c, _d in pit.stored() if pack}
     return built
 
 

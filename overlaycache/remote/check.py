@@ -33,6 +33,7 @@ from overlaycache.errors import (
 )
 from overlaycache.remote.layout import (
     LEAF_SPAN,
+    NO_DIGEST,
     RECORD,
     PackIndex,
     Root,
@@ -202,7 +203,7 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
     # Every version the packs hold: region -> {seq: (pack, offset, length, checksum)}, from the
     # pack as stored, or where a collapse repacked it, its newest generation (whose offsets are its
     # own: the maps keep the original's).
-    versions: dict[int, dict[int, tuple[int, int, int, bytes]]] = {}
+    versions: dict[int, dict[int, tuple[int, int, int, bytes, bytes]]] = {}
     good: dict[int, tuple[int, PackIndex]] = {}  # pack -> the generation read and its index
     damaged: set[int] = set()
     for key in store.list(packs_prefix(volume_id)):
@@ -236,7 +237,7 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
             if e.region >= n:
                 continue
             report.region_versions += 1
-            versions.setdefault(e.region, {})[e.seq] = (pack, e.offset, e.length, e.checksum)
+            versions.setdefault(e.region, {})[e.seq] = (pack, e.offset, e.length, e.checksum, e.digest)
     good_packs = set(good)
     missing_packs: set[int] = set()
     to_rebuild: list[tuple[str, str]] = []
@@ -255,7 +256,7 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
                 raise got
             pit = PitMap(got, PageSource(store, volume_id), cache_leaves=4)
             report.pages += sum(1 for _ in pit.page_addresses())
-            for r, seq, pack, off, length, csum in pit.stored():
+            for r, seq, pack, off, length, csum, digest in pit.stored():
                 held = versions.get(r, {}).get(seq)
                 pname = pack_key(volume_id, pack) if pack else "no pack (all zeros)"
                 if pack and pack not in good_packs:
@@ -264,9 +265,11 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
                     data_bad.append(f"region {r} version {seq:016x}: {pname} is damaged or missing")
                 elif held is None:
                     data_bad.append(f"region {r} version {seq:016x} is not in {pname}")
+                elif digest != NO_DIGEST and held[4] != digest:
+                    map_bad.append(f"region {r} version {seq:016x}: the map's digest differs from the index of {pname}")
                 elif pack in moved and (held[0], held[2], held[3]) == (pack, length, csum):
                     pass  # repacked: the generation holds it at an offset of its own
-                elif held != (pack, off, length, csum) and not (pack == 0 and held[2] == 0 and held[3] == csum):
+                elif held[:4] != (pack, off, length, csum) and not (pack == 0 and held[2] == 0 and held[3] == csum):
                     # (pack 0: an all-zero version recorded without its pack, as it may be)
                     map_bad.append(f"region {r} version {seq:016x} differs from the index of {pname}")
         except ObjectNotFoundError as exc:
@@ -338,7 +341,7 @@ def _read_index(store: ObjectStore, key: str, read_data: bool) -> PackIndex:
 
 
 def _rebuild(store: ObjectStore, volume_id: str, key: str, sid: str, size: int, rs: int,
-             versions: dict[int, dict[int, tuple[int, int, int, bytes]]], good_packs: set[int]) -> None:
+             versions: dict[int, dict[int, tuple[int, int, int, bytes, bytes]]], good_packs: set[int]) -> None:
     """Rebuild the PIT ``sid`` from the packs and replace its root."""
     cutoff = int(sid, 16)
     label: str | None = f"rebuilt-{sid}"
@@ -354,13 +357,13 @@ def _rebuild(store: ObjectStore, volume_id: str, key: str, sid: str, size: int, 
     n = (size + rs - 1) // rs
     leaves: dict[int, bytearray] = {}
     for r, by_seq in versions.items():
-        usable = [s for s, (pack, _o, _l, _c) in by_seq.items() if s <= cutoff and pack in good_packs]
+        usable = [s for s, (pack, _o, _l, _c, _d) in by_seq.items() if s <= cutoff and pack in good_packs]
         if not usable:
             continue
         seq = max(usable)
-        pack, off, length, csum = by_seq[seq]
+        pack, off, length, csum, digest = by_seq[seq]
         leaf = leaves.setdefault(r // LEAF_SPAN, bytearray(RECORD.size * LEAF_SPAN))
-        RECORD.pack_into(leaf, (r % LEAF_SPAN) * RECORD.size, seq, pack, off, length, csum)
+        RECORD.pack_into(leaf, (r % LEAF_SPAN) * RECORD.size, seq, pack, off, length, csum, digest)
     pages, top = build_tree(n, {i: bytes(b) for i, b in leaves.items()})
     for level, index, addr, raw in pages:
         pkey = page_key(volume_id, addr)

@@ -266,7 +266,7 @@ def _may_repack(volume_id: str, objects: list[tuple[int, str, int | None]], use:
         size = store.head(key)
         if size is None:
             return False
-    data = size - pack_index_size(use.live_versions, volume_id) - 16
+    data = size - pack_index_size(use.live_versions, volume_id, version=2) - 16  # the smaller entries: an upper bound
     dead = data - use.live_bytes
     return dead > 0 and dead > max_unused * data
 
@@ -325,7 +325,7 @@ def _repack(store: _Counted, volume_id: str, pack: int, objects: list[tuple[int,
     at = {(e.region, e.seq): e for e in whole.entries}
     view = memoryview(raw)
     versions = [(e.region, e.seq, view[at[e.region, e.seq].offset : at[e.region, e.seq].offset + e.length],
-                 e.checksum) for e in keep]
+                 e.checksum, e.digest) for e in keep]
     out, _entries = encode_pack(volume_id, whole.region_size, pack, whole.created_at, versions)
     try:
         store.put(new_key, out, if_absent=True)

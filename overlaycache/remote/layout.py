@@ -69,18 +69,22 @@ The pack
 --------
 Many region versions in one object, written once with a conditional PUT (:func:`encode_pack`):
 
-* :data:`PACK_HEAD`, little-endian: magic ``OCPACK02``, format version (uint32), region_size
+* :data:`PACK_HEAD`, little-endian: magic ``OCPACK02``, version (uint32, :data:`PACK_VERSION`), region_size
   (uint32), number of entries (uint32), volume id length (uint32), the pack's seq (uint64),
   created_at (float64); then the volume id (UTF-8);
 * the index: one :data:`PACK_ENTRY` per region version, in the order of the data: region (uint64),
   seq (uint64), offset of its bytes from the start of the pack (uint64), length (uint32), 4 bytes of
-  zeros, checksum (16 bytes, mmh3 x64-128 of the region's bytes). A version that is all zeros has
-  length 0 and no bytes in the pack (its checksum is that of the region's length of zeros): it is
-  listed so that the maps can be rebuilt from the packs alone;
+  zeros, checksum (16 bytes, mmh3 x64-128 of the region's bytes), digest (16 bytes: the BLAKE3
+  hash of the region's bytes, cut to 16, :func:`version_digest`). A version that is all zeros has
+  length 0 and no bytes in the pack (its checksum is that of the region's length of zeros, its
+  digest zeros): it is listed so that the maps can be rebuilt from the packs alone;
 * 16 bytes: mmh3 x64-128 of the header, volume id and index (the index alone is read and verified
   with one ranged GET of the pack's first bytes);
 * the regions' bytes, back to back;
 * 16 bytes: mmh3 x64-128 of everything before, so a damaged pack is detected by a full check.
+
+A pack of version 2 (:data:`PACK_ENTRY_V2`, written before digests) has entries without the
+digest; it is read, its versions having :data:`NO_DIGEST`.
 
 A pack describes itself: :func:`decode_pack_index` lists what it holds, so the maps can be rebuilt
 from the packs alone. The bytes of a region version that is all zeros are never stored: the pack
@@ -99,10 +103,18 @@ seq, from the newest. The original, while it is there, is always whole and is re
 
 The map record
 --------------
-:data:`RECORD`, 48 bytes: seq (uint64; 0: never replicated, the region is all zeros), pack (uint64),
+:data:`RECORD`, 64 bytes: seq (uint64; 0: never replicated, the region is all zeros), pack (uint64),
 offset in the pack (uint64), length (uint32; with pack 0 or length 0 the version is all zeros and
-no bytes are stored), 4 bytes of zeros, checksum (16 bytes). The primary's local ``remote.map`` holds one per region (the newest version on the
-secondary); map pages hold the records of the regions they cover.
+no bytes are stored), 4 bytes of zeros, checksum (16 bytes), digest (16 bytes; :data:`NO_DIGEST`
+for a version shipped before digests). The primary's local ``remote.map`` holds one per region
+(the newest version on the secondary); map pages hold the records of the regions they cover.
+
+Two hashes, for two jobs. The checksum (mmh3 x64-128, 8 GB/s here) is what the primary computes on
+every write and compares with: it tells whether the local copy of a region is the version a PIT
+holds (distributed-overlay routing, resync, diff, restore). The digest (BLAKE3, 6 GB/s here) is
+what a reader checks every version fetched from the store against: it is reached from the root
+through addresses that are BLAKE2b digests, so replacing a version's bytes undetected means a
+second preimage of BLAKE3, not a collision of mmh3, which is not built to resist one.
 
 Map pages and the root
 ----------------------
@@ -112,10 +124,11 @@ smallest ``d >= 1`` for which the volume has at most :data:`FANOUT` pages of lev
 (:func:`tree_shape`): 1 up to 64 GiB of 64 KiB regions, 2 up to 64 TiB, 3 beyond. The root lists
 the pages of level ``d - 1``.
 
-A page (:func:`encode_page`): :data:`PAGE_HEAD` (magic ``OCPAGE02``, version, level (uint32),
+A page (:func:`encode_page`): :data:`PAGE_HEAD` (magic ``OCPAGE02``, version (:data:`PAGE_VERSION`), level (uint32),
 index of the page within its level (uint64), number of entries (uint32)), then the entries
 zlib-compressed. A leaf's entries are :data:`LEAF_ENTRY` (the region's position within the leaf
-(uint32) and its record's fields), only for regions with ``seq > 0``; a node's are
+(uint32) and its record's fields, the digest included; :data:`LEAF_ENTRY_V2` in a page of version
+2, which has none), only for regions with ``seq > 0``; a node's are
 :data:`NODE_ENTRY` (the child's position within the node (uint32) and the child's address), only
 for children that have an entry. An empty page is never written. A page's *address* is
 the BLAKE2b-128 digest of its header and its uncompressed entries (:func:`page_address`); its key
@@ -147,17 +160,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from overlaycache._impl import core
+import blake3
+
 from overlaycache.errors import CorruptionError, FormatError, InvalidArgumentError
 
 __all__ = [
     "FANOUT",
     "LEAF_ENTRY",
+    "LEAF_ENTRY_V2",
+    "NO_DIGEST",
     "LEAF_SPAN",
     "NODE_ENTRY",
     "PACK_ENTRY",
+    "PACK_ENTRY_V2",
+    "PACK_VERSION",
+    "PAGE_VERSION",
     "PACK_HEAD",
     "PAGE_HEAD",
     "RECORD",
+    "RECORD_V2",
     "ROOT_HEAD",
     "ROOT_SUFFIX",
     "VOLUMES_PREFIX",
@@ -200,6 +221,7 @@ __all__ = [
     "root_digest",
     "root_key",
     "verify_root_digest",
+    "version_digest",
     "roots_prefix",
     "snapshot_id",
     "tree_shape",
@@ -222,14 +244,26 @@ PAGE_MAGIC = b"OCPAGE02"
 ROOT_MAGIC = b"OCROOT02"
 #: magic, version, region_size, count, volume id length, pack seq, created_at.
 PACK_HEAD = struct.Struct("<8sIIIIQd")
-#: region, seq, offset, length, (zeros), checksum.
-PACK_ENTRY = struct.Struct("<QQQI4x16s")
-#: seq, pack, offset, length, (zeros), checksum.
-RECORD = struct.Struct("<QQQI4x16s")
+#: The version of the packs written (version 2, without digests, is read).
+PACK_VERSION = 3
+#: The version of the map pages written (version 2, whose leaves have no digests, is read).
+PAGE_VERSION = 3
+#: region, seq, offset, length, (zeros), checksum, digest.
+PACK_ENTRY = struct.Struct("<QQQI4x16s16s")
+#: A pack entry of version 2: region, seq, offset, length, (zeros), checksum.
+PACK_ENTRY_V2 = struct.Struct("<QQQI4x16s")
+#: seq, pack, offset, length, (zeros), checksum, digest.
+RECORD = struct.Struct("<QQQI4x16s16s")
+#: A record without a digest (``remote.map`` of format 3 and before).
+RECORD_V2 = struct.Struct("<QQQI4x16s")
 #: magic, version, level, index within the level, count.
 PAGE_HEAD = struct.Struct("<8sIIQI")
 #: position in the leaf, then a record's fields.
-LEAF_ENTRY = struct.Struct("<IQQQI16s")
+LEAF_ENTRY = struct.Struct("<IQQQI16s16s")
+#: A leaf entry of version 2 (no digest).
+LEAF_ENTRY_V2 = struct.Struct("<IQQQI16s")
+#: The digest of a version that has none (written before digests, or all zeros).
+NO_DIGEST = bytes(16)
 #: position in the node (or, in the root, the page's index), child address.
 NODE_ENTRY = struct.Struct("<I16s")
 #: magic, version, region_size, size, seq, created_at, leaf span, fan-out, depth, label length,
@@ -237,6 +271,13 @@ NODE_ENTRY = struct.Struct("<I16s")
 ROOT_HEAD = struct.Struct("<8sIIQQdIIIIII")
 
 _SUM = 16
+
+
+def version_digest(data: Any) -> bytes:
+    """A region version's digest: the first 16 bytes of the BLAKE3 hash of its bytes (what a
+    reader checks a version fetched from the store against; the mmh3 checksum beside it is for
+    comparing with the local copy)."""
+    return blake3.blake3(data).digest(16)
 
 
 def _sum(data: Any) -> bytes:
@@ -536,6 +577,9 @@ class PackEntry:
     offset: int
     length: int
     checksum: bytes
+    #: :func:`version_digest` of its bytes (:data:`NO_DIGEST` in a pack of version 2, and for a
+    #: version that is all zeros).
+    digest: bytes = NO_DIGEST
 
 
 @dataclass(frozen=True)
@@ -551,13 +595,14 @@ class PackIndex:
     data_offset: int
 
 
-def pack_index_size(count: int, volume_id: str) -> int:
+def pack_index_size(count: int, volume_id: str, version: int = PACK_VERSION) -> int:
     """Bytes before a pack's data: header, volume id, ``count`` index entries, index checksum."""
-    return PACK_HEAD.size + len(volume_id.encode()) + count * PACK_ENTRY.size + _SUM
+    entry = PACK_ENTRY if version >= 3 else PACK_ENTRY_V2
+    return PACK_HEAD.size + len(volume_id.encode()) + count * entry.size + _SUM
 
 
 def encode_pack(volume_id: str, region_size: int, pack: int, created_at: float,
-                versions: Sequence[tuple[int, int, bytes | memoryview, bytes]]) -> tuple[bytearray, list[PackEntry]]:
+                versions: Sequence[tuple[Any, ...]]) -> tuple[bytearray, list[PackEntry]]:
     """A pack object of ``versions``.
 
     Parameters
@@ -570,9 +615,10 @@ def encode_pack(volume_id: str, region_size: int, pack: int, created_at: float,
         The pack's number (a seq).
     created_at : float
         Seconds since the epoch.
-    versions : sequence of (region, seq, data, checksum)
+    versions : sequence of (region, seq, data, checksum[, digest])
         The region versions, in the order to store them; ``data`` empty for a version that is all
-        zeros (listed, not stored).
+        zeros (listed, not stored). A digest missing (or :data:`NO_DIGEST`) is computed
+        (:func:`version_digest`) for a version with bytes.
 
     Returns
     -------
@@ -584,19 +630,22 @@ def encode_pack(volume_id: str, region_size: int, pack: int, created_at: float,
     vid = volume_id.encode()
     pos = pack_index_size(len(versions), volume_id)
     entries = []
-    for region, seq, data, csum in versions:
-        entries.append(PackEntry(region, seq, pos, len(data), csum))
+    for region, seq, data, csum, *rest in versions:
+        digest = rest[0] if rest else NO_DIGEST
+        if len(data) and digest == NO_DIGEST:
+            digest = version_digest(data)
+        entries.append(PackEntry(region, seq, pos, len(data), csum, digest if len(data) else NO_DIGEST))
         pos += len(data)
-    head = bytearray(PACK_HEAD.pack(PACK_MAGIC, VOLUME_FORMAT, region_size, len(versions), len(vid), pack,
+    head = bytearray(PACK_HEAD.pack(PACK_MAGIC, PACK_VERSION, region_size, len(versions), len(vid), pack,
                                     created_at))
     head += vid
     for e in entries:
-        head += PACK_ENTRY.pack(e.region, e.seq, e.offset, e.length, e.checksum)
+        head += PACK_ENTRY.pack(e.region, e.seq, e.offset, e.length, e.checksum, e.digest)
     head += _sum(head)
     out = bytearray(pos + _SUM)  # one buffer, filled in place: no copy of the whole pack
     out[: len(head)] = head
-    for e, (_r, _s, data, _c) in zip(entries, versions):
-        out[e.offset : e.offset + e.length] = data
+    for e, version in zip(entries, versions):
+        out[e.offset : e.offset + e.length] = version[2]
     view = memoryview(out)
     out[pos:] = _sum(view[:pos])
     view.release()
@@ -630,9 +679,10 @@ def decode_pack_index(raw: bytes, key: str = "pack") -> PackIndex | int:
     magic, version, rs, count, vlen, pack, created = PACK_HEAD.unpack_from(raw)
     if magic != PACK_MAGIC:
         raise FormatError(f"{key}: not a pack", key)
-    if version != VOLUME_FORMAT:
-        raise FormatError(f"{key}: pack of format {version}, not {VOLUME_FORMAT}", key)
-    need: int = PACK_HEAD.size + vlen + count * PACK_ENTRY.size + _SUM
+    if version not in (2, PACK_VERSION):
+        raise FormatError(f"{key}: pack of format {version}, not {PACK_VERSION} (or 2)", key)
+    entry = PACK_ENTRY if version == PACK_VERSION else PACK_ENTRY_V2
+    need: int = PACK_HEAD.size + vlen + count * entry.size + _SUM
     if len(raw) < need:
         return need
     if _sum(raw[: need - _SUM]) != raw[need - _SUM : need]:
@@ -640,10 +690,10 @@ def decode_pack_index(raw: bytes, key: str = "pack") -> PackIndex | int:
     vid = raw[PACK_HEAD.size : PACK_HEAD.size + vlen].decode(errors="replace")
     entries = []
     pos = PACK_HEAD.size + vlen
-    for _k in range(count):
-        region, seq, off, length, csum = PACK_ENTRY.unpack_from(raw, pos)
-        entries.append(PackEntry(region, seq, off, length, bytes(csum)))
-        pos += PACK_ENTRY.size
+    for fields in entry.iter_unpack(raw[pos : pos + count * entry.size]):
+        region, seq, off, length, csum = fields[:5]
+        entries.append(PackEntry(region, seq, off, length, bytes(csum),
+                                 bytes(fields[5]) if len(fields) > 5 else NO_DIGEST))
     return PackIndex(vid, rs, pack, created, tuple(entries), need)
 
 
@@ -663,7 +713,9 @@ def verify_pack(raw: bytes, key: str = "pack") -> PackIndex:
     for e in index.entries:
         if e.length == 0:
             continue  # all zeros: listed, not stored
-        if e.offset + e.length > len(raw) - _SUM or _sum(raw[e.offset : e.offset + e.length]) != e.checksum:
+        data = memoryview(raw)[e.offset : e.offset + e.length]
+        if e.offset + e.length > len(raw) - _SUM or _sum(data) != e.checksum or (
+                e.digest != NO_DIGEST and version_digest(data) != e.digest):
             raise CorruptionError(f"{key}: region {e.region} version {e.seq:016x} does not match its checksum")
     return index
 
@@ -714,7 +766,7 @@ def encode_page(level: int, index: int, entries: bytes, count: int) -> tuple[byt
     raw : bytes
         The object's bytes.
     """
-    head = PAGE_HEAD.pack(PAGE_MAGIC, VOLUME_FORMAT, level, index, count)
+    head = PAGE_HEAD.pack(PAGE_MAGIC, PAGE_VERSION, level, index, count)
     return page_address(head, entries), head + zlib.compress(entries, 1)
 
 
@@ -751,17 +803,19 @@ def decode_page(raw: bytes, address: bytes, level: int, index: int, key: str = "
     magic, version, lvl, idx, count = PAGE_HEAD.unpack_from(raw)
     if magic != PAGE_MAGIC:
         raise FormatError(f"{key}: not a map page", key)
-    if version != VOLUME_FORMAT:
-        raise FormatError(f"{key}: map page of format {version}, not {VOLUME_FORMAT}", key)
+    if version not in (2, PAGE_VERSION):
+        raise FormatError(f"{key}: map page of format {version}, not {PAGE_VERSION} (or 2)", key)
     try:
         body = zlib.decompress(raw[PAGE_HEAD.size :])
     except zlib.error as exc:
         raise CorruptionError(f"{key}: map page does not decompress (damaged object)") from exc
     if page_address(raw[: PAGE_HEAD.size], body) != address:
         raise CorruptionError(f"{key}: map page does not match its address (damaged object)")
-    size = LEAF_ENTRY.size if lvl == 0 else NODE_ENTRY.size
+    size = NODE_ENTRY.size if lvl else LEAF_ENTRY.size if version == PAGE_VERSION else LEAF_ENTRY_V2.size
     if (lvl, idx) != (level, index) or len(body) != count * size:
         raise CorruptionError(f"{key}: map page for level {lvl} page {idx}, expected level {level} page {index}")
+    if lvl == 0 and version != PAGE_VERSION:  # a leaf of version 2: its entries with no digest
+        body = b"".join(LEAF_ENTRY.pack(*fields, NO_DIGEST) for fields in LEAF_ENTRY_V2.iter_unpack(body))
     return body, count
 
 

@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING
 from overlaycache._impl import core
 from overlaycache.errors import CorruptionError, ObjectNotFoundError, SecondaryUnavailableError, VolumeClosedError
 from overlaycache.remote.cache import RegionCache
-from overlaycache.remote.layout import pack_generations_prefix, pack_key, parse_pack_key_generation
+from overlaycache.remote.layout import (
+    NO_DIGEST,
+    pack_generations_prefix,
+    pack_key,
+    parse_pack_key_generation,
+    version_digest,
+)
 
 if TYPE_CHECKING:
     from overlaycache.remote.tree import PitMap
@@ -203,10 +209,14 @@ class RegionSource:
         cache = self.region_cache if keep else None
         for r, (seq, _pack, _off, _length, csum) in run:
             data = got[r]
-            if len(data) != self._region_len(r) or bytes(core.checksum(data)) != csum:
+            # The digest when the map has one (it was computed from the same bytes as the checksum,
+            # and unlike it resists a collision made on purpose); else the checksum.
+            digest = self.manifest.digest(r)
+            if len(data) != self._region_len(r) or (
+                    version_digest(data) != digest if digest != NO_DIGEST else bytes(core.checksum(data)) != csum):
                 out[r] = CorruptionError(
                     f"{getattr(self.store, 'location', self.store)}: region {r} version {seq:016x} in pack "
-                    f"{pack:016x} does not match the map's checksum (tampered or truncated object)")
+                    f"{pack:016x} does not match the map's checksum and digest (tampered or truncated object)")
                 continue
             if cache is not None:
                 cache.put(r, seq, csum, data)

@@ -55,10 +55,10 @@ def leaf_records(body: bytes, count: int) -> bytes:
     """A leaf's entries as :data:`LEAF_SPAN` dense records (zeros where a region has none)."""
     out = bytearray(_EMPTY_LEAF)
     for k in range(count):
-        pos, seq, pack, off, length, csum = LEAF_ENTRY.unpack_from(body, k * LEAF_ENTRY.size)
+        pos, seq, pack, off, length, csum, digest = LEAF_ENTRY.unpack_from(body, k * LEAF_ENTRY.size)
         if pos >= LEAF_SPAN:
             raise CorruptionError(f"leaf entry for position {pos} beyond the leaf's span")
-        RECORD.pack_into(out, pos * RECORD.size, seq, pack, off, length, csum)
+        RECORD.pack_into(out, pos * RECORD.size, seq, pack, off, length, csum, digest)
     return bytes(out)
 
 
@@ -66,9 +66,9 @@ def leaf_entries(records: bytes | bytearray | memoryview) -> tuple[bytes, int]:
     """The inverse of :func:`leaf_records`: the entries of the regions with ``seq > 0``."""
     out = bytearray()
     count = 0
-    for pos, (seq, pack, off, length, csum) in enumerate(RECORD.iter_unpack(records)):
+    for pos, (seq, pack, off, length, csum, digest) in enumerate(RECORD.iter_unpack(records)):
         if seq:
-            out += LEAF_ENTRY.pack(pos, seq, pack, off, length, csum)
+            out += LEAF_ENTRY.pack(pos, seq, pack, off, length, csum, digest)
             count += 1
     return bytes(out), count
 
@@ -181,7 +181,7 @@ class PitMap:
     pages : PageSource
         Where its pages come from.
     cache_leaves : int
-        Decoded leaves kept in memory (each is ``LEAF_SPAN * 48`` bytes).
+        Decoded leaves kept in memory (each is ``LEAF_SPAN * 64`` bytes).
     """
 
     def __init__(self, root: Root, pages: PageSource, cache_leaves: int = 256) -> None:
@@ -253,8 +253,15 @@ class PitMap:
         """``(seq, pack, offset, length, checksum)`` of region ``r`` (seq 0: never replicated;
         length 0 or pack 0: an all-zero version, no bytes stored)."""
         i, pos = divmod(r, LEAF_SPAN)
-        seq, pack, off, length, csum = RECORD.unpack_from(self.leaf(i), pos * RECORD.size)
+        seq, pack, off, length, csum, _digest = RECORD.unpack_from(self.leaf(i), pos * RECORD.size)
         return int(seq), int(pack), int(off), int(length), bytes(csum)
+
+    def digest(self, r: int) -> bytes:
+        """Region ``r``'s version's :func:`~overlaycache.remote.layout.version_digest`
+        (:data:`~overlaycache.remote.layout.NO_DIGEST`: none recorded: a version shipped before
+        digests, or all zeros)."""
+        i, pos = divmod(r, LEAF_SPAN)
+        return bytes(RECORD.unpack_from(self.leaf(i), pos * RECORD.size)[5])
 
     def entry(self, region: int) -> tuple[int, bytes]:
         """``(seq, checksum)`` of ``region`` in this snapshot (seq 0: never replicated)."""
@@ -269,15 +276,15 @@ class PitMap:
                 if addr is not None:
                     yield level, index, addr
 
-    def stored(self) -> Iterator[tuple[int, int, int, int, int, bytes]]:
-        """Every region with a version: ``(region, seq, pack, offset, length, checksum)``."""
+    def stored(self) -> Iterator[tuple[int, int, int, int, int, bytes, bytes]]:
+        """Every region with a version: ``(region, seq, pack, offset, length, checksum, digest)``."""
         for index in range(self._counts[0]):
             if self._address(0, index) is None:
                 continue
             recs = self.leaf(index)
-            for pos, (seq, pack, off, length, csum) in enumerate(RECORD.iter_unpack(recs)):
+            for pos, (seq, pack, off, length, csum, digest) in enumerate(RECORD.iter_unpack(recs)):
                 if seq:
-                    yield index * LEAF_SPAN + pos, seq, pack, off, length, bytes(csum)
+                    yield index * LEAF_SPAN + pos, seq, pack, off, length, bytes(csum), bytes(digest)
 
 
 _TREE_MAGIC = b"OCTREE02"
@@ -582,6 +589,7 @@ def leaf_versions(index: int, addresses: Iterable[bytes], pages: PageSource) -> 
     base = index * LEAF_SPAN
     for addr in sorted(addresses):
         body, count = pages.get(addr, 0, index)
-        for pos, seq, pack, _off, length, _csum in LEAF_ENTRY.iter_unpack(memoryview(body)[: count * LEAF_ENTRY.size]):
+        for pos, seq, pack, _off, length, _csum, _digest in LEAF_ENTRY.iter_unpack(
+                memoryview(body)[: count * LEAF_ENTRY.size]):
             out.add((base + pos, seq, pack, length))
     return out

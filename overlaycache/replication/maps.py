@@ -28,20 +28,22 @@ from overlaycache._fs import FILE_MODE, data_extents, fsync_dir
 from overlaycache._impl import core
 from overlaycache.errors import FormatError
 from overlaycache.local.geometry import region_ranges
-from overlaycache.remote.layout import LEAF_SPAN, RECORD
+from overlaycache.remote.layout import LEAF_SPAN, NO_DIGEST, RECORD, RECORD_V2
 from overlaycache.remote.tree import TreeState, leaf_entries
 
 _log = logging.getLogger(__name__)
 
 _RMAP_MAGIC = b"OCRMAP01"
-_RMAP_VERSION = 3
+_RMAP_VERSION = 4
 _RMAP_HEAD = struct.Struct("<8sIIQQ")  # magic, version, region_size, num_regions, reserved seq
 _RMAP_HEADER = 64
 #: A record of ``remote.map``: :data:`RECORD` with its padding holding a check.
-_RREC = struct.Struct("<QQQI4s16s")
+_RREC = struct.Struct("<QQQI4s16s16s")
 _NO_RECORD = bytes(RECORD.size)
 #: A record's seq and check, for checking a leaf's records in one pass.
-_SEQ_CHECK = struct.Struct("<Q20xI16x")
+_SEQ_CHECK = struct.Struct("<Q20xI32x")
+#: The same for the 48-byte records of formats 2 and 3 (:data:`RECORD_V2`), read to convert them.
+_SEQ_CHECK_V3 = struct.Struct("<Q20xI16x")
 #: The write-intent map's file name in the volume's directory.
 CHANGE_MAP = "replication.map"
 _CMAP_MAGIC_V1 = b"OCCMAP01"
@@ -77,10 +79,10 @@ class RemoteMap:
     """``remote.map``: per region the newest version on the secondary, and the reserved seq; with
     ``remote.tree`` beside it.
 
-    Format 3: a header of 64 bytes (:data:`_RMAP_HEAD`: magic ``OCRMAP01``, version, region_size,
+    Format 4: a header of 64 bytes (:data:`_RMAP_HEAD`: magic ``OCRMAP01``, version, region_size,
     number of regions, the reserved seq; then the volume's salt (16 bytes) and 16 bytes of mmh3
     x64-128 of the 48 before), then one :data:`_RREC` per region: a :data:`RECORD` whose 4 bytes of
-    padding hold a CRC-32 of the salt, the region (8 bytes) and the record's other 44 bytes (a
+    padding hold a CRC-32 of the salt, the region (8 bytes) and the record's other 60 bytes (a
     check against damage, fast enough for every record of a leaf at each PIT). A record of all zeros is a region never replicated (the file is
     sparse). A header that fails its check is a :class:`FormatError` naming the file (the reserved
     seq must never go back: it orders every version and PIT on the store). A record that fails its
@@ -90,8 +92,10 @@ class RemoteMap:
 
     A ``remote.map`` of format 1 (from an overlaycache that wrote one object per region) is set
     aside as ``remote.map.v1-<time>`` and a fresh one made; :attr:`recreated` says so, and the
-    caller compares the volume with its secondary again. One of format 2 (no checks) gets its
-    checks when opened for writing.
+    caller compares the volume with its secondary again. One of format 2 or 3 (48-byte records,
+    without the digest; format 2 without checks) is converted when opened for writing (see
+    :meth:`_convert`): its versions then have no digest, and are checked by their checksum alone
+    until they are shipped again.
     """
 
     def __init__(self, path: str, region_size: int, num_regions: int, writable: bool, volume_id: str = "") -> None:
@@ -127,22 +131,27 @@ class RemoteMap:
         self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         try:
             head = os.pread(self._fd, _RMAP_HEADER, 0)
-            if len(head) != _RMAP_HEADER or os.fstat(self._fd).st_size < length:
+            if len(head) != _RMAP_HEADER:
                 raise FormatError(f"{path}: truncated", path)
             magic, version, rs, n, reserved = _RMAP_HEAD.unpack_from(head)
-            if magic != _RMAP_MAGIC or version not in (2, _RMAP_VERSION) or (rs, n) != (region_size, num_regions):
+            rsize = RECORD.size if version == _RMAP_VERSION else RECORD_V2.size
+            if os.fstat(self._fd).st_size < _RMAP_HEADER + rsize * num_regions:
+                raise FormatError(f"{path}: truncated", path)
+            if magic != _RMAP_MAGIC or version not in (2, 3, _RMAP_VERSION) or (rs, n) != (region_size, num_regions):
                 raise FormatError(f"{path}: not a remote map of this volume (format {version})", path)
-            if version == _RMAP_VERSION and head != self._header(rs, n, reserved):
+            if version >= 3 and head != self._header(rs, n, reserved, version):
                 raise FormatError(f"{path}: damaged header (its checksum does not match, or of another volume)",
                                   path)
+            if version < _RMAP_VERSION:
+                if not writable:
+                    raise FormatError(f"{path}: a remote map of format {version}: open the volume for writing once "
+                                      "to convert it", path)
+                self._convert(version, rs, n, reserved)
+                os.close(self._fd)
+                self._fd = os.open(path, os.O_RDWR)
             self.region_size = rs
             self.reserved = reserved
             self.data = core.DataFile(self._fd, length, writable, path)
-            if version == 2:
-                if not writable:
-                    raise FormatError(f"{path}: a remote map of format 2: open the volume for writing once "
-                                      "to convert it", path)
-                self._add_checks()
             tree_path = path[: -len(".map")] + ".tree" if path.endswith(".map") else path + ".tree"
             self.tree = TreeState(tree_path, rs, num_regions)
         except BaseException:
@@ -150,17 +159,17 @@ class RemoteMap:
             raise
         self._rec = bytearray(RECORD.size)
 
-    def _header(self, region_size: int, num_regions: int, reserved: int) -> bytes:
-        body = _RMAP_HEAD.pack(_RMAP_MAGIC, _RMAP_VERSION, region_size, num_regions, reserved) + self.salt
+    def _header(self, region_size: int, num_regions: int, reserved: int, version: int = _RMAP_VERSION) -> bytes:
+        body = _RMAP_HEAD.pack(_RMAP_MAGIC, version, region_size, num_regions, reserved) + self.salt
         return body + bytes(core.checksum(body))
 
-    def _record(self, r: int, seq: int, pack: int, offset: int, length: int, csum: bytes) -> bytes:
-        rec = _RREC.pack(seq, pack, offset, length, b"\0\0\0\0", csum)
+    def _record(self, r: int, seq: int, pack: int, offset: int, length: int, csum: bytes, digest: bytes) -> bytes:
+        rec = _RREC.pack(seq, pack, offset, length, b"\0\0\0\0", csum, digest)
         return rec[:28] + self._check(r, rec) + rec[32:]
 
     def _check(self, r: int, rec: bytes | bytearray | memoryview) -> bytes:
         mv = memoryview(rec)
-        c = zlib.crc32(mv[32:48], zlib.crc32(mv[:28], zlib.crc32(r.to_bytes(8, "little"), self._salt_crc)))
+        c = zlib.crc32(mv[32:], zlib.crc32(mv[:28], zlib.crc32(r.to_bytes(8, "little"), self._salt_crc)))
         return c.to_bytes(4, "little")
 
     def _invalid(self, first: int, raw: bytes | bytearray) -> list[int]:
@@ -173,32 +182,54 @@ class RemoteMap:
             if seq == 0 and check == 0:
                 if mv[pos : pos + RECORD.size] != _NO_RECORD:
                     bad.append(first + j)
-            elif check != crc32(mv[pos + 32 : pos + 48], crc32(mv[pos : pos + 28],
-                                                              crc32((first + j).to_bytes(8, "little"), salt))):
+            elif check != crc32(mv[pos + 32 : pos + RECORD.size], crc32(mv[pos : pos + 28],
+                                                                       crc32((first + j).to_bytes(8, "little"), salt))):
                 bad.append(first + j)
         return bad
 
-    def _add_checks(self) -> None:
-        """Format 2 to 3: every record written gets its check, then the header (idempotent)."""
-        end = _RMAP_HEADER + RECORD.size * self.n
-        done = 0
-        for start, stop in data_extents(self._fd, _RMAP_HEADER, end):
-            first = (start - _RMAP_HEADER) // RECORD.size
-            last = min(self.n, (stop - _RMAP_HEADER + RECORD.size - 1) // RECORD.size)
-            for r0 in range(first, last, 4096):
-                r1 = min(last, r0 + 4096)
-                raw = bytearray(RECORD.size * (r1 - r0))
-                self.data.readinto(_RMAP_HEADER + RECORD.size * r0, raw)
-                for i in range(r1 - r0):
-                    rec = raw[RECORD.size * i : RECORD.size * (i + 1)]
-                    if bytes(rec) != _NO_RECORD:
-                        raw[RECORD.size * i + 28 : RECORD.size * i + 32] = self._check(r0 + i, rec)
+    def _convert(self, version: int, region_size: int, num_regions: int, reserved: int) -> None:
+        """Formats 2 and 3 (48-byte records, without digests; format 2 without checks either) to
+        4: every record written is copied, with no digest and a check of format 4, into a new file
+        that then replaces the old (a crash leaves the old one whole). A record of format 3 that
+        failed its check gets one that fails too, so that its region is still shipped again."""
+        old = RECORD_V2.size
+        tmp = self.path + ".convert"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        done = bad = 0
+        try:
+            os.ftruncate(fd, _RMAP_HEADER + RECORD.size * num_regions)
+            salt, crc32 = self._salt_crc, zlib.crc32
+            for start, stop in data_extents(self._fd, _RMAP_HEADER, _RMAP_HEADER + old * num_regions):
+                first = (start - _RMAP_HEADER) // old
+                last = min(num_regions, (stop - _RMAP_HEADER + old - 1) // old)
+                for r0 in range(first, last, 4096):
+                    r1 = min(last, r0 + 4096)
+                    raw = os.pread(self._fd, old * (r1 - r0), _RMAP_HEADER + old * r0)
+                    out = bytearray(RECORD.size * (r1 - r0))
+                    for i, (_seq, check) in enumerate(_SEQ_CHECK_V3.iter_unpack(raw)):
+                        rec = raw[old * i : old * (i + 1)]
+                        if rec == bytes(old):
+                            continue
+                        r = r0 + i
+                        ok = version == 2 or check == crc32(rec[32:], crc32(rec[:28], crc32(r.to_bytes(8, "little"),
+                                                                                             salt)))
+                        seq_, pack, off, length, csum = RECORD_V2.unpack(rec)
+                        new = bytearray(self._record(r, seq_, pack, off, length, csum, NO_DIGEST))
+                        if not ok:
+                            new[28] ^= 1
+                            bad += 1
+                        out[RECORD.size * i : RECORD.size * (i + 1)] = new
                         done += 1
-                self.data.write(_RMAP_HEADER + RECORD.size * r0, bytes(raw))
-        self.data.sync()
-        self.data.write(0, self._header(self.region_size, self.n, self.reserved))
-        self.data.sync()
-        _log.info("%s: remote map converted to format 3 (%d records checked)", self.path, done)
+                    if any(out):
+                        os.pwrite(fd, out, _RMAP_HEADER + RECORD.size * r0)
+            os.pwrite(fd, self._header(region_size, num_regions, reserved), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        fsync_dir(os.path.dirname(self.path) or ".")
+        _log.info("%s: remote map converted from format %d to %d (%d records, %d failing their checks)",
+                  self.path, version, _RMAP_VERSION, done, bad)
 
     def get(self, r: int) -> tuple[int, bytes]:
         """``(seq, checksum)`` of region ``r``'s newest version on the secondary (seq 0: none, or
@@ -207,12 +238,13 @@ class RemoteMap:
         if self._invalid(r, self._rec):
             self._note_damaged([r])
             return 0, bytes(16)
-        seq, _pack, _off, _len, csum = RECORD.unpack(self._rec)
+        seq, _pack, _off, _len, csum, _digest = RECORD.unpack(self._rec)
         return int(seq), bytes(csum)
 
-    def set(self, r: int, seq: int, pack: int, offset: int, length: int, csum: bytes) -> None:
+    def set(self, r: int, seq: int, pack: int, offset: int, length: int, csum: bytes,
+            digest: bytes = NO_DIGEST) -> None:
         """Record region ``r``'s newest version (``pack`` 0: all zeros, not stored)."""
-        self.data.write(_RMAP_HEADER + RECORD.size * r, self._record(r, seq, pack, offset, length, csum))
+        self.data.write(_RMAP_HEADER + RECORD.size * r, self._record(r, seq, pack, offset, length, csum, digest))
         self.damaged.discard(r)
         self.tree.mark(r)
 

@@ -464,7 +464,7 @@ class Replicator:
                 if e.seq > self.remote.get(e.region)[0]:
                     # An all-zero version has length 0: served without a request, and its record
                     # names the pack that lists it (so that pack stays while a PIT needs it).
-                    self.remote.set(e.region, e.seq, pack, e.offset, e.length, e.checksum)
+                    self.remote.set(e.region, e.seq, pack, e.offset, e.length, e.checksum, e.digest)
         return unreadable
 
     def _chunks(self, claimed: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:

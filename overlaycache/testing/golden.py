@@ -20,6 +20,9 @@ built from fixed inputs by :func:`build_pack_v2` and :func:`build_root_v2`: a pa
 map pages of both (``v2-pages/<address in hex>``). The map pages are built here from the format's
 definition, not by :class:`~overlaycache.remote.tree.TreeState`, so the two can be compared.
 
+``tests/golden/v2-digestless/`` holds the same v2 objects as written before region versions had
+digests (packs and pages of version 2); they are not rebuilt, and show that they are still read.
+
 ``tests/golden/v1.manifest`` is a PIT manifest of the removed format v1 (described by
 :data:`MANIFEST_V1`), kept as it was written so that a v1 store is shown to be refused. It is not
 rebuilt: the v1 codec is gone.
@@ -150,10 +153,12 @@ def build_root_v2(spec: RootSpec = ROOT_V2) -> tuple[bytes, dict[bytes, bytes]]:
         FANOUT,
         LEAF_ENTRY,
         LEAF_SPAN,
+        NO_DIGEST,
         NODE_ENTRY,
         encode_page,
         encode_root,
         tree_shape,
+        version_digest,
     )
 
     vid, size, rs, seq, created_at, label, records = spec
@@ -161,7 +166,8 @@ def build_root_v2(spec: RootSpec = ROOT_V2) -> tuple[bytes, dict[bytes, bytes]]:
     leaves: dict[int, list[tuple[int, bytes]]] = {}
     for region, rseq, pack, offset, length, data in sorted(records):
         i, pos = divmod(region, LEAF_SPAN)
-        entry = LEAF_ENTRY.pack(pos, rseq, pack, offset, length, bytes(core.checksum(data)))
+        entry = LEAF_ENTRY.pack(pos, rseq, pack, offset, length, bytes(core.checksum(data)),
+                                version_digest(data) if length else NO_DIGEST)
         leaves.setdefault(i, []).append((pos, entry))
     pages: dict[bytes, bytes] = {}
     level: dict[int, bytes] = {}
