@@ -287,3 +287,43 @@ def test_close_releases_a_reader_waiting_for_a_prefetch_not_started(tmp_path: Pa
             if not fut.done():
                 fut.set_exception(VolumeClosedError("released by the test"))
         reader.join(1)
+
+
+class _LookTrigger:
+    """``src._lock`` with a hook: the ``nth`` acquisition by the reading thread first lets the
+    prefetch finish (opens the store's gate, waits until its regions left ``_inflight``)."""
+
+    def __init__(self, src: RegionSource, store: Counting, regions: list[int], nth: int) -> None:
+        self.inner, self.src, self.store, self.regions, self.nth = src._lock, src, store, regions, nth
+        self.reader = threading.get_ident()
+        self.count = 0
+
+    def __enter__(self) -> Any:
+        if threading.get_ident() == self.reader:
+            self.count += 1
+            if self.count == self.nth:
+                assert self.store.gate is not None
+                self.store.gate.set()
+                for _ in range(1000):
+                    if not any(r in self.src._inflight for r in self.regions):
+                        break
+                    threading.Event().wait(0.01)
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.inner.__exit__(*exc)
+
+
+def test_a_prefetch_finishing_between_a_readers_two_looks_is_not_fetched_again(tmp_path: Path) -> None:
+    """A read finds a prefetch's regions under way, then (before it decides what to fetch) the
+    prefetch finishes: the read takes the landed bytes; it does not fetch them a second time."""
+    store = Counting(LocalStore(tmp_path / "s"))
+    records = _pack(store.inner, 7, _regions(4))
+    src = RegionSource(store, _pit(store.inner, records, 4 * RS), workers=2)
+    store.gate = threading.Event()
+    assert src.prefetch(range(4)) == 4  # one run, its GET waiting at the gate
+    src._lock = _LookTrigger(src, store, [0, 1, 2, 3], nth=2)  # type: ignore[assignment]
+    got, errors = src.fetch_many([0, 1, 2, 3])
+    assert errors == {} and {r: bytes(v) for r, v in got.items()} == dict(_regions(4))
+    assert len(store.got) == 1  # the prefetch's GET, and no other
+    src.close()

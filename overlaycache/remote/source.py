@@ -457,11 +457,15 @@ class RegionSource:
             wanted += [(r, rec) for r, rec in under_way if r not in got]
         if not wanted:
             return got, errors
+        was_under_way = {r for r, _rec in under_way}
         with self._lock:
             ahead = {r for r, _rec in wanted if r in self._inflight}  # prefetches under way
-            new = [(r, rec) for r, rec in wanted if r not in ahead]
+            # Under way at the first look, done since: landed or cached, taken below (``fetch``),
+            # never fetched again.
+            late = {r for r, _rec in wanted if r not in ahead and r in was_under_way}
+            new = [(r, rec) for r, rec in wanted if r not in ahead and r not in late]
             runs = self._runs(new)
-            inline = runs[0] if len(runs) == 1 and not ahead else None
+            inline = runs[0] if len(runs) == 1 and not ahead and not late else None
             if inline is None and new:
                 self._submit_runs(new)
             futures = {r: self._inflight[r] for r, _rec in wanted if r in self._inflight}
