@@ -59,7 +59,7 @@ from overlaycache.remote.layout import (
     volume_key,
 )
 from overlaycache.remote.leases import active_leases
-from overlaycache.remote.listing import read_pack_index, read_root
+from overlaycache.remote.listing import read_pack_index, read_root, roots_by_seq
 from overlaycache.remote.tree import PageSource, PitMap, build_tree
 from overlaycache.store.base import ObjectStore
 
@@ -174,10 +174,7 @@ def check_volume(store: ObjectStore, volume_id: str, repair: bool = False, read_
             decoded[key] = exc
         except (CorruptionError, FormatError) as exc:
             decoded[key] = exc
-    by_seq: dict[int, list[str]] = {}
-    for key in roots:
-        if is_root_key(key):
-            by_seq.setdefault(parse_root_key(key)[0], []).append(key)
+    by_seq = roots_by_seq(roots)
     for seq, keys in sorted(by_seq.items()):
         if len(keys) > 1:
             report.problems.append(

@@ -271,6 +271,11 @@ def _may_repack(volume_id: str, objects: list[tuple[int, str, int | None]], use:
     return dead > 0 and dead > max_unused * data
 
 
+def _holds(index: PackIndex, live: set[tuple[int, int]]) -> bool:
+    """Whether a pack's index lists every version of ``live`` (``(region, seq)``)."""
+    return live <= {(e.region, e.seq) for e in index.entries}
+
+
 def _repack(store: _Counted, volume_id: str, pack: int, objects: list[tuple[int, str, int | None]],
             live: set[tuple[int, int]], max_unused: float, dry_run: bool, report: CollapseReport) -> None:
     """Repack ``pack`` if more than ``max_unused`` of it is dead; delete what an earlier run left."""
@@ -288,7 +293,7 @@ def _repack(store: _Counted, volume_id: str, pack: int, objects: list[tuple[int,
             _log.warning("%s/%s: not repacked: the index names pack %016x of volume %r", where, key, index.pack,
                          index.volume_id)
             return
-        if live <= {(e.region, e.seq) for e in index.entries}:
+        if _holds(index, live):
             chosen = (gen, key, index)
             break
         if gen:
@@ -322,16 +327,14 @@ def _repack(store: _Counted, volume_id: str, pack: int, objects: list[tuple[int,
     except (CorruptionError, FormatError) as exc:
         _log.warning("%s: not repacked: %s", f"{where}/{key}", exc)
         return
-    at = {(e.region, e.seq): e for e in whole.entries}
-    view = memoryview(raw)
-    versions = [(e.region, e.seq, view[at[e.region, e.seq].offset : at[e.region, e.seq].offset + e.length],
-                 e.checksum, e.digest) for e in keep]
+    view = memoryview(raw)  # the whole object's own index says where each version is
+    versions = [(e.region, e.seq, view[e.offset : e.offset + e.length], e.checksum, e.digest)
+                for e in whole.entries if (e.region, e.seq) in live]
     out, _entries = encode_pack(volume_id, whole.region_size, pack, whole.created_at, versions)
     try:
         store.put(new_key, out, if_absent=True)
     except ObjectExistsError:  # a racing collapse repacked it first: use its generation if it will do
-        theirs = read_pack_index(store, new_key)
-        if not live <= {(e.region, e.seq) for e in theirs.entries}:
+        if not _holds(read_pack_index(store, new_key), live):
             _log.warning("%s/%s: a racing collapse's generation lacks versions retained PITs need; the "
                          "older one stays", where, new_key)
             return

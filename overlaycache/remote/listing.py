@@ -6,6 +6,8 @@ The lowest layer of reading a store: the catalog, the checker and the collapse b
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from overlaycache.errors import CorruptionError, FormatError, ObjectNotFoundError, OverlayCacheError, SnapshotNotFoundError
 from overlaycache.remote.layout import (
     PackIndex,
@@ -15,7 +17,6 @@ from overlaycache.remote.layout import (
     decode_root,
     decode_root_header,
     decode_volume_record,
-    is_root_key,
     parse_root_key,
     pit_roots_prefix,
     root_header_length,
@@ -27,7 +28,8 @@ from overlaycache.remote.layout import (
 from overlaycache.snapshots import Snapshot
 from overlaycache.store.base import ObjectStore
 
-__all__ = ["check_format", "find_root_key", "list_roots", "list_snapshots", "read_pack_index", "read_root"]
+__all__ = ["check_format", "find_root_key", "list_roots", "list_snapshots", "read_pack_index", "read_root",
+           "roots_by_seq"]
 
 #: Enough bytes of a root for its header, label and volume id (:func:`decode_root_header`).
 _HEADER_BYTES = 4096
@@ -89,18 +91,13 @@ def list_roots(store: ObjectStore, volume_id: str) -> list[tuple[Snapshot, str]]
         As for :func:`list_snapshots`.
     """
     check_format(store, volume_id)
-    by_seq: dict[int, list[str]] = {}
-    for key in store.list(roots_prefix(volume_id)):
+    listed = list(store.list(roots_prefix(volume_id)))
+    for key in listed:
         if key.endswith(".manifest"):
             where = f"{store.location}/{key}"
             raise FormatError(f"{where}: a PIT manifest of format 1; this overlaycache reads format 2 only", where)
-        try:
-            seq, _digest = parse_root_key(key)
-        except ValueError:
-            continue
-        by_seq.setdefault(seq, []).append(key)
     out = []
-    for seq, keys in sorted(by_seq.items()):
+    for seq, keys in sorted(roots_by_seq(listed).items()):
         key = _one_root(store, seq, keys)
         where = f"{store.location}/{key}"
         if parse_root_key(key)[1] is not None:
@@ -114,6 +111,18 @@ def list_roots(store: ObjectStore, volume_id: str) -> list[tuple[Snapshot, str]]
         if vid != volume_id or got != seq:
             raise CorruptionError(f"{where}: root of volume {vid!r} seq {got:016x}, not of this key")
         out.append((Snapshot(snapshot_id(seq), seq, created, label), key))
+    return out
+
+
+def roots_by_seq(keys: Iterable[str]) -> dict[int, list[str]]:
+    """The PIT root keys among ``keys``, by the seq they name (one each, unless tampered with)."""
+    out: dict[int, list[str]] = {}
+    for key in keys:
+        try:
+            seq, _digest = parse_root_key(key)
+        except ValueError:
+            continue
+        out.setdefault(seq, []).append(key)
     return out
 
 
@@ -135,7 +144,7 @@ def find_root_key(store: ObjectStore, volume_id: str, seq: int) -> str:
     CorruptionError
         There are several.
     """
-    keys = [k for k in store.list(pit_roots_prefix(volume_id, seq)) if is_root_key(k) and parse_root_key(k)[0] == seq]
+    keys = roots_by_seq(store.list(pit_roots_prefix(volume_id, seq))).get(seq, [])
     if not keys:
         sid = snapshot_id(seq)
         raise SnapshotNotFoundError(f"{store.location}: volume {volume_id} has no PIT {sid}", sid)
