@@ -177,7 +177,9 @@ def test_any_flipped_byte_of_a_pack_is_detected(vid: str, versions: list[tuple[i
     pos = data.draw(st.integers(0, len(raw) - 1), label="position")
     bad = bytearray(raw)
     bad[pos] ^= data.draw(st.integers(1, 255), label="xor")
-    with pytest.raises(FormatError if pos < 12 else CorruptionError):  # 12: magic and version
+    # 12: magic and version; a version flipped to another still read (2) fails the index checksum
+    older = 8 <= pos < 12 and PACK_HEAD.unpack_from(bad)[1] == 2
+    with pytest.raises(FormatError if pos < 12 and not older else CorruptionError):
         verify_pack(bytes(bad))
 
 
@@ -217,7 +219,9 @@ def test_a_page_is_verified_by_its_address(records: list[tuple[int, int, int, in
     except FormatError:
         assert pos < 12
     except CorruptionError:
-        assert pos >= 12
+        # the entries, or the version field flipped to another version still read (2): the
+        # address no longer matches
+        assert pos >= 12 or (8 <= pos < 12 and PAGE_HEAD.unpack_from(bad)[1] == 2)
     else:
         assert got == (body, count) and pos >= PAGE_HEAD.size
 
