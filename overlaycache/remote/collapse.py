@@ -321,9 +321,11 @@ def _repack(store: _Counted, volume_id: str, pack: int, objects: list[tuple[int,
         report.packs_repacked += 1
         report.bytes_moved += kept_bytes
         return
-    raw = store.get(key)
     try:
+        raw = store.get(key)
         whole = verify_pack(raw, f"{where}/{key}")
+    except ObjectNotFoundError:
+        return  # a collapse racing this one repacked it meanwhile: a later run looks again
     except (CorruptionError, FormatError) as exc:
         _log.warning("%s: not repacked: %s", f"{where}/{key}", exc)
         return
@@ -334,7 +336,11 @@ def _repack(store: _Counted, volume_id: str, pack: int, objects: list[tuple[int,
     try:
         store.put(new_key, out, if_absent=True)
     except ObjectExistsError:  # a racing collapse repacked it first: use its generation if it will do
-        if not _holds(read_pack_index(store, new_key), live):
+        try:
+            theirs = read_pack_index(store, new_key)
+        except ObjectNotFoundError:
+            return  # and repacked it once more: a later run looks again
+        if not _holds(theirs, live):
             _log.warning("%s/%s: a racing collapse's generation lacks versions retained PITs need; the "
                          "older one stays", where, new_key)
             return
@@ -431,7 +437,13 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
     report.removed = [s for s in snaps if not decisions[s.id]]
     report.reasons = {s.id: decisions[s.id] for s in report.kept}
     # 2. What the retained PITs reach, and how much of each pack.
-    roots = [read_root(counted, volume_id, keys[s.id]) for s in report.kept]
+    roots = []
+    for s in list(report.kept):
+        try:
+            roots.append(read_root(counted, volume_id, keys[s.id]))
+        except ObjectNotFoundError:  # removed since the listing, by a collapse racing this one
+            report.kept.remove(s)
+            del report.reasons[s.id]
     source = PageSource(counted, volume_id)
     live_pages, leaves, usage = _pack_usage(roots, source)
     if progress is not None:
@@ -484,7 +496,12 @@ def collapse_volume(store: ObjectStore, volume_id: str, policy: RetentionPolicy,
         seen = {s.seq for s in snaps}
         fresh = [(s, key) for s, key in list_roots(counted, volume_id) if s.seq not in seen]
         if fresh:
-            fresh_roots = [read_root(counted, volume_id, key) for _s, key in fresh]
+            fresh_roots = []
+            for _s, key in fresh:
+                try:
+                    fresh_roots.append(read_root(counted, volume_id, key))
+                except ObjectNotFoundError:
+                    continue  # published and already collapsed away
             fresh_pages, _packs = reachable(fresh_roots, PageSource(counted, volume_id))
             doomed_pages = [k for k in doomed_pages if bytes.fromhex(k.rsplit("/", 1)[1]) not in fresh_pages]
     _delete(counted, doomed_pages, report, dry_run)

@@ -100,13 +100,16 @@ def list_roots(store: ObjectStore, volume_id: str) -> list[tuple[Snapshot, str]]
     for seq, keys in sorted(roots_by_seq(listed).items()):
         key = _one_root(store, seq, keys)
         where = f"{store.location}/{key}"
-        if parse_root_key(key)[1] is not None:
-            raw = store.get(key)
-            verify_root_digest(raw, key, where)
-        else:
-            raw = store.get(key, 0, _HEADER_BYTES)
-            if root_header_length(raw) > len(raw) == _HEADER_BYTES:  # a long label
-                raw = store.get(key, 0, root_header_length(raw))
+        try:
+            if parse_root_key(key)[1] is not None:
+                raw = store.get(key)
+                verify_root_digest(raw, key, where)
+            else:
+                raw = store.get(key, 0, _HEADER_BYTES)
+                if root_header_length(raw) > len(raw) == _HEADER_BYTES:  # a long label
+                    raw = store.get(key, 0, root_header_length(raw))
+        except ObjectNotFoundError:
+            continue  # listed, then removed (a collapse): no longer a PIT
         got, created, label, vid = decode_root_header(raw, where)
         if vid != volume_id or got != seq:
             raise CorruptionError(f"{where}: root of volume {vid!r} seq {got:016x}, not of this key")
